@@ -1,0 +1,1 @@
+"""MoreauPruner for LLaMA-family models."""
