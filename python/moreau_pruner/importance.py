@@ -1,0 +1,118 @@
+"""Structured importance of attention units and MLP channels (SPEC §4).
+
+Per weight s = |W ⊙ G|, G being Ĝ (``moreau``), the plain gradient (``taylor``) or 1
+(``magnitude``). Per layer, each matrix contributes a per-unit part:
+
+* MLP channel c: gate row c, up row c, down column c.
+* attention: q rows and o columns (query-head channels), k and v rows (KV channels).
+  ``kv-group`` unit k sums q/o channels of query heads k*n_rep .. k*n_rep+n_rep-1 and the k/v
+  channels of KV head k; ``query-heads`` unit h sums the q/o channels of query head h.
+
+The parts are combined across matrices with ``reduction``: ``sum`` (published default, equal to
+the plain sum of SPEC §4), ``mean``, ``max``, ``prod`` or ``first`` (root matrix only: q for
+attention, gate for MLP). For channels, the combination is per channel; for heads, each matrix's
+part is first summed over the unit's channels. Biases are pruned with their rows but, like the
+published importance, do not enter the score. ``vectorize`` takes |Σ W⊙G| per channel instead of
+Σ|W⊙G| (LLM-Pruner's vector-wise variant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import moreau_kernels as mk
+
+from .structure import GRANULARITIES, LayerStructure, ModelStructure
+
+METHODS = ("moreau", "taylor", "magnitude", "random")
+REDUCTIONS = ("sum", "mean", "max", "prod", "first")
+
+
+@dataclass
+class LayerScores:
+    layer: int
+    attention: torch.Tensor  # [H_kv] (kv-group) or [H] (query-heads), fp32
+    mlp: torch.Tensor  # [intermediate_size], fp32
+
+
+def reduce_parts(parts: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "first":
+        return parts[0]
+    stacked = torch.stack(parts)
+    if reduction == "sum":
+        return stacked.sum(0)
+    if reduction == "mean":
+        return stacked.mean(0)
+    if reduction == "max":
+        return stacked.max(0).values
+    return stacked.prod(0)
+
+
+def _saliency(lin, grads, names, vectorize) -> tuple[torch.Tensor, torch.Tensor]:
+    w = lin.weight
+    g = None
+    if grads is not None:
+        name = names[id(w)]
+        if name not in grads:
+            raise KeyError(f"no gradient estimate for {name}; was it scored by the estimator?")
+        g = grads[name]
+    rows, cols = mk.channel_saliency(w.detach(), g, vectorize)
+    return rows, cols
+
+
+def layer_scores(ls: LayerStructure, grads: dict[str, torch.Tensor] | None, names: dict[int, str],
+                 reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group") -> LayerScores:
+    """Scores of one layer's attention units and MLP channels; ``grads=None`` is the magnitude baseline."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    d, h, hkv = ls.head_dim, ls.n_heads, ls.n_kv_heads
+    q = _saliency(ls.q, grads, names, vectorize)[0]
+    k = _saliency(ls.k, grads, names, vectorize)[0]
+    v = _saliency(ls.v, grads, names, vectorize)[0]
+    o = _saliency(ls.o, grads, names, vectorize)[1]
+    if granularity == "kv-group":
+        parts = [q.view(hkv, -1).sum(1), k.view(hkv, d).sum(1), v.view(hkv, d).sum(1), o.view(hkv, -1).sum(1)]
+    else:
+        parts = [q.view(h, d).sum(1), o.view(h, d).sum(1)]
+    attention = reduce_parts(parts, reduction)
+    gate = _saliency(ls.gate, grads, names, vectorize)[0]
+    up = _saliency(ls.up, grads, names, vectorize)[0]
+    down = _saliency(ls.down, grads, names, vectorize)[1]
+    mlp = reduce_parts([gate, up, down], reduction)
+    return LayerScores(ls.index, attention, mlp)
+
+
+def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.Tensor] | None = None,
+                 reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group",
+                 seed: int = 0) -> list[LayerScores]:
+    """Scores for every layer. ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for ls in structure.layers:
+            n_att = ls.n_kv_heads if granularity == "kv-group" else ls.n_heads
+            out.append(LayerScores(ls.index, torch.rand(n_att, generator=gen), torch.rand(ls.intermediate_size,
+                                                                                        generator=gen)))
+        return out
+    if method in ("moreau", "taylor") and grads is None:
+        raise ValueError(f"method {method!r} needs gradient estimates")
+    names = {id(p): n for n, p in structure.model.named_parameters()}
+    use = None if method == "magnitude" else grads
+    return [layer_scores(ls, use, names, reduction, vectorize, granularity) for ls in structure.layers]
+
+
+def scored_parameter_names(structure: ModelStructure, layers: set[int] | None = None) -> list[str]:
+    """Names of the weights whose Ĝ the importance reads (the estimator keeps acc only for these)."""
+    names = {id(p): n for n, p in structure.model.named_parameters()}
+    out = []
+    for ls in structure.layers:
+        if layers is not None and ls.index not in layers:
+            continue
+        for lin in (ls.q, ls.k, ls.v, ls.o, ls.gate, ls.up, ls.down):
+            out.append(names[id(lin.weight)])
+    return out

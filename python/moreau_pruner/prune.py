@@ -1,0 +1,256 @@
+"""Structural pruning of LLaMA-family models from unit scores (SPEC §5).
+
+``local`` (default, published): in each pruned layer remove n = C - int(C·(1-r)) of the C MLP
+channels; for attention compute n the same way over the q/o width C = H·d and remove
+floor(n / (n_rep·d)) KV groups (``kv-group``) or floor(n / (H_kv·d)) query heads from every KV
+group (``query-heads``). Lowest scores go; a layer always keeps at least one unit of each kind.
+
+``global``: one threshold across all pruned layers. Units differ in size (a KV group of
+LLaMA-7B holds 4·128·4096 weights, an MLP channel 3·4096), so scores are divided by the number
+of weights in the unit before ranking (score per weight); units are removed in that order until
+r of the weights of all prunable units in the layer ranges are gone.
+
+``round_to`` m keeps MLP widths at multiples of m (the kept count is rounded to the nearest
+multiple, at least m), which keeps the pruned matmuls on fast tensor-core shapes; attention
+widths are already whole heads.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .importance import LayerScores
+from .structure import GRANULARITIES, ModelStructure, parse_layer_range
+
+SCOPES = ("local", "global")
+
+
+@dataclass
+class PruneConfig:
+    """ratio r: fraction removed from each pruned layer's units (local) or from all of them
+    (global). Layer ranges are ``(start, end)`` or ``"start:end"``, end exclusive; None: the
+    published choice scaled to the model (LLaMA-7B: 4:30 of 32)."""
+
+    ratio: float = 0.2
+    attn_layers: tuple[int, int] | str | None = None
+    mlp_layers: tuple[int, int] | str | None = None
+    scope: str = "local"
+    granularity: str = "kv-group"
+    round_to: int | None = None
+
+    def validate(self, num_layers: int) -> tuple[range, range]:
+        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+        a = parse_layer_range(self.attn_layers, num_layers, "attention layer range")
+        m = parse_layer_range(self.mlp_layers, num_layers, "MLP layer range")
+        return range(*a), range(*m)
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    kv_keep: list[int] | None = None  # kept KV groups (kv-group granularity)
+    q_keep: list[list[int]] | None = None  # kept query heads per KV group (query-heads granularity)
+    mlp_keep: list[int] | None = None
+
+
+@dataclass
+class PruneReport:
+    params_before: int
+    params_after: int
+    ratio: float
+    scope: str
+    granularity: str
+    attn_layers: list[int]
+    mlp_layers: list[int]
+    layers: list[dict] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / self.params_before
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["kept_fraction"] = self.kept_fraction
+        return d
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _n_remove(c: int, r: float) -> int:
+    return c - int(c * (1 - r))
+
+
+def _round_keep(keep: int, c: int, m: int | None) -> int:
+    if not m:
+        return keep
+    return min(c, max(m, int(round(keep / m)) * m))
+
+
+def _lowest(scores: torch.Tensor, n: int) -> list[int]:
+    """Indices of the kept units after removing the n lowest (stable for ties), ascending."""
+    order = torch.argsort(scores.float(), stable=True)
+    return sorted(order[n:].tolist())
+
+
+def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
+               attn_range: range, mlp_range: range) -> list[LayerPlan]:
+    plans = []
+    for ls, sc in zip(structure.layers, scores):
+        plan = LayerPlan(ls.index)
+        if ls.index in attn_range:
+            n = _n_remove(ls.n_heads * ls.head_dim, cfg.ratio)
+            if cfg.granularity == "kv-group":
+                units = min(n // (ls.n_rep * ls.head_dim), ls.n_kv_heads - 1)
+                plan.kv_keep = _lowest(sc.attention, units)
+            else:
+                per_group = min(n // (ls.n_kv_heads * ls.head_dim), ls.n_rep - 1)
+                heads = sc.attention.view(ls.n_kv_heads, ls.n_rep)
+                plan.q_keep = [_lowest(heads[g], per_group) for g in range(ls.n_kv_heads)]
+        if ls.index in mlp_range:
+            c = ls.intermediate_size
+            keep = _round_keep(c - _n_remove(c, cfg.ratio), c, cfg.round_to)
+            plan.mlp_keep = _lowest(sc.mlp, c - max(keep, 1))
+        plans.append(plan)
+    return plans
+
+
+def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
+                attn_range: range, mlp_range: range) -> list[LayerPlan]:
+    """Greedy removal by score per weight across layers (see the module docstring)."""
+    hidden = structure.hidden_size
+    cands = []  # (score per weight, size, layer, kind, unit)
+    total = 0
+    for ls, sc in zip(structure.layers, scores):
+        d = ls.head_dim
+        if ls.index in attn_range:
+            head_size = 2 * d * hidden  # q rows + o columns of one query head
+            if cfg.granularity == "kv-group":
+                size = ls.n_rep * head_size + 2 * d * hidden  # + k, v rows
+                for u in range(ls.n_kv_heads):
+                    cands.append((float(sc.attention[u]) / size, size, ls.index, "kv", u))
+                total += ls.n_kv_heads * size
+            else:  # rank j = the j-th lowest head of every KV group, removed together
+                size = ls.n_kv_heads * head_size
+                ranked = sc.attention.view(ls.n_kv_heads, ls.n_rep).sort(dim=1).values
+                for j in range(ls.n_rep):
+                    cands.append((float(ranked[:, j].sum()) / size, size, ls.index, "qrank", j))
+                total += ls.n_heads * head_size
+        if ls.index in mlp_range:
+            size = 3 * hidden
+            for c in range(ls.intermediate_size):
+                cands.append((float(sc.mlp[c]) / size, size, ls.index, "mlp", c))
+            total += ls.intermediate_size * size
+    target = cfg.ratio * total
+    removed = {ls.index: {"kv": set(), "qrank": set(), "mlp": set()} for ls in structure.layers}
+    limits = {ls.index: {"kv": ls.n_kv_heads - 1, "qrank": ls.n_rep - 1, "mlp": ls.intermediate_size - 1}
+              for ls in structure.layers}
+    done = 0
+    for score, size, layer, kind, unit in sorted(cands, key=lambda c: c[0]):
+        if done >= target:
+            break
+        if len(removed[layer][kind]) >= limits[layer][kind]:
+            continue
+        removed[layer][kind].add(unit)
+        done += size
+    plans = []
+    for ls, sc in zip(structure.layers, scores):
+        plan = LayerPlan(ls.index)
+        rem = removed[ls.index]
+        if ls.index in attn_range:
+            if cfg.granularity == "kv-group":
+                plan.kv_keep = [u for u in range(ls.n_kv_heads) if u not in rem["kv"]]
+            else:
+                heads = sc.attention.view(ls.n_kv_heads, ls.n_rep)
+                plan.q_keep = [_lowest(heads[g], len(rem["qrank"])) for g in range(ls.n_kv_heads)]
+        if ls.index in mlp_range:
+            c = ls.intermediate_size
+            keep = _round_keep(c - len(rem["mlp"]), c, cfg.round_to)
+            plan.mlp_keep = _lowest(sc.mlp, c - max(keep, 1))
+        plans.append(plan)
+    return plans
+
+
+def _select(lin: nn.Linear, idx: torch.Tensor, axis: int) -> None:
+    """Keep rows (axis 0) or input columns (axis 1) ``idx`` of a Linear, in place."""
+    w = lin.weight
+    lin.weight = nn.Parameter(w.data.index_select(axis, idx.to(w.device)).contiguous(), requires_grad=w.requires_grad)
+    if axis == 0:
+        lin.out_features = len(idx)
+        if lin.bias is not None:
+            b = lin.bias
+            lin.bias = nn.Parameter(b.data.index_select(0, idx.to(b.device)).contiguous(), requires_grad=b.requires_grad)
+    else:
+        lin.in_features = len(idx)
+
+
+def _rows(units: list[int], width: int) -> torch.Tensor:
+    """Row indices of whole units of ``width`` consecutive rows."""
+    return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
+
+
+def apply_plan(structure: ModelStructure, plans: list[LayerPlan]) -> None:
+    """Index-select the kept rows/columns and update each attention's head bookkeeping."""
+    for ls, plan in zip(structure.layers, plans):
+        d = ls.head_dim
+        attn = ls.attn
+        if plan.kv_keep is not None and len(plan.kv_keep) < ls.n_kv_heads:
+            n_rep = ls.n_rep
+            _select(ls.q, _rows(plan.kv_keep, n_rep * d), 0)
+            _select(ls.o, _rows(plan.kv_keep, n_rep * d), 1)
+            _select(ls.k, _rows(plan.kv_keep, d), 0)
+            _select(ls.v, _rows(plan.kv_keep, d), 0)
+        elif plan.q_keep is not None and len(plan.q_keep[0]) < ls.n_rep:
+            n_rep = ls.n_rep
+            heads = [g * n_rep + j for g, keep in enumerate(plan.q_keep) for j in keep]
+            _select(ls.q, _rows(heads, d), 0)
+            _select(ls.o, _rows(heads, d), 1)
+            attn.num_key_value_groups = len(plan.q_keep[0])
+        if plan.mlp_keep is not None and len(plan.mlp_keep) < ls.intermediate_size:
+            idx = torch.tensor(plan.mlp_keep, dtype=torch.long)
+            _select(ls.gate, idx, 0)
+            _select(ls.up, idx, 0)
+            _select(ls.down, idx, 1)
+        # attributes older transformers versions read in forward
+        for attr, value in (("num_heads", ls.n_heads), ("num_key_value_heads", ls.n_kv_heads)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+        if hasattr(ls.mlp, "intermediate_size"):
+            ls.mlp.intermediate_size = ls.intermediate_size
+
+
+def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> PruneReport:
+    """Plan and apply the pruning; returns the report (parameters before/after, widths)."""
+    attn_range, mlp_range = cfg.validate(structure.num_layers)
+    for ls, sc in zip(structure.layers, scores):
+        n_att = ls.n_kv_heads if cfg.granularity == "kv-group" else ls.n_heads
+        if sc.attention.numel() != n_att or sc.mlp.numel() != ls.intermediate_size:
+            raise ValueError(f"layer {ls.index}: scores do not match the structure "
+                             f"(granularity {cfg.granularity!r} needs {n_att} attention scores)")
+        if not (torch.isfinite(sc.attention).all() and torch.isfinite(sc.mlp).all()):
+            raise ValueError(f"layer {ls.index}: importance scores contain NaN or inf")
+    before = count_parameters(structure.model)
+    planner = plan_local if cfg.scope == "local" else plan_global
+    plans = planner(structure, scores, cfg, attn_range, mlp_range)
+    old = structure.widths()
+    apply_plan(structure, plans)
+    new = structure.widths()
+    layers = []
+    for o, n, plan in zip(old, new, plans):
+        layers.append({**n, "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
+                       "removed_kv_heads": o["num_key_value_heads"] - n["num_key_value_heads"],
+                       "removed_channels": o["intermediate_size"] - n["intermediate_size"],
+                       "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep})
+    return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
+                       list(attn_range), list(mlp_range), layers)
+
