@@ -156,12 +156,14 @@ class _ParamState:
 
 def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None = None,
                     score: Callable[[str], bool] | Iterable[str] | None = None, progress: bool = True,
-                    loss_fn: Callable = lm_loss, structure=None) -> MoreauResult:
+                    loss_fn: Callable = lm_loss, structure=None,
+                    on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> MoreauResult:
     """Run the proximal loop of SPEC §2/§3 on ``batch`` (LongTensor [n, seq]) and return Ĝ.
 
     ``score`` selects the parameters whose Ĝ is returned (names, or a predicate; None = all):
     only those keep an accumulator. ``structure`` (a :class:`~moreau_pruner.structure.ModelStructure`)
-    is needed for ``group='structure'``.
+    is needed for ``group='structure'``. ``on_step(t, {name: delta})`` is called after every
+    update with the live fp32 iterates δ_{t+1} (for diagnostics; do not modify them).
     """
     cfg = (config or MoreauConfig()).validate()
     named = unique_named_parameters(model)
@@ -233,6 +235,8 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
             rec = {"step": t, "loss": loss, "l2": l2, "delta_sq": float(sumsq.sum()),
                    "seconds": time.perf_counter() - t0}
             log.append(rec)
+            if on_step is not None:
+                on_step(t, {st.name: st.delta for st in states})
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss:.4f}", l2=f"{l2:.4g}")
     finally:
