@@ -208,8 +208,10 @@ def test_half_precision_keeps_dtype(tmp_path, dtype):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert remote.lm_head.weight.dtype == dtype
     assert torch.equal(_logits(remote), ref)
-    as_fp32, _ = mio.load_pruned(out, dtype=torch.float32)
+    as_fp32, _ = mio.load_pruned(out, dtype="float32")
     assert as_fp32.lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'float7'"):
+        mio.load_pruned(out, dtype="float7")
 
 
 def test_estimator_state_is_not_saved(tmp_path):
@@ -289,6 +291,24 @@ def test_failed_overwrite_keeps_the_old_dir(tmp_path):
         mio.save_pruned(pruned_model("mistral", tied=False), out, tokenizer=BadTokenizer(), overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert not (out / "tokenizer.json").exists()
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_failed_final_rename_restores_the_old_dir(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    mio.save_pruned(pruned_model("llama", tied=True), out)
+    before = (out / "config.json").read_text()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError("rename failed (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        mio.save_pruned(pruned_model("qwen2", tied=False), out, overwrite=True)
+    assert (out / "config.json").read_text() == before
     assert _leftovers(tmp_path, "out") == []
 
 

@@ -430,9 +430,10 @@ def load_pruned(
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found (the pruned model's weights)")
     if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
-        if isinstance(dtype, str):
-            raise ValueError(f"unknown dtype {dtype!r}")
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16' or a torch.dtype)")
+        dtype = resolved
 
     template = template_module(base_arch)
     cfg = template.PrunedConfig.from_dict(d)
