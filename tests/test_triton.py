@@ -29,6 +29,8 @@ SHAPES_2D = [(5, 123), (1, 1), (37, 11)]
 # normals: fp32 log/sin/cos of two platforms differ by a few ulp
 NOISE_TOL = dict(rtol=2e-6, atol=2e-6)
 F32_TOL = dict(rtol=2e-6, atol=1e-6)
+# bf16/fp16 outputs: the fp32 results may round to neighbouring values (one ulp of the dtype)
+LOWP_TOL = dict(rtol=2**-7, atol=1e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +60,11 @@ def test_interpreter_smoke():
 
 
 # ---------------------------------------------------------------- philox
+KEYS = [(0, 0, 0), (1, 1, 1), (2**40 + 12345, 2**31 + 3, 7), (2**63 - 1, 2**32 - 1, 2**32 - 1)]
+
+
 @pytest.mark.parametrize("numel", [1, 7, 123, 1000])
-@pytest.mark.parametrize("key", [(0, 0, 0), (1, 1, 1), (2**40 + 12345, 2**31 + 3, 7), (2**63 - 1, 2**32 - 1, 2**32 - 1)],
-                         ids=_ids)
+@pytest.mark.parametrize("key", KEYS, ids=_ids)
 def test_philox_bits_identical(numel, key):
     got = triton_ops.philox_bits(numel, *key, device=DEV).cpu()
     assert torch.equal(got, ref.philox_bits(numel, *key))
@@ -97,8 +101,7 @@ def test_perturb_out(shape, dtype, with_noise):
     got = mk.perturb(w, delta, 0.05, 2**40 + 3, 5, 9, noise=noise)
     want = ref.perturb(w, delta, noise, 0.05, 2**40 + 3, 5, 9)
     assert got.dtype == dtype
-    tol = NOISE_TOL if dtype == torch.float32 else {}
-    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, want, **(NOISE_TOL if dtype == torch.float32 else LOWP_TOL))
 
 
 @pytest.mark.parametrize("max_fused", [None, 2], ids=["one_launch", "split"])
@@ -112,7 +115,7 @@ def test_perturb_multi(monkeypatch, max_fused):
     idx = [3, 0, 2**32 - 1, 7, 11]
     mk.perturb_multi(ws, ds, outs, 0.1, 77, 2**31 + 1, idx)
     for w, d, o, i in zip(ws, ds, outs, idx):
-        tol = NOISE_TOL if w.dtype == torch.float32 else {}
+        tol = NOISE_TOL if w.dtype == torch.float32 else LOWP_TOL
         torch.testing.assert_close(o, ref.perturb(w, d, None, 0.1, 77, 2**31 + 1, i), **tol)
 
 

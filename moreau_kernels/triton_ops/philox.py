@@ -125,5 +125,6 @@ def philox_bits(numel: int, seed: int, step: int, index: int, device=None, first
     out = torch.empty((nq, 4), dtype=torch.int32, device=device)
     block = min(max(16, 1 << max(0, nq - 1).bit_length()), 1024)
     with device_guard(out):
-        _philox_bits_kernel[(triton.cdiv(nq, block),)](out, nq, int(first_q), int(seed), int(step), int(index), BLOCK=block)
+        _philox_bits_kernel[(triton.cdiv(nq, block),)](out, nq, int(first_q), int(seed), int(step), int(index),
+                                                      BLOCK=block)
     return out.to(torch.int64) & 0xFFFFFFFF
