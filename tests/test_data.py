@@ -285,3 +285,30 @@ def test_load_hf_dataset_without_datasets_package(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install datasets"):
         data.load_hf_dataset("wikitext", "test", data_files=DATA / "wikitext2_tiny.jsonl")
+
+
+@needs_datasets
+def test_hub_arguments_and_failure_message(monkeypatch):
+    import datasets as hf
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        if args[0] == "ptb-text-only/ptb_text_only":
+            return hf.Dataset.from_dict({"sentence": ["a b", "c d"]})
+        if args[0] == "bookcorpus/bookcorpus":
+            raise ConnectionError("no network")
+        return hf.Dataset.from_dict({"text": [f"doc {i}" for i in range(1500)]})
+
+    monkeypatch.setattr(hf, "load_dataset", fake_load_dataset)
+    assert data.load_hf_dataset("wikitext2", "test") == "\n\n".join(f"doc {i}" for i in range(1500))
+    assert calls[-1] == (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test"})
+    assert data.load_hf_dataset("ptb", "validation") == "a b c d"
+    c4 = data.load_hf_dataset("c4", "validation")
+    assert c4 == " ".join(f"doc {i}" for i in range(1100))  # the papers' first 1100 documents
+    assert calls[-1][1]["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    with pytest.raises(ValueError, match="c4 split"):
+        data.load_hf_dataset("c4", "test")
+    with pytest.raises(RuntimeError, match="no network.*data_files"):
+        data.load_hf_dataset("bookcorpus", "train")

@@ -492,14 +492,21 @@ def load_hf_dataset(
                     raise FileNotFoundError(f"data file {f!r} does not exist")
         builder = _builder_for([f for fs in files_by_split.values() for f in fs])
         ds = datasets.load_dataset(builder, data_files=files_by_split, split=split, **kwargs)
-    elif key == "c4":
-        if split not in _C4_SHARDS:
-            raise ValueError(f"c4 split must be one of {sorted(_C4_SHARDS)}, got {split!r}")
-        ds = datasets.load_dataset(
-            hub_path, data_files={split: _C4_SHARDS[split]}, split=split, **kwargs
-        )
     else:
-        ds = datasets.load_dataset(hub_path, config, split=split, **kwargs)
+        if key == "c4":
+            if split not in _C4_SHARDS:
+                raise ValueError(f"c4 split must be one of {sorted(_C4_SHARDS)}, got {split!r}")
+            args, kw = (hub_path,), dict(data_files={split: _C4_SHARDS[split]}, split=split)
+        else:
+            args, kw = (hub_path, config), dict(split=split)
+        try:
+            ds = datasets.load_dataset(*args, **kw, **kwargs)
+        except Exception as exc:
+            raise RuntimeError(
+                f"loading {name!r} ({hub_path}) through datasets {datasets.__version__} failed: "
+                f"{exc}. Without network, or when the hub copy is a legacy script dataset, "
+                "download its parquet/json files and pass them as data_files=..."
+            ) from exc
 
     if column not in ds.column_names:
         raise ValueError(
@@ -507,7 +514,7 @@ def load_hf_dataset(
         )
     if max_documents is not None and len(ds) > max_documents:
         ds = ds.select(range(max_documents))
-    rows = ds[column]
+    rows = [str(r) if r is not None else "" for r in ds[column]]
     if not rows:
         raise ValueError(f"dataset {name!r} split {split!r} has no rows")
     return joiner.join(rows)
