@@ -32,8 +32,8 @@ REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 @dataclass
 class LayerScores:
     layer: int
-    attention: torch.Tensor  # [H_kv] (kv-group) or [H] (query-heads), fp32
-    mlp: torch.Tensor  # [intermediate_size], fp32
+    attention: torch.Tensor | None  # [H_kv] (kv-group) or [H] (query-heads), fp32; None: not scored
+    mlp: torch.Tensor | None  # [intermediate_size], fp32; None: not scored
 
 
 def reduce_parts(parts: list[torch.Tensor], reduction: str) -> torch.Tensor:
@@ -87,14 +87,19 @@ def layer_scores(ls: LayerStructure, grads: dict[str, torch.Tensor] | None, name
 
 def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.Tensor] | None = None,
                  reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group",
-                 seed: int = 0) -> list[LayerScores]:
-    """Scores for every layer. ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``."""
+                 seed: int = 0, layers: set[int] | None = None) -> list[LayerScores]:
+    """Scores for every layer in ``layers`` (None: all; the others get ``None`` scores).
+
+    ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "random":
         gen = torch.Generator().manual_seed(seed)
         out = []
         for ls in structure.layers:
+            if layers is not None and ls.index not in layers:
+                out.append(LayerScores(ls.index, None, None))
+                continue
             n_att = ls.n_kv_heads if granularity == "kv-group" else ls.n_heads
             out.append(LayerScores(ls.index, torch.rand(n_att, generator=gen), torch.rand(ls.intermediate_size,
                                                                                         generator=gen)))
@@ -103,7 +108,9 @@ def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.
         raise ValueError(f"method {method!r} needs gradient estimates")
     names = {id(p): n for n, p in structure.model.named_parameters()}
     use = None if method == "magnitude" else grads
-    return [layer_scores(ls, use, names, reduction, vectorize, granularity) for ls in structure.layers]
+    return [layer_scores(ls, use, names, reduction, vectorize, granularity)
+            if layers is None or ls.index in layers else LayerScores(ls.index, None, None)
+            for ls in structure.layers]
 
 
 def scored_parameter_names(structure: ModelStructure, layers: set[int] | None = None) -> list[str]:

@@ -232,13 +232,19 @@ def apply_plan(structure: ModelStructure, plans: list[LayerPlan]) -> None:
 def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> PruneReport:
     """Plan and apply the pruning; returns the report (parameters before/after, widths)."""
     attn_range, mlp_range = cfg.validate(structure.num_layers)
+    if len(scores) != structure.num_layers:
+        raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
     for ls, sc in zip(structure.layers, scores):
         n_att = ls.n_kv_heads if cfg.granularity == "kv-group" else ls.n_heads
-        if sc.attention.numel() != n_att or sc.mlp.numel() != ls.intermediate_size:
-            raise ValueError(f"layer {ls.index}: scores do not match the structure "
-                             f"(granularity {cfg.granularity!r} needs {n_att} attention scores)")
-        if not (torch.isfinite(sc.attention).all() and torch.isfinite(sc.mlp).all()):
-            raise ValueError(f"layer {ls.index}: importance scores contain NaN or inf")
+        for part, n, in_range, what in ((sc.attention, n_att, ls.index in attn_range, "attention"),
+                                        (sc.mlp, ls.intermediate_size, ls.index in mlp_range, "MLP")):
+            if not in_range:
+                continue
+            if part is None or part.numel() != n:
+                raise ValueError(f"layer {ls.index}: {what} scores do not match the structure "
+                                 f"(granularity {cfg.granularity!r} needs {n} {what} scores)")
+            if not torch.isfinite(part).all():
+                raise ValueError(f"layer {ls.index}: {what} importance scores contain NaN or inf")
     before = count_parameters(structure.model)
     planner = plan_local if cfg.scope == "local" else plan_global
     plans = planner(structure, scores, cfg, attn_range, mlp_range)

@@ -57,7 +57,7 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
             grads = gradient(model, batch, names, micro_batch_size)
         timings["importance_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = model_scores(structure, method, grads, reduction, vectorize, prune.granularity, seed)
+    scores = model_scores(structure, method, grads, reduction, vectorize, prune.granularity, seed, layers)
     timings["scoring_s"] = time.perf_counter() - t0
     return scores, est, timings
 
