@@ -135,6 +135,7 @@ def run(args) -> dict:
     from .models import load_model
     from .prune import PruneConfig
     from .pruner import prune_model
+    from .structure import discover
 
     progress = not args.quiet
     lens = _eval_lens(args.eval_seq_lens) if args.eval else []
@@ -153,6 +154,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, args.device)
     times["load_s"] = time.perf_counter() - t0
+    prune_cfg.validate(discover(model).num_layers)  # fail fast, before the long work
 
     calib_text = data.load_text(args.calib_file) if args.calib_file else data.calibration_text(args.calib)
     eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
