@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Render ``benchmarks/results/QUALITY.md`` and its PNG plots from the records of
+``benchmarks/quality.py`` (every ``<in>/<model-tag>/records.jsonl``). Never edit the output by hand::
+
+    python benchmarks/render_quality.py
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_IN = ROOT / "results" / "quality"
+DEFAULT_OUT = ROOT / "results" / "QUALITY.md"
+METHOD_ORDER = ("moreau-reference", "moreau-paper", "taylor", "magnitude", "random")
+RENDER_CMD = "python benchmarks/render_quality.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+def read_records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    # one record per key (the last one wins should a key appear twice)
+    return list({r["key"]: r for r in out}.values())
+
+
+def mean_std(xs: list[float]) -> tuple[float, float, int]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return math.nan, math.nan, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def fmt(m: float, s: float, n: int, digits: int = 2) -> str:
+    if n == 0 or math.isnan(m):
+        return "–"
+    if n == 1:
+        return f"{m:.{digits}f} (n=1)"
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})"
+
+
+def unit_set(kept: dict, part: str = "all") -> set:
+    """Kept prunable units as a set: ('h', layer, head) and ('c', layer, channel)."""
+    out = set()
+    if part in ("all", "heads"):
+        out |= {("h", layer, h) for layer, hs in kept["heads"].items() for h in hs}
+    if part in ("all", "channels"):
+        out |= {("c", layer, c) for layer, cs in kept["channels"].items() for c in cs}
+    return out
+
+
+def iou(a: set, b: set) -> float:
+    u = len(a | b)
+    return len(a & b) / u if u else 1.0
+
+
+def method_key(m: str) -> int:
+    return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class ModelReport:
+    def __init__(self, tag: str, records: list[dict], plan: dict | None):
+        self.tag = tag
+        self.records = records
+        self.plan = plan or {}
+        self.dense = next((r for r in records if r["method"] == "dense"), None)
+        self.pruned = [r for r in records if r["method"] != "dense"]
+        self.by = defaultdict(list)  # (method, ratio, precision) -> records
+        for r in self.pruned:
+            self.by[(r["method"], r["ratio"], r["precision"])].append(r)
+        self.methods = sorted({r["method"] for r in self.pruned}, key=method_key)
+        self.ratios = sorted({r["ratio"] for r in self.pruned if r["precision"] == "fp32"})
+        self.long = (records[0]["eval"] or {}).get("long_seq_len", 1024) if records else 1024
+
+    def cell(self, method, ratio, precision="fp32"):
+        return sorted(self.by.get((method, ratio, precision), []), key=lambda r: r["seed"] or 0)
+
+    # -- PPL vs ratio
+    def ppl_table(self, metric: str) -> str:
+        header = ["method"] + [f"r={r:g}" for r in self.ratios]
+        rows = []
+        if self.dense:
+            rows.append(["dense"] + [f"{self.dense[metric]:.2f}" if self.dense[metric] is not None else "–"] *
+                        len(self.ratios))
+        for m in self.methods:
+            rows.append([m] + [fmt(*mean_std([r[metric] for r in self.cell(m, ratio)])) for ratio in self.ratios])
+        return table(header, rows)
+
+    def params_line(self) -> str:
+        parts = []
+        for ratio in self.ratios:
+            recs = [r for m in self.methods for r in self.cell(m, ratio)]
+            if recs:
+                parts.append(f"r={ratio:g}: {recs[0]['params_after']:,} of {recs[0]['params_before']:,} parameters "
+                             f"kept ({recs[0]['params_kept_fraction']:.1%})")
+        return "; ".join(parts)
+
+    # -- paired comparison (same seed = same calibration batch)
+    def paired(self, a: str, b: str, ratio: float, metric: str):
+        ra = {r["seed"]: r[metric] for r in self.cell(a, ratio)}
+        rb = {r["seed"]: r[metric] for r in self.cell(b, ratio)}
+        if b == "magnitude" and len(rb) == 1:  # seed-free: compare every seed of a to it
+            (v,) = rb.values()
+            rb = {s: v for s in ra}
+        seeds = sorted(set(ra) & set(rb))
+        diffs = [ra[s] - rb[s] for s in seeds if ra[s] is not None and rb[s] is not None]
+        return diffs
+
+    def comparison_table(self, metric: str) -> tuple[str, list[str]]:
+        header = ["Moreau mode vs", *[f"r={r:g}" for r in self.ratios]]
+        rows, sentences = [], []
+        for a in ("moreau-reference", "moreau-paper"):
+            if a not in self.methods:
+                continue
+            for b in ("taylor", "magnitude", "random"):
+                if b not in self.methods:
+                    continue
+                row = [f"{a} − {b}"]
+                for ratio in self.ratios:
+                    d = self.paired(a, b, ratio, metric)
+                    if not d:
+                        row.append("–")
+                        continue
+                    m, s, n = mean_std(d)
+                    wins = sum(x < 0 for x in d)
+                    row.append(f"{m:+.2f} ± {s:.2f} ({wins}/{n} lower)")
+                    rel = m / statistics.fmean(r[metric] for r in self.cell(b, ratio)) * 100
+                    verdict = ("lower (better)" if m < 0 else "higher (worse)") if abs(m) > s or n == 1 else \
+                        "within the seed spread of"
+                    if verdict.startswith("within"):
+                        sentences.append(f"r={ratio:g}: {a} is within the seed spread of {b} "
+                                         f"(Δ{metric} {m:+.2f} ± {s:.2f}, {rel:+.1f} %, lower in {wins}/{n} seeds).")
+                    else:
+                        sentences.append(f"r={ratio:g}: {a} is {verdict} than {b} by {abs(m):.2f} PPL "
+                                         f"({rel:+.1f} %; ± {s:.2f} over {n} paired seeds, lower in {wins}/{n}).")
+                rows.append(row)
+        return table(header, rows), sentences
+
+    # -- IoU
+    def precision_pairs(self):
+        precs = sorted({r["precision"] for r in self.pruned} - {"fp32"}, key=lambda p: ("bf16", "fp16").index(p)
+                       if p in ("bf16", "fp16") else 9)
+        return [("fp32", p) for p in precs]
+
+    def precision_iou(self):
+        """(method, ratio, pair) -> {'all'/'heads'/'channels': [IoU per seed]}, and PPL differences."""
+        out, dppl = {}, {}
+        for (m, ratio, prec), recs in sorted(self.by.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1])):
+            if prec == "fp32":
+                continue
+            base = {r["seed"]: r for r in self.cell(m, ratio, "fp32")}
+            vals = defaultdict(list)
+            diffs = {"ppl_128": [], "ppl_1024": []}
+            for r in recs:
+                b = base.get(r["seed"])
+                if b is None:
+                    continue
+                for part in ("all", "heads", "channels"):
+                    vals[part].append(iou(unit_set(b["kept"], part), unit_set(r["kept"], part)))
+                for k in diffs:
+                    if r[k] is not None and b[k] is not None:
+                        diffs[k].append(r[k] - b[k])
+            if vals:
+                out[(m, ratio, ("fp32", prec))] = vals
+                dppl[(m, ratio, ("fp32", prec))] = diffs
+        return out, dppl
+
+    def seed_iou(self, precision="fp32"):
+        out = {}
+        for m in self.methods:
+            for ratio in self.ratios:
+                recs = self.cell(m, ratio, precision)
+                if len(recs) < 2:
+                    continue
+                vals = defaultdict(list)
+                for a, b in itertools.combinations(recs, 2):
+                    for part in ("all", "heads", "channels"):
+                        vals[part].append(iou(unit_set(a["kept"], part), unit_set(b["kept"], part)))
+                out[(m, ratio)] = vals
+        return out
+
+    def missing(self) -> list[str]:
+        have = {(r["method"], r["ratio"], r["seed"], r["precision"]) for r in self.pruned}
+        miss = []
+        for c in self.plan.get("cells", []):
+            if (c["method"], c["ratio"], c["seed"], c["precision"]) not in have:
+                miss.append(f"{c['method']} r={c['ratio']:g} seed={c['seed']} {c['precision']}")
+        return miss
+
+    # -- plots
+    def plot(self, out_dir: Path) -> list[str]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        files = []
+        metrics = [("ppl_128", "128-token windows"), ("ppl_1024", f"{self.long}-token windows")]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, (metric, title) in zip(axes, metrics):
+            for m in self.methods:
+                xs, ys, es = [], [], []
+                for ratio in self.ratios:
+                    mu, sd, n = mean_std([r[metric] for r in self.cell(m, ratio)])
+                    if n:
+                        xs.append(ratio), ys.append(mu), es.append(sd)
+                if xs:
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            if self.dense and self.dense[metric] is not None:
+                ax.axhline(self.dense[metric], color="k", ls="--", lw=1, label="dense")
+            ax.set_xlabel("pruning ratio")
+            ax.set_ylabel("perplexity (mean ± std over seeds)")
+            ax.set_title(title)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{self.tag}: held-out perplexity vs pruning ratio (fp32 importance)")
+        fig.tight_layout()
+        name = f"quality_ppl_{self.tag}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+        piou, _ = self.precision_iou()
+        siou = self.seed_iou()
+        bars = []
+        for (m, ratio, pair), vals in piou.items():
+            bars.append((f"{m}\nr={ratio:g} {pair[0]}↔{pair[1]}", *mean_std(vals["all"])[:2]))
+        for (m, ratio), vals in siou.items():
+            if ratio in (0.2,) or len(self.ratios) == 1 or ratio == self.ratios[len(self.ratios) // 2]:
+                bars.append((f"{m}\nr={ratio:g} seeds", *mean_std(vals["all"])[:2]))
+        if bars:
+            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4.5))
+            colors = ["tab:blue" if "↔" in b[0] else "tab:orange" for b in bars]
+            ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=3, color=colors)
+            ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("IoU of kept heads + channels")
+            lo = min(b[1] - b[2] for b in bars)
+            ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+            ax.set_title(f"{self.tag}: kept-set IoU (blue: fp32 vs lower precision, same seed; "
+                         "orange: between seeds, fp32)", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+            fig.tight_layout()
+            name = f"quality_iou_{self.tag}.png"
+            fig.savefig(out_dir / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+        return files
+
+    # -- markdown
+    def markdown(self, out_dir: Path, plots: bool = True) -> str:
+        r0 = self.records[0]
+        ev, cal = r0["eval"], r0["calib"]
+        machines = sorted({r.get("machine", "?") for r in self.records})
+        commits = sorted({r.get("git_commit", "") for r in self.records} - {""})
+        torch_v = sorted({r.get("torch", "?") for r in self.records})
+        iters = sorted({r["moreau_iters"] for r in self.pruned if r.get("moreau_iters")})
+        seeds = sorted({r["seed"] for r in self.pruned if r["seed"] is not None})
+        out = [f"## {self.tag}", ""]
+        out.append(f"- Machine: {', '.join(machines)}; torch {', '.join(torch_v)}; commit(s) {', '.join(commits)}.")
+        out.append(f"- Calibration: {cal['n_samples']} × {cal['seq_len']} tokens from the `{cal['corpus']}` "
+                   f"calibration split; seed s draws the batch *and* seeds the method (Moreau noise, random "
+                   f"scores); seeds run: {', '.join(map(str, seeds))} (magnitude needs no seed: seed 0 only).")
+        out.append(f"- Evaluation: held-out split of `{ev['corpus']}` ({ev['heldout_tokens']:,} tokens), the first "
+                   f"{ev['windows_128']} non-overlapping windows of 128 tokens (ppl_128) and the first "
+                   f"{ev['windows_long']} of {ev['long_seq_len']} (ppl_{ev['long_seq_len']}), pruned model "
+                   "in fp32.")
+        out.append(f"- Pruning: `{r0['scope']}` scope, `{r0['granularity']}` granularity, attention layers "
+                   f"{r0['attn_layers']}, MLP layers {r0['mlp_layers']} (end exclusive); Moreau T = "
+                   f"{', '.join(map(str, iters)) or '–'} steps, other hyper-parameters the published defaults.")
+        if self.ratios:
+            out.append(f"- Parameters: {self.params_line()}.")
+        inv = self.plan.get("invocations", [])
+        if inv:
+            out.append("- Produced by: " + "; then ".join(f"`{c}`" for c in inv) + f"; rendered by `{RENDER_CMD}`.")
+        out.append("")
+        for metric, label in (("ppl_128", "128"), ("ppl_1024", str(self.long))):
+            out += [f"### Perplexity, {label}-token windows (fp32 importance; mean ± std over seeds)", "",
+                    self.ppl_table(metric), ""]
+        if plots:
+            out += [f"![PPL vs ratio](quality_ppl_{self.tag}.png)", ""]
+        for metric in ("ppl_128", "ppl_1024"):
+            tab, sentences = self.comparison_table(metric)
+            win = "128" if metric == "ppl_128" else str(self.long)
+            out += [f"### Moreau against the baselines, paired by seed ({win}-token windows; negative = Moreau "
+                    "better)", "",
+                    "Difference of perplexities of the same seed (same calibration batch), mean ± std over seeds, "
+                    "and in how many seeds Moreau's perplexity is lower. Magnitude has one value, compared with "
+                    "every seed.", "", tab, ""]
+            if sentences:
+                out += ["Read from the table (a difference is called a win or a loss only when |mean| exceeds "
+                        "the std over seeds):", ""] + [f"- {s}" for s in sentences] + [""]
+        piou, dppl = self.precision_iou()
+        if piou:
+            rows = []
+            for (m, ratio, pair), vals in piou.items():
+                d = dppl[(m, ratio, pair)]
+                rows.append([m, f"{ratio:g}", f"{pair[0]} vs {pair[1]}", fmt(*mean_std(vals["all"]), digits=4),
+                             fmt(*mean_std(vals["heads"]), digits=4), fmt(*mean_std(vals["channels"]), digits=4),
+                             fmt(*mean_std(d["ppl_128"]), digits=3), fmt(*mean_std(d["ppl_1024"]), digits=3)])
+            out += ["### Robustness to the weights' precision during importance", "",
+                    "Importance computed with the model's weights in bf16/fp16 instead of fp32 (same seed, same "
+                    "calibration batch); the mask is applied to the fp32 model, so the PPL difference is due to "
+                    "the mask only. IoU = |kept ∩ kept'| / |kept ∪ kept'| over the prunable units (query heads "
+                    "and MLP channels of the pruned layers); mean ± std over seeds.", "",
+                    table(["method", "ratio", "precisions", "IoU heads+channels", "IoU heads", "IoU channels",
+                           "ΔPPL_128 (low − fp32)", f"ΔPPL_{self.long} (low − fp32)"], rows), ""]
+        siou = self.seed_iou()
+        if siou:
+            rows = [[m, f"{ratio:g}", fmt(*mean_std(v["all"]), digits=4), fmt(*mean_std(v["heads"]), digits=4),
+                     fmt(*mean_std(v["channels"]), digits=4)] for (m, ratio), v in siou.items()]
+            out += ["### Stability across seeds (fp32)", "",
+                    "IoU of the kept sets between every pair of seeds (different calibration batch and noise); "
+                    "mean ± std over the pairs. Shows how much of the precision IoU above is ordinary seed "
+                    "variation.", "",
+                    table(["method", "ratio", "IoU heads+channels", "IoU heads", "IoU channels"], rows), ""]
+        if plots and (piou or siou):
+            out += [f"![IoU](quality_iou_{self.tag}.png)", ""]
+        miss = self.missing()
+        out += ["### Completeness", ""]
+        if miss:
+            out += [f"{len(miss)} planned cell(s) have no record (the run stopped before them; rerunning the "
+                    "same command computes only these):", ""] + [f"- {m}" for m in miss] + [""]
+        else:
+            out += [f"All {len(self.plan.get('cells', [])) or len(self.pruned)} planned cells are recorded.", ""]
+        times = defaultdict(list)
+        for r in self.pruned:
+            times[(r["method"], r["precision"])].append(r["time"]["importance_s"])
+        rows = [[m, p, f"{statistics.fmean(v):.1f}", str(len(v))] for (m, p), v in
+                sorted(times.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1]))]
+        ev_t = [r["time"]["eval_s"] for r in self.records]
+        out += ["### Cost", "", f"Mean wall time of the importance computation per scoring group (one per "
+                f"method, seed and precision, shared by its ratios); evaluation took "
+                f"{statistics.fmean(ev_t):.1f} s per cell on average.", "",
+                table(["method", "precision", "importance s", "cells"], rows), ""]
+        return "\n".join(out)
+
+
+def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = True) -> str:
+    in_dir, out_md = Path(in_dir), Path(out_md)
+    reports = []
+    for rec_file in sorted(in_dir.glob("*/records.jsonl")):
+        records = read_records(rec_file)
+        if not records:
+            continue
+        plan_file = rec_file.parent / "plan.json"
+        plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+        reports.append(ModelReport(rec_file.parent.name, records, plan))
+    out = ["# Pruning quality and precision robustness", "",
+           f"Generated by `{RENDER_CMD}` from `{in_dir.relative_to(ROOT.parent) if in_dir.is_relative_to(ROOT.parent) else in_dir}/*/records.jsonl`, "
+           "which `benchmarks/quality.py` writes (BENCHMARKS.md §3). Do not edit by hand.", ""]
+    if not reports:
+        out.append("No records found.")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    for rep in reports:
+        if plots:
+            rep.plot(out_md.parent)
+        out.append(rep.markdown(out_md.parent, plots))
+    text = "\n".join(out).rstrip() + "\n"
+    out_md.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Render QUALITY.md and PNG plots from benchmarks/quality.py records.")
+    p.add_argument("--in", dest="in_dir", default=str(DEFAULT_IN), help="results root with <model-tag>/records.jsonl")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file (plots go next to it)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    render(Path(args.in_dir), Path(args.out), plots=not args.no_plots)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""End-to-end check of the quality benchmark on a tiny random-init Llama (seconds on CPU):
+JSON schema, resumability (a second run computes nothing), torn-line tolerance, rendering."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _load("quality")
+
+
+@pytest.fixture(scope="module")
+def render_quality():
+    return _load("render_quality")
+
+
+ARGS = ["--model", "tiny-random", "--threads", "1", "--ratios", "0.25,0.5",
+        "--methods", "moreau-reference,taylor,magnitude,random", "--seeds", "0,1", "--precisions", "fp32,bf16",
+        "--precision-methods", "moreau-reference,magnitude", "--precision-ratios", "0.5", "--precision-seeds", "0,1",
+        "--iters", "2", "--n-samples", "4", "--seq-len", "16", "--windows-128", "2", "--windows-long", "1",
+        "--long-seq-len", "256"]
+
+
+def test_quality_end_to_end(tmp_path, quality, render_quality):
+    out = tmp_path / "res"
+    quality.main(ARGS + ["--out", str(out)])
+    rec_file = out / "tiny-random" / "records.jsonl"
+    records = [json.loads(line) for line in rec_file.read_text().splitlines()]
+    # dense + fp32: (moreau, taylor, random) x 2 seeds x 2 ratios + magnitude x 2 ratios
+    # + bf16: moreau x 2 seeds + magnitude x 1 seed, at one ratio
+    assert len(records) == 1 + 12 + 2 + 3
+    assert len({r["key"] for r in records}) == len(records)
+    for r in records:
+        for field in quality.RECORD_FIELDS:
+            assert field in r, field
+        assert r["model"] == "tiny-random"
+        assert r["ppl_128"] > 1 and r["ppl_1024"] > 1
+        if r["method"] == "dense":
+            assert r["kept"] is None and r["params_kept_fraction"] == 1.0
+            continue
+        assert r["params_after"] < r["params_before"]
+        assert r["precision"] in ("fp32", "bf16")
+        assert set(r["kept"]) == {"heads", "channels"}
+        n_layers = len(r["kept"]["channels"])
+        assert n_layers > 0 and len(r["kept"]["heads"]) > 0
+        for layer, chans in r["kept"]["channels"].items():
+            assert chans == sorted(set(chans)) and 0 < len(chans) < 48
+        for layer, heads in r["kept"]["heads"].items():
+            assert 0 < len(heads) <= 4
+        assert r["time"]["importance_s"] >= 0 and r["time"]["eval_s"] > 0
+    assert {r["mode"] for r in records if r["method"] == "moreau-reference"} == {"reference"}
+    assert {r["seed"] for r in records if r["method"] == "magnitude"} == {0}
+
+    # resumable: nothing new is computed, the file is unchanged
+    before = rec_file.read_bytes()
+    assert quality.run(quality.build_parser().parse_args(ARGS + ["--out", str(out), "--precisions",
+                                                                 "fp32,bf16"])) == []
+    assert rec_file.read_bytes() == before
+
+    # a torn last line (killed run) is ignored, and the next record starts on a new line
+    with open(rec_file, "a") as f:
+        f.write('{"key": "torn')
+    assert len(quality.read_records(rec_file)) == len(records)
+    quality.append_record(rec_file, {"key": "extra", "method": "x"})
+    assert [r["key"] for r in quality.read_records(rec_file)][-1] == "extra"
+    rec_file.write_bytes(before)
+
+    # render: markdown with the tables (no plots, to keep the test fast)
+    md = tmp_path / "QUALITY.md"
+    text = render_quality.render(out, md, plots=False)
+    assert md.read_text() == text
+    assert "## tiny-random" in text
+    assert "Perplexity, 128-token windows" in text and "Perplexity, 256-token windows" in text
+    assert "| moreau-reference |" in text and "| dense |" in text
+    assert "fp32 vs bf16" in text
+    assert "Stability across seeds" in text
+    assert "All 17 planned cells are recorded." in text
+    assert "python benchmarks/quality.py --model tiny-random" in text
+
+
+def test_iou_and_missing(render_quality):
+    a = {"heads": {"1": [0, 1]}, "channels": {"1": [0, 1, 2]}}
+    b = {"heads": {"1": [0, 2]}, "channels": {"1": [0, 1, 2]}}
+    sa, sb = render_quality.unit_set(a), render_quality.unit_set(b)
+    assert render_quality.iou(sa, sb) == pytest.approx(4 / 6)
+    assert render_quality.iou(render_quality.unit_set(a, "channels"), render_quality.unit_set(b, "channels")) == 1.0
+    rep = render_quality.ModelReport("t", [], {"cells": [dict(method="taylor", ratio=0.2, seed=1,
+                                                               precision="bf16")]})
+    assert rep.missing() == ["taylor r=0.2 seed=1 bf16"]
+
+
+def test_help(quality, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--help"])
+    assert e.value.code == 0
+    assert "--model" in capsys.readouterr().out
