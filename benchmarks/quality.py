@@ -178,6 +178,23 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def host_details() -> dict:
+    """CPU model, visible cores and load average (timings on a shared machine need the context)."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        load = None
+    return {"cpu_model": model or platform.machine(), "cpu_count": os.cpu_count(), "load_avg": load}
+
+
 # ---------------------------------------------------------------------------------------------
 # One scoring group: scores once, prune + evaluate at every ratio
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +262,8 @@ def run(args) -> list[dict]:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
 
     def write(rec):
-        rec = {**common, **rec, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        rec = {**common, **rec, "host": host_details(),
+               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         append_record(rec_path, rec)
         done.add(rec["key"])
         written.append(rec)
@@ -354,7 +372,7 @@ def ratios_for(args, method, precision) -> list[float]:
 def plan_groups(args) -> list[tuple[str, int, str]]:
     """Scoring groups (method, seed, precision), ordered so that a partial run is useful: seed by
     seed; within a seed the cheap fp32 baselines, then fp32 moreau-reference, then the bf16/fp16
-    groups, then the other Moreau modes."""
+    groups (cheap methods first), then the other Moreau modes."""
     groups = []
     for i, seed in enumerate(args.seeds):
         for method in args.methods:
@@ -373,7 +391,7 @@ def plan_groups(args) -> list[tuple[str, int, str]]:
     def rank(g):
         method, seed, precision = g
         if precision != "fp32":
-            r = 2
+            r = 2.5 if METHODS[method][0] == "moreau" else 2
         elif METHODS[method][0] != "moreau":
             r = 0
         else:

@@ -66,6 +66,11 @@ def iou(a: set, b: set) -> float:
     return len(a & b) / u if u else 1.0
 
 
+def settings_of(r: dict) -> str:
+    return json.dumps([r.get("eval"), r.get("calib"), r.get("granularity"), r.get("scope"), r.get("attn_layers"),
+                       r.get("mlp_layers")], sort_keys=True)
+
+
 def method_key(m: str) -> int:
     return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
 
@@ -82,6 +87,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 class ModelReport:
     def __init__(self, tag: str, records: list[dict], plan: dict | None):
         self.tag = tag
+        # one experiment per report: keep the records made with the most common settings (an
+        # earlier run with other evaluation windows, calibration or granularity is left out)
+        counts, latest = defaultdict(int), defaultdict(str)
+        for r in records:
+            counts[settings_of(r)] += 1
+            latest[settings_of(r)] = max(latest[settings_of(r)], r.get("date", ""))
+        main = max(counts, key=lambda k: (counts[k], latest[k])) if counts else None  # ties: the newest
+        self.ignored = [r for r in records if settings_of(r) != main]
+        records = [r for r in records if settings_of(r) == main]
         self.records = records
         self.plan = plan or {}
         self.dense = next((r for r in records if r["method"] == "dense"), None)
@@ -278,7 +292,13 @@ class ModelReport:
         iters = sorted({r["moreau_iters"] for r in self.pruned if r.get("moreau_iters")})
         seeds = sorted({r["seed"] for r in self.pruned if r["seed"] is not None})
         out = [f"## {self.tag}", ""]
-        out.append(f"- Machine: {', '.join(machines)}; torch {', '.join(torch_v)}; commit(s) {', '.join(commits)}.")
+        hosts = sorted({f"{h['cpu_model']} ({h['cpu_count']} cores visible)" for h in
+                        (r.get("host") for r in self.records) if h})
+        loads = [h["load_avg"][0] for h in (r.get("host") for r in self.records) if h and h.get("load_avg")]
+        out.append(f"- Machine: {', '.join(machines)}" + (f"; {', '.join(hosts)}" if hosts else "") +
+                   (f"; 1-min load average when cells were written: {min(loads):.1f} to {max(loads):.1f} "
+                    "(a shared machine: timings are indicative only)" if loads else "") +
+                   f"; torch {', '.join(torch_v)}; commit(s) {', '.join(commits)}.")
         out.append(f"- Calibration: {cal['n_samples']} × {cal['seq_len']} tokens from the `{cal['corpus']}` "
                    f"calibration split; seed s draws the batch *and* seeds the method (Moreau noise, random "
                    f"scores); seeds run: {', '.join(map(str, seeds))} (magnitude needs no seed: seed 0 only).")
@@ -339,6 +359,9 @@ class ModelReport:
             out += [f"![IoU](quality_iou_{self.tag}.png)", ""]
         miss = self.missing()
         out += ["### Completeness", ""]
+        if self.ignored:
+            out += [f"{len(self.ignored)} record(s) made with other settings (evaluation windows, calibration, "
+                    "granularity or layer ranges) are in records.jsonl but not in these tables.", ""]
         if miss:
             out += [f"{len(miss)} planned cell(s) have no record (the run stopped before them; rerunning the "
                     "same command computes only these):", ""] + [f"- {m}" for m in miss] + [""]
