@@ -1,0 +1,103 @@
+"""LLM-Pruner's Taylor importance variants for the structured path (Ma et al., 2023).
+
+LLM-Pruner's ``TaylorImportance(taylor=...)`` computes, per weight of each Linear, a salience
+
+``param_first``   s = W ⊙ g                         (first order; = ``taylor`` in importance.py)
+``param_second``  s = W ⊙ F ⊙ W                     (second order, diagonal Fisher F ≈ Hessian)
+``param_mix``     s = W ⊙ g − ½ · W ⊙ F ⊙ W         (both terms of the expansion of ΔL)
+``vectorize``     s = W ⊙ g, combined per channel as |Σ s| instead of Σ |s|
+
+with g the gradient of the mean calibration loss over the whole batch and
+F = (1/N) Σ_n g_n ⊙ g_n the Fisher accumulator, g_n the gradient of calibration sequence n's own
+mean token loss (LLM-Pruner runs the N samples one at a time and accumulates ``grad² / N`` in
+``acc_grad``). A channel's score is Σ|s| over its row (output channel) or column (input
+channel), or |Σ s| for ``vectorize``; channel scores are then grouped into heads / MLP channels
+and combined across matrices exactly as :mod:`moreau_pruner.importance` does (``reduction``,
+default ``sum`` as LLM-Pruner's ``group_reduction``).
+
+Every variant is W ⊙ G_eff for some effective gradient (G_eff = g, F ⊙ W, or g − ½ F ⊙ W), so
+the scores come from :func:`moreau_pruner.importance.model_scores` with ``method='taylor'``
+unchanged, in the same :class:`LayerScores` format that :func:`moreau_pruner.prune.prune_structure`
+consumes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from . import estimator as _estimator
+from .importance import LayerScores, model_scores, scored_parameter_names
+from .prune import PruneConfig
+from .structure import ModelStructure, discover
+
+VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
+
+
+def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32, via ``estimator.gradient``)."""
+    n = batch.shape[0]
+    acc: dict[str, torch.Tensor] = {}
+    for j in range(n):
+        grads = _estimator.gradient(model, batch[j:j + 1], names)
+        for name, g in grads.items():
+            g = g.square_().div_(n)
+            if name in acc:
+                acc[name].add_(g)
+            else:
+                acc[name] = g
+        del grads
+    return acc
+
+
+def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.Tensor] | None,
+                        fisher: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """G_eff with s = W ⊙ G_eff for ``variant`` (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant in ("param_first", "vectorize"):
+        if grads is None:
+            raise ValueError(f"{variant} needs the gradient")
+        return grads
+    if fisher is None or (variant == "param_mix" and grads is None):
+        raise ValueError(f"{variant} needs the Fisher accumulator" + (" and the gradient" if variant == "param_mix"
+                                                                        else ""))
+    params = dict(model.named_parameters())
+    out = {}
+    for name, f in fisher.items():
+        fw = f * params[name].detach().float()
+        out[name] = fw if variant == "param_second" else grads[name].float() - 0.5 * fw
+    return out
+
+
+def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_first",
+                  prune: PruneConfig | None = None, reduction: str = "sum", micro_batch_size: int | None = None,
+                  structure: ModelStructure | None = None) -> tuple[list[LayerScores], dict]:
+    """Unit scores of the layers ``prune`` will prune (others get None), and timings.
+
+    ``batch``: LongTensor [n, seq]; the second-order variants run n extra backward passes of one
+    row each. Feed the scores to ``prune.prune_structure(structure, scores, prune)``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if batch is None:
+        raise ValueError("the Taylor variants need a calibration batch")
+    structure = structure or discover(model)
+    prune = prune or PruneConfig()
+    attn_range, mlp_range = prune.validate(structure.num_layers)
+    layers = set(attn_range) | set(mlp_range)
+    names = scored_parameter_names(structure, layers)
+    info: dict = {"variant": variant}
+    t0 = time.perf_counter()
+    grads = fisher = None
+    if variant != "param_second":
+        grads = _estimator.gradient(model, batch, names, micro_batch_size)
+    if variant in ("param_second", "param_mix"):
+        fisher = fisher_diagonal(model, batch, names)
+    info["importance_s"] = time.perf_counter() - t0
+    eff = effective_gradients(model, variant, grads, fisher)
+    t0 = time.perf_counter()
+    scores = model_scores(structure, "taylor", eff, reduction, variant == "vectorize", prune.granularity, 0, layers)
+    info["scoring_s"] = time.perf_counter() - t0
+    return scores, info

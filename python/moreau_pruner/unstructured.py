@@ -1,0 +1,299 @@
+"""Unstructured and N:M pruning: the model keeps its shapes, pruned weights become zeros.
+
+One estimator, two consumers: the Moreau metric reads the same Ĝ as the structured path
+(:func:`moreau_pruner.estimator.moreau_estimate`, called unchanged), so the two paths differ
+only in what they do with it.
+
+Metrics (per weight W_ij of a Linear with output row i and input column j):
+
+``moreau``     |Ĝ_ij · W_ij| (the published ``moreaupruner_us.py``).
+``magnitude``  |W_ij|.
+``wanda``      |W_ij| · ‖X_j‖₂ (Sun et al., 2023), X_j the j-th input feature of the Linear
+               over the calibration tokens. As in Wanda's code the squared norm is averaged
+               over calibration sequences: ‖X_j‖₂ = sqrt(Σ_tokens x_j² / n_sequences).
+``gblm``       GBLM-Pruner (Das et al., 2023): |W_ij| · ‖X_j‖₂ + α · |W_ij| · ‖G_ij‖_p, where
+               G_ij = (g_ij^(1), …, g_ij^(N)) are the gradients of each calibration sequence's
+               own mean token loss (one backward per sequence) and ‖·‖_p is the ℓ1 (Σ_n |g|)
+               or ℓ2 (sqrt Σ_n g²) norm over the N sequences; α = 100 (the released code
+               multiplies every gradient by ``scale`` = 100 before taking the norm, which is
+               the same thing). ℓ2 is the paper's default.
+
+Masks (True = prune), computed per matrix:
+
+* unstructured: in every output row remove the k = int(C · r) weights with the smallest metric
+  (stable sort; per-output-row comparison groups as Wanda and the published code do);
+* N:M (``nm=(n, m)``): in every row and every group of m consecutive input columns remove the
+  n smallest (C must be a multiple of m);
+* ``keep_low_ratio`` q > 0: re-enable int(q · #masked) masked weights of each matrix, drawn
+  uniformly from a generator seeded with ``seed`` (the published default is q = 0.01; ours is
+  0, the plain method).
+
+Which weights: the q/k/v/o and gate/up/down Linear weights of every decoder layer (found by
+:func:`moreau_pruner.structure.discover`). The published script prunes every ≥2-D weight that
+has a gradient, which also includes ``embed_tokens`` and ``lm_head``: ``include_embeddings=True``
+reproduces that (those take the global ratio; ``wanda``/``gblm`` need activation norms and so
+refuse it).
+
+Activation norms are collected with forward hooks in ONE pass of the dense model over the
+calibration batch. Wanda and GBLM propagate layer by layer through the already pruned
+earlier layers; we do not (it matters little at moderate sparsity and keeps this one pass).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import estimator as _estimator
+from .estimator import MoreauConfig
+from .structure import discover
+
+METHODS = ("moreau", "magnitude", "wanda", "gblm")
+GBLM_NORMS = ("l1", "l2")
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+# ----------------------------------------------------------------------------- targets
+def prunable_linears(model: nn.Module, include_embeddings: bool = False, structure=None):
+    """[(parameter name, decoder layer index or None, module)] of the weights to prune, in order."""
+    structure = structure or discover(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for ls in structure.layers:
+        for kind in KINDS:
+            lin = getattr(ls, kind)
+            out.append((names[id(lin.weight)], ls.index, lin))
+    if include_embeddings:
+        seen = {id(m.weight) for _, _, m in out}
+        for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if mod is not None and getattr(mod, "weight", None) is not None and id(mod.weight) not in seen \
+                    and mod.weight.dim() >= 2:
+                seen.add(id(mod.weight))
+                out.append((names[id(mod.weight)], None, mod))
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+@torch.no_grad()
+def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, nn.Module],
+                     micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ per input feature of each module: sqrt(Σ_tokens x_j² / n_sequences), fp32.
+
+    ``modules`` maps a key (usually the weight's name) to an nn.Linear; one forward pass of the
+    model over ``batch`` (LongTensor [n, seq]) in micro-batches, with forward pre-hooks.
+    """
+    sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
+            for key, mod in modules.items()}
+
+    def hook(key):
+        def fn(_mod, args):
+            x = args[0].detach()
+            sums[key].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        n = batch.shape[0]
+        mbs = micro_batch_size or n
+        for start in range(0, n, mbs):
+            model(input_ids=batch[start:start + mbs])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {key: (s / n).sqrt_() for key, s in sums.items()}
+
+
+def per_sample_gradient_norms(model: nn.Module, batch: torch.Tensor, names: Iterable[str], norm: str = "l2",
+                              scale: float = 100.0) -> dict[str, torch.Tensor]:
+    """GBLM's aggregated gradient: ℓ1 Σ_n |scale·g_n| or ℓ2 sqrt(Σ_n (scale·g_n)²), g_n the gradient
+    of sequence n's mean token loss (one backward per row of ``batch``, via ``estimator.gradient``)."""
+    if norm not in GBLM_NORMS:
+        raise ValueError(f"gblm norm must be one of {GBLM_NORMS}, got {norm!r}")
+    names = list(names)
+    acc: dict[str, torch.Tensor] = {}
+    for j in range(batch.shape[0]):
+        grads = _estimator.gradient(model, batch[j:j + 1], names)
+        for name, g in grads.items():
+            g = g.mul_(scale)
+            g = g.abs_() if norm == "l1" else g.square_()
+            if name in acc:
+                acc[name].add_(g)
+            else:
+                acc[name] = g
+        del grads
+    if norm == "l2":
+        for a in acc.values():
+            a.sqrt_()
+    return acc
+
+
+# ----------------------------------------------------------------------------- metrics
+def metric_magnitude(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().abs()
+
+
+def metric_moreau(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|Ĝ ⊙ W| (also the first-order Taylor metric when ``g`` is the plain gradient)."""
+    return (w.detach().float() * g.float()).abs_()
+
+
+def metric_wanda(w: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().abs() * act_norm.float()[None, :]
+
+
+def metric_gblm(w: torch.Tensor, act_norm: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """|W|·‖X_j‖₂ + |W|·‖G‖_p (α already inside ``grad_norm``, see :func:`per_sample_gradient_norms`)."""
+    a = w.detach().float().abs()
+    return a * act_norm.float()[None, :] + a * grad_norm.float()
+
+
+# ----------------------------------------------------------------------------- masks
+def row_mask(metric: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True at the k = int(C·ratio) smallest entries of every row (stable order for ties)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
+    rows, cols = metric.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=metric.device)
+    k = int(cols * ratio)
+    if k > 0:
+        idx = torch.sort(metric, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def nm_mask(metric: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True at the n smallest of every m consecutive input columns of every row."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"N:M needs integers 0 < n < m, got {n}:{m}")
+    rows, cols = metric.shape
+    if cols % m:
+        raise ValueError(f"N:M {n}:{m} needs the input width ({cols}) to be a multiple of m")
+    groups = metric.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, n, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def relax_mask(mask: torch.Tensor, keep_low_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Re-enable int(keep_low_ratio · #masked) masked entries drawn uniformly (in place; returned)."""
+    if keep_low_ratio <= 0:
+        return mask
+    flat = mask.view(-1)
+    masked = torch.nonzero(flat, as_tuple=False).squeeze(1)
+    keep = int(masked.numel() * keep_low_ratio)
+    if keep > 0:
+        pick = torch.randperm(masked.numel(), generator=generator)[:keep].to(masked.device)
+        flat[masked[pick]] = False
+    return mask
+
+
+# ----------------------------------------------------------------------------- driver
+def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str = "moreau", sparsity: float = 0.5,
+                       nm: tuple[int, int] | None = None, layer_ratios: dict[int, float] | None = None,
+                       moreau: MoreauConfig | None = None, seed: int = 0, keep_low_ratio: float = 0.0,
+                       gblm_norm: str = "l2", gblm_scale: float = 100.0, include_embeddings: bool = False,
+                       micro_batch_size: int | None = None, progress: bool = True, structure=None) -> dict:
+    """Zero weights of ``model`` in place by ``method``'s metric; returns the report (a dict).
+
+    ``sparsity`` r is the fraction removed in every output row of every pruned matrix;
+    ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
+    :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
+    ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
+
+    Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
+    sparsity = zeros / numel measured after masking), ``per_layer`` {layer: measured sparsity of
+    its matrices}, ``overall`` (zeros, numel, sparsity over the pruned matrices),
+    ``model_zero_fraction`` (zeros over all parameters), ``timings`` and, for ``moreau``, the
+    estimator ``log``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if nm is not None:
+        if layer_ratios:
+            raise ValueError("nm (N:M sparsity) fixes the ratio at n/m; do not combine it with layer_ratios")
+        n_, m_ = nm
+        nm_mask(torch.zeros(1, m_), n_, m_)  # validates n, m
+    elif not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= keep_low_ratio < 1.0:
+        raise ValueError(f"keep_low_ratio must be in [0, 1), got {keep_low_ratio}")
+    for layer, r in (layer_ratios or {}).items():
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"layer {layer}: ratio must be in [0, 1), got {r}")
+    if method in ("wanda", "gblm") and include_embeddings:
+        raise ValueError(f"{method} needs input activation norms, which embeddings do not have; "
+                         f"use include_embeddings=False")
+    if method != "magnitude" and batch is None:
+        raise ValueError(f"method {method!r} needs a calibration batch")
+
+    structure = structure or discover(model)
+    targets = prunable_linears(model, include_embeddings, structure)
+    names = [name for name, _, _ in targets]
+    timings: dict[str, float] = {}
+    report: dict = {"method": method, "sparsity": sparsity if nm is None else n_ / m_, "nm": list(nm) if nm else None,
+                    "layer_ratios": dict(layer_ratios) if layer_ratios else None, "keep_low_ratio": keep_low_ratio,
+                    "seed": seed, "include_embeddings": include_embeddings}
+
+    grads = acts = gnorms = None
+    t0 = time.perf_counter()
+    if method == "moreau":
+        cfg = moreau or MoreauConfig(seed=seed)
+        if micro_batch_size and cfg.micro_batch_size is None:
+            cfg.micro_batch_size = micro_batch_size
+        est = _estimator.moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
+        grads = est.grads
+        report["moreau"] = est.summary()
+    if method in ("wanda", "gblm"):
+        acts = activation_norms(model, batch, {name: mod for name, _, mod in targets}, micro_batch_size)
+    if method == "gblm":
+        report["gblm"] = {"norm": gblm_norm, "scale": gblm_scale}
+        gnorms = per_sample_gradient_norms(model, batch, names, gblm_norm, gblm_scale)
+    timings["statistics_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, layer, mod in targets:
+        w = mod.weight
+        if method == "magnitude":
+            metric = metric_magnitude(w)
+        elif method == "moreau":
+            metric = metric_moreau(w, grads.pop(name))
+        elif method == "wanda":
+            metric = metric_wanda(w, acts[name])
+        else:
+            metric = metric_gblm(w, acts[name], gnorms.pop(name))
+        if nm is not None:
+            mask, target = nm_mask(metric, n_, m_), n_ / m_
+        else:
+            target = layer_ratios.get(layer, sparsity) if (layer_ratios and layer is not None) else sparsity
+            mask = row_mask(metric, target)
+        del metric
+        relax_mask(mask, keep_low_ratio, gen)
+        with torch.no_grad():
+            w.data.masked_fill_(mask, 0)
+        zeros = int((w.data == 0).sum())
+        rows.append({"name": name, "layer": layer, "shape": list(w.shape), "target": target,
+                     "masked": int(mask.sum()), "zeros": zeros, "numel": w.numel(), "sparsity": zeros / w.numel()})
+    timings["masking_s"] = time.perf_counter() - t0
+
+    per_layer: dict[int, dict] = {}
+    for r in rows:
+        if r["layer"] is None:
+            continue
+        d = per_layer.setdefault(r["layer"], {"zeros": 0, "numel": 0})
+        d["zeros"] += r["zeros"]
+        d["numel"] += r["numel"]
+    zeros = sum(r["zeros"] for r in rows)
+    numel = sum(r["numel"] for r in rows)
+    all_zeros = sum(int((p.data == 0).sum()) for p in model.parameters())
+    all_numel = sum(p.numel() for p in model.parameters())
+    report.update(layers=rows, per_layer={k: v["zeros"] / v["numel"] for k, v in per_layer.items()},
+                  overall={"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0},
+                  model_zero_fraction=all_zeros / all_numel, timings=timings)
+    return report
