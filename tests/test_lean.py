@@ -230,7 +230,8 @@ def test_llama_7b_plan(capsys):
     ref = plan_memory(model, (10, 64), cfg, "reference", "cuda", score=score)
     pub = plan_memory(model, (10, 64), cfg, "published", "cuda", score=score)
     budget = int(79.2 * GiB)
-    assert lean.total < budget < ref.total
+    assert lean.total < budget < ref.lower_total <= ref.total
+    assert lean.overlap == 0 and ref.overlap == min(ref.items["gradients (all)"], ref.items["activations"])
     assert abs(pub.items["weights (fp32)"] * 5 - 4 * 5 * 6_738_415_616) == 0
     assert pub.total > 134e9
     ckpt = plan_memory(model, (10, 64), cfg, "lean", "cuda", score=score, gradient_checkpointing=True)
