@@ -4,7 +4,6 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import moreau_kernels as mk
 from moreau_pruner import EstimatorError, MoreauConfig, gradient, moreau_estimate
 
 

@@ -94,9 +94,34 @@ def test_cli_taylor_global_no_eval(model_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+def test_cli_second_order_taylor_with_alpha_allocation(model_dir, tmp_path, capsys):
+    rc = cli(model_dir, tmp_path, "--method", "taylor", "--taylor-variant", "param_mix", "--allocation", "alpha",
+             "--no-eval", "--ratio", "0.4", "--json", str(tmp_path / "r.json"))
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    ratios = rep["allocation"]["ratios"]
+    assert len(set(ratios.values())) > 1 and [l["ratio"] for l in rep["layers"]] == [ratios[k] for k in ratios]
+
+
+def test_cli_unstructured_nm(model_dir, tmp_path, capsys):
+    rc = cli(model_dir, tmp_path, "--unstructured", "--nm", "2:4", "--method", "wanda", "--json",
+             str(tmp_path / "r.json"))
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["params_after"] == rep["params_before"]
+    assert rep["unstructured"]["overall"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_cli_moreau_runs_on_the_lean_path_by_default(model_dir, tmp_path, capsys):
+    rc = cli(model_dir, tmp_path, "--no-eval", "--json", str(tmp_path / "r.json"))
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["estimator_path"] == "lean"
+
+
 @pytest.mark.parametrize("args,msg", [(["--ratio", "1.5"], "ratio"), (["--attn-layers", "0:99"], "outside"),
                                       (["--lr", "-1"], "lr"), (["--eval-seq-lens", "x"], "eval-seq-lens"),
-                                      (["--backend", "cuda"], "cuda")])
+                                      (["--backend", "cuda"], "cuda"), (["--method", "wanda"], "--unstructured"),
+                                      (["--unstructured", "--nm", "4:2"], "N < M")])
 def test_cli_bad_input_clear_error_no_output(model_dir, tmp_path, capsys, args, msg):
     out = tmp_path / "out"
     rc = cli(model_dir, tmp_path, "--out", str(out), *args)

@@ -7,16 +7,26 @@ The pieces, each usable on its own:
 * :func:`model_scores` (``importance``): per-unit scores from Ĝ, the gradient or the weights.
 * :func:`prune_structure` (``prune``): local or global structural pruning from the scores.
 * :func:`prune_model` (``pruner``): all of the above in one call.
+* :func:`estimate` (``lean``): the estimate on the lean path (no gradient buffer), with memory planning.
+* :func:`unstructured_prune` (``unstructured``), :func:`taylor_scores` (``taylor``, LLM-Pruner's
+  variants), :func:`allocate` (``allocation``: OWL, AlphaPruning, FARMS per-layer ratios).
+* :func:`save_pruned` / :func:`load_pruned` (``io``): reloadable safetensors directories.
 """
+from .allocation import allocate
 from .estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
 from .importance import METHODS, REDUCTIONS, LayerScores, model_scores
 from .prune import PruneConfig, PruneReport, count_parameters, prune_structure
 from .pruner import PruneResult, compute_scores, prune_model
+from .io import load_pruned, save_pruned
+from .lean import estimate, plan_memory
 from .structure import ModelStructure, UnsupportedArchitecture, discover
+from .taylor import taylor_scores
+from .unstructured import unstructured_prune
 
 __all__ = [
     "EstimatorError", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult", "PruneConfig",
     "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores", "count_parameters",
-    "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure",
+    "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure", "allocate",
+    "estimate", "plan_memory", "load_pruned", "save_pruned", "taylor_scores", "unstructured_prune",
 ]
 __version__ = "0.1.0"

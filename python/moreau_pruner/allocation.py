@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .importance import LayerScores
-from .prune import LayerPlan, PruneConfig, PruneReport, apply_plan, count_parameters, plan_local
+from .prune import PruneConfig, PruneReport, prune_structure
 from .structure import ModelStructure, discover
 
 METHODS = ("uniform", "owl", "alpha", "farms")
@@ -312,39 +312,8 @@ def allocate(model: nn.Module, ratio: float, method: str = "owl", batch: torch.T
 # ----------------------------------------------------------------------------- structured use
 def prune_structure_allocated(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
                               layer_ratios: dict[int, float]) -> PruneReport:
-    """Local structural pruning with ratio ``layer_ratios[l]`` in layer l (``cfg.ratio`` elsewhere).
-
-    The per-layer plan is prune.py's own :func:`plan_local` run on one layer at a time with that
-    layer's ratio, then :func:`apply_plan`; the report is prune.py's PruneReport (its ``ratio`` is
-    the nominal ``cfg.ratio``; each layer entry carries its ``ratio``).
+    """Local structural pruning with ratio ``layer_ratios[l]`` in layer l (``cfg.ratio`` elsewhere):
+    prune.py's own :func:`prune_structure` with ``PruneConfig.layer_ratios`` set; each layer entry
+    of the report carries its ``ratio``.
     """
-    if cfg.scope != "local":
-        raise ValueError("per-layer ratios apply to local pruning (scope='local')")
-    attn_range, mlp_range = cfg.validate(structure.num_layers)
-    if len(scores) != structure.num_layers:
-        raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
-    for layer, r in layer_ratios.items():
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"layer {layer}: ratio must be in [0, 1), got {r}")
-    before = count_parameters(structure.model)
-    plans: list[LayerPlan] = []
-    used = []
-    for ls, sc in zip(structure.layers, scores):
-        r = layer_ratios.get(ls.index, cfg.ratio)
-        used.append(r)
-        one = ModelStructure(structure.model, structure.model_type, [ls], structure.hidden_size, structure.head_dim)
-        for part, in_range in ((sc.attention, ls.index in attn_range), (sc.mlp, ls.index in mlp_range)):
-            if in_range and (part is None or not torch.isfinite(part).all()):
-                raise ValueError(f"layer {ls.index}: missing or non-finite scores")
-        plans.extend(plan_local(one, [sc], replace(cfg, ratio=r), attn_range, mlp_range))
-    old = structure.widths()
-    apply_plan(structure, plans)
-    new = structure.widths()
-    layers = []
-    for o, n, plan, r in zip(old, new, plans, used):
-        layers.append({**n, "ratio": r, "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
-                       "removed_kv_heads": o["num_key_value_heads"] - n["num_key_value_heads"],
-                       "removed_channels": o["intermediate_size"] - n["intermediate_size"],
-                       "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep})
-    return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
-                       list(attn_range), list(mlp_range), layers)
+    return prune_structure(structure, scores, replace(cfg, layer_ratios=dict(layer_ratios)))

@@ -37,8 +37,10 @@ too coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation import METHODS as ALLOCATIONS
     from .estimator import GROUPS, MODES, NOISES
     from .importance import METHODS, REDUCTIONS
+    from .taylor import VARIANTS as TAYLOR_VARIANTS
     from .prune import SCOPES
     from .structure import GRANULARITIES
 
@@ -52,8 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
 
     g = p.add_argument_group("importance and pruning")
-    g.add_argument("--method", default="moreau", choices=METHODS,
-                   help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random")
+    g.add_argument("--method", default="moreau", choices=METHODS + ("wanda", "gblm"),
+                   help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random; "
+                        "wanda and gblm: unstructured only")
+    g.add_argument("--taylor-variant", default="param_first", choices=TAYLOR_VARIANTS,
+                   help="LLM-Pruner's Taylor importance: first order |W g| (default), second order with the "
+                        "Fisher diagonal, their mix, or vector-wise")
+    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="per-layer ratios: uniform (published), owl (outlier-weighted), alpha (AlphaPruning, "
+                        "heavy-tail exponent of each layer's spectrum), farms (alpha from sampled submatrices); "
+                        "the size-weighted mean stays --ratio")
+    g.add_argument("--unstructured", action="store_true",
+                   help="zero individual weights instead of removing units (model keeps its shape): the "
+                        "published moreaupruner_us behaviour; --ratio is the sparsity per output row")
+    g.add_argument("--nm", metavar="N:M", help="with --unstructured: N:M sparsity (n smallest of every m inputs)")
+    g.add_argument("--keep-low-ratio", type=float, default=0.0,
+                   help="with --unstructured: re-enable this random fraction of the masked weights")
     g.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1); "
                         "default 0.2")
@@ -85,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="kernel backend (default: the fastest available; `python -m moreau_kernels.info` explains)")
     g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (gradients accumulate)")
+    g.add_argument("--estimator-path", default="auto", choices=["auto", "lean", "reference"],
+                   help="lean: reused work buffers, gradients consumed by hooks as they arrive (no gradient "
+                        "buffer); reference: the plain loop; auto: lean when it applies (row groups, philox)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (lean path)")
+    g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="skip the peak-memory plan that stops early when the estimate would not fit")
 
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
@@ -149,6 +171,13 @@ def run(args) -> dict:
                               micro_batch_size=args.micro_batch_size).validate()
     if not 0 < args.ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
+    if args.method in ("wanda", "gblm") and not args.unstructured:
+        raise ValueError(f"--method {args.method} is an unstructured method: add --unstructured")
+    if args.unstructured and args.method not in ("moreau", "magnitude", "wanda", "gblm"):
+        raise ValueError(f"--unstructured supports methods moreau, magnitude, wanda, gblm; got {args.method}")
+    nm = _parse_nm(args.nm) if args.nm else None
+    if nm and not args.unstructured:
+        raise ValueError("--nm needs --unstructured")
     mk.set_backend(args.backend)
     times = {}
     t0 = time.perf_counter()
@@ -172,16 +201,25 @@ def run(args) -> dict:
         return out
 
     dense = ppl("dense")
-    result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
-                         args.seed, args.micro_batch_size, progress)
-    times.update(result.timings)
+    if args.unstructured:
+        rep, extra = _unstructured(model, batch, args, moreau_cfg, nm, times)
+    else:
+        result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
+                             args.seed, args.micro_batch_size, progress, allocation=args.allocation,
+                             taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
+                             gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check)
+        times.update(result.timings)
+        rep = result.report
+        est = result.estimate
+        extra = {"moreau": est.summary() if est else None, "allocation": result.allocation,
+                 "backend": est.backend if est else mk.get_backend(),
+                 "estimator_path": getattr(est, "path", None)}
     pruned = ppl("pruned")
     sample = evaluate.generate_text(model, tok, args.generate, max_new_tokens=24) if args.generate else None
-    rep = result.report
     report = {
         "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
         "method": args.method,
-        "moreau": result.estimate.summary() if result.estimate else None,
+        **extra,
         "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
         "params_before": rep.params_before,
         "params_after": rep.params_after,
@@ -197,7 +235,6 @@ def run(args) -> dict:
         "evaluation": {"source": args.eval_file or f"{args.calib} (held-out part)",
                        "tokens": int(eval_ids.numel()) if eval_ids is not None else 0},
         "sample": sample,
-        "backend": result.estimate.backend if result.estimate else mk.get_backend(),
         "torch": torch.__version__,
         "times_s": times,
     }
@@ -215,6 +252,50 @@ def run(args) -> dict:
     return report
 
 
+def _parse_nm(spec: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--nm must look like N:M (e.g. 2:4), got {spec!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"--nm needs 0 < N < M, got {spec!r}")
+    return n, m
+
+
+class _UnstructuredReport:
+    """The fields of a PruneReport that the CLI report reads, for the unstructured path."""
+
+    def __init__(self, model, args):
+        from .structure import discover
+
+        s = discover(model)
+        self.params_before = self.params_after = sum(p.numel() for p in model.parameters())
+        self.kept_fraction = 1.0
+        self.granularity = f"unstructured {args.nm or 'per-row'}"
+        self.scope = "per-row"
+        self.attn_layers = self.mlp_layers = list(range(s.num_layers))
+        self.layers = s.widths()
+
+
+def _unstructured(model, batch, args, moreau_cfg, nm, times):
+    from .allocation import allocate
+    from .unstructured import unstructured_prune
+
+    ratios = None
+    if args.allocation != "uniform":
+        t = time.perf_counter()
+        ratios = allocate(model, args.ratio, args.allocation, batch).ratios
+        times["allocation_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = unstructured_prune(model, batch, args.method, sparsity=args.ratio, nm=nm, layer_ratios=ratios,
+                             moreau=moreau_cfg, seed=args.seed, keep_low_ratio=args.keep_low_ratio,
+                             micro_batch_size=args.micro_batch_size, progress=not args.quiet)
+    times["unstructured_s"] = time.perf_counter() - t
+    extra = {"moreau": rep.get("moreau"), "unstructured": {"overall": rep["overall"], "per_layer": rep["per_layer"],
+                                                           "layer_ratios": ratios}}
+    return _UnstructuredReport(model, args), extra
+
+
 def format_report(report: dict) -> str:
     rows = [("model", report["model"]), ("method", f"{report['method']} ({report['granularity']}, {report['scope']})"),
             ("pruned layers", f"attention {report['attn_layers']}, MLP {report['mlp_layers']} (end exclusive)"),
@@ -224,13 +305,19 @@ def format_report(report: dict) -> str:
     inter = [l["intermediate_size"] for l in report["layers"]]
     rows.append(("heads per layer", f"min {min(heads)}, max {max(heads)}"))
     rows.append(("MLP width per layer", f"min {min(inter)}, max {max(inter)}"))
+    if report.get("unstructured"):
+        o = report["unstructured"]["overall"]
+        rows.append(("sparsity (measured)", f"{o['zeros']:,} of {o['numel']:,} weights zero ({100 * o['sparsity']:.2f}%)"))
+    if report.get("allocation"):
+        r = report["allocation"]["ratios"]
+        rows.append(("allocation", f"{report['allocation']['method']}: ratios {min(r.values()):.3f}..{max(r.values()):.3f}"))
     for n in report["ppl_dense"]:
         rows.append((f"PPL @{n} tokens", f"dense {report['ppl_dense'][n]:.3f} -> pruned {report['ppl_pruned'][n]:.3f}"))
     if report.get("moreau"):
         log = report["moreau"]["log"]
         rows.append(("Moreau loss per step", " ".join(f"{r['loss']:.3f}" for r in log)))
         rows.append(("Moreau l2 per step", " ".join(f"{r['l2']:.3g}" for r in log)))
-        rows.append(("kernel backend", report["backend"]))
+        rows.append(("kernel backend", f"{report.get('backend')} ({report.get('estimator_path') or 'reference'} path)"))
     for k, v in report["times_s"].items():
         rows.append((f"time {k[:-2]}", f"{v:.2f} s"))
     if report.get("sample") is not None:

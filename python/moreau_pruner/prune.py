@@ -39,6 +39,10 @@ class PruneConfig:
     scope: str = "local"
     granularity: str = "kv-group"
     round_to: int | None = None
+    layer_ratios: dict[int, float] | None = None  # per-layer r (local scope), e.g. from allocation.allocate
+
+    def ratio_of(self, layer: int) -> float:
+        return (self.layer_ratios or {}).get(layer, self.ratio)
 
     def validate(self, num_layers: int) -> tuple[range, range]:
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
@@ -49,6 +53,12 @@ class PruneConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+        if self.layer_ratios:
+            if self.scope != "local":
+                raise ValueError("per-layer ratios apply to local pruning (scope='local')")
+            for layer, r in self.layer_ratios.items():
+                if not 0.0 <= r < 1.0:
+                    raise ValueError(f"layer {layer}: ratio must be in [0, 1), got {r}")
         a = parse_layer_range(self.attn_layers, num_layers, "attention layer range")
         m = parse_layer_range(self.mlp_layers, num_layers, "MLP layer range")
         return range(*a), range(*m)
@@ -108,8 +118,9 @@ def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneC
     plans = []
     for ls, sc in zip(structure.layers, scores):
         plan = LayerPlan(ls.index)
+        ratio = cfg.ratio_of(ls.index)
         if ls.index in attn_range:
-            n = _n_remove(ls.n_heads * ls.head_dim, cfg.ratio)
+            n = _n_remove(ls.n_heads * ls.head_dim, ratio)
             if cfg.granularity == "kv-group":
                 units = min(n // (ls.n_rep * ls.head_dim), ls.n_kv_heads - 1)
                 plan.kv_keep = _lowest(sc.attention, units)
@@ -119,7 +130,7 @@ def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneC
                 plan.q_keep = [_lowest(heads[g], per_group) for g in range(ls.n_kv_heads)]
         if ls.index in mlp_range:
             c = ls.intermediate_size
-            keep = _round_keep(c - _n_remove(c, cfg.ratio), c, cfg.round_to)
+            keep = _round_keep(c - _n_remove(c, ratio), c, cfg.round_to)
             plan.mlp_keep = _lowest(sc.mlp, c - max(keep, 1))
         plans.append(plan)
     return plans
@@ -253,7 +264,7 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
     new = structure.widths()
     layers = []
     for o, n, plan in zip(old, new, plans):
-        layers.append({**n, "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
+        layers.append({**n, "ratio": cfg.ratio_of(n["layer"]), "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
                        "removed_kv_heads": o["num_key_value_heads"] - n["num_key_value_heads"],
                        "removed_channels": o["intermediate_size"] - n["intermediate_size"],
                        "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep})

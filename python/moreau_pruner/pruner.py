@@ -9,12 +9,12 @@ This is the library entry point larger compressors use::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .estimator import MoreauConfig, MoreauResult, gradient, moreau_estimate
+from .estimator import MoreauConfig, MoreauResult, gradient
 from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
 from .prune import PruneConfig, PruneReport, prune_structure
 from .structure import ModelStructure, discover
@@ -27,14 +27,22 @@ class PruneResult:
     method: str
     estimate: MoreauResult | None = None
     timings: dict = field(default_factory=dict)
+    allocation: dict | None = None
 
 
 def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "moreau",
                    prune: PruneConfig | None = None, moreau: MoreauConfig | None = None,
                    reduction: str = "sum", vectorize: bool = False, seed: int = 0,
                    micro_batch_size: int | None = None, progress: bool = True,
-                   structure: ModelStructure | None = None):
-    """Unit scores of every layer; returns (scores, MoreauResult or None, timings)."""
+                   structure: ModelStructure | None = None, taylor_variant: str = "param_first",
+                   estimator_path: str = "auto", gradient_checkpointing: bool = False,
+                   check_memory: bool = False):
+    """Unit scores of the layers to prune; returns (scores, MoreauResult or None, timings).
+
+    ``taylor_variant`` (method ``taylor``): LLM-Pruner's ``param_first`` (default), ``param_second``,
+    ``param_mix`` or ``vectorize`` (see :mod:`.taylor`). ``estimator_path`` (method ``moreau``):
+    ``auto`` (the lean path when it applies), ``lean`` or ``reference`` (see :mod:`.lean`).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     structure = structure or discover(model)
@@ -48,11 +56,21 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
             raise ValueError(f"method {method!r} needs a calibration batch")
         t0 = time.perf_counter()
         if method == "moreau":
+            from .lean import estimate
+
             cfg = moreau or MoreauConfig(seed=seed)
             if micro_batch_size and cfg.micro_batch_size is None:
                 cfg.micro_batch_size = micro_batch_size
-            est = moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
+            est = estimate(model, batch, cfg, estimator_path, score=names, progress=progress, structure=structure,
+                           gradient_checkpointing=gradient_checkpointing, check_memory=check_memory)
             grads = est.grads
+        elif taylor_variant != "param_first":
+            from .taylor import taylor_scores
+
+            scores, info = taylor_scores(model, batch, taylor_variant, prune, reduction, micro_batch_size, structure)
+            timings["importance_s"] = time.perf_counter() - t0
+            timings["scoring_s"] = 0.0
+            return scores, None, timings
         else:
             grads = gradient(model, batch, names, micro_batch_size)
         timings["importance_s"] = time.perf_counter() - t0
@@ -65,14 +83,32 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
 def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "moreau",
                 prune: PruneConfig | None = None, moreau: MoreauConfig | None = None,
                 reduction: str = "sum", vectorize: bool = False, seed: int = 0,
-                micro_batch_size: int | None = None, progress: bool = True) -> PruneResult:
-    """Score the model's units with ``method`` on ``batch`` and prune it in place."""
+                micro_batch_size: int | None = None, progress: bool = True, allocation: str = "uniform",
+                **score_options) -> PruneResult:
+    """Score the model's units with ``method`` on ``batch`` and prune it in place.
+
+    ``allocation``: ``uniform`` (every pruned layer at ``prune.ratio``) or a per-layer allocator of
+    :mod:`.allocation` (``owl``, ``alpha``, ``farms``) whose size-weighted mean is ``prune.ratio``.
+    ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
+    """
     structure = discover(model)
     prune = prune or PruneConfig()
     prune.validate(structure.num_layers)
-    scores, est, timings = compute_scores(model, batch, method, prune, moreau, reduction, vectorize, seed,
-                                          micro_batch_size, progress, structure)
+    alloc = None
+    timings = {}
+    if allocation != "uniform":
+        from .allocation import allocate, structured_sizes
+
+        t0 = time.perf_counter()
+        alloc = allocate(model, prune.ratio, allocation, batch, sizes=structured_sizes(structure, prune),
+                         structure=structure, micro_batch_size=micro_batch_size)
+        prune = replace(prune, layer_ratios=alloc.ratios)
+        prune.validate(structure.num_layers)
+        timings["allocation_s"] = time.perf_counter() - t0
+    scores, est, more = compute_scores(model, batch, method, prune, moreau, reduction, vectorize, seed,
+                                       micro_batch_size, progress, structure, **score_options)
+    timings.update(more)
     t0 = time.perf_counter()
     report = prune_structure(structure, scores, prune)
     timings["prune_s"] = time.perf_counter() - t0
-    return PruneResult(report, scores, method, est, timings)
+    return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None)
