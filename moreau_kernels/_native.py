@@ -42,6 +42,15 @@ def library_path() -> str:
     return libs[0] if libs else ""
 
 
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict[str, str]:
+    """How the loaded library was built (cuda, cuda_archs, torch, cpu_flags, ...); {} if not loaded."""
+    if _load():
+        return {}
+    text = op("build_info")()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def has_op(op: str, device_type: str) -> bool:
     if _load():
         return False

@@ -1,0 +1,199 @@
+// CPU kernels of prox_update_ and prox_update_multi_ (math: reference.prox_update_).
+//
+// 2-D (and higher) tensors are updated one row group at a time: pass 1 computes u and its
+// sum of squares, pass 2 recomputes u (g and delta of the row are still in cache), writes
+// delta = u*coeff, updates acc and sums delta^2. 1-D tensors are elementwise groups and take
+// a single pass. Work is split into fixed items (independent of the thread count), each
+// item's sum of delta^2 goes to its own slot, and the slots are added in order: results are
+// deterministic.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_utils.h"
+
+namespace moreau {
+namespace cpu {
+namespace {
+
+constexpr int64_t kItemElems = 16384;  // elements per work item (at least one row)
+
+// u of reference.prox_update_, rounded exactly as the fp32 reference rounds it.
+template <int64_t MODE>
+inline float prox_u(float d, float g, const ProxParams& p) {
+  if (MODE == kModeReference) return d - p.lr * g;
+  return d - p.lr * (g + d / p.lamb);
+}
+
+// coeff of a group from its statistic r (RMS in reference mode, l2 norm in paper mode).
+template <int64_t MODE>
+inline float prox_coeff(float r, const ProxParams& p) {
+  if (r <= p.thresh) return 0.0f;
+  return MODE == kModeReference ? 1.0f - p.soft / r : 1.0f - p.thresh / r;
+}
+
+// Rows [r0, r1) of a [R, C] group view; returns sum(delta_new^2) of those rows.
+template <typename g_t, int64_t MODE, bool ACC>
+double prox_rows(const g_t* g, float* d, float* acc, int64_t r0, int64_t r1, int64_t C, const ProxParams& p) {
+  double total = 0.0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const g_t* gi = g + i * C;
+    float* di = d + i * C;
+    float* ai = ACC ? acc + i * C : nullptr;
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < C; ++j) {
+      const float u = prox_u<MODE>(di[j], to_f32(gi[j]), p);
+      ss += static_cast<double>(u * u);
+    }
+    const float stat = MODE == kModeReference ? static_cast<float>(ss / static_cast<double>(C))
+                                              : static_cast<float>(ss);
+    const float coeff = prox_coeff<MODE>(std::sqrt(stat), p);
+    double out = 0.0;
+#pragma omp simd reduction(+ : out)
+    for (int64_t j = 0; j < C; ++j) {
+      const float nd = prox_u<MODE>(di[j], to_f32(gi[j]), p) * coeff;
+      di[j] = nd;
+      if (ACC) ai[j] += nd;
+      out += static_cast<double>(nd * nd);
+    }
+    total += out;
+  }
+  return total;
+}
+
+// Elements [e0, e1) of a 1-D tensor: every element is its own group (r = |u|).
+template <typename g_t, int64_t MODE, bool ACC>
+double prox_elems(const g_t* g, float* d, float* acc, int64_t e0, int64_t e1, const ProxParams& p) {
+  double out = 0.0;
+#pragma omp simd reduction(+ : out)
+  for (int64_t j = e0; j < e1; ++j) {
+    const float u = prox_u<MODE>(d[j], to_f32(g[j]), p);
+    const float r = std::sqrt(u * u);  // the reference's sqrt(mean(u^2)) over one element
+    const float coeff = r <= p.thresh ? 0.0f : (MODE == kModeReference ? 1.0f - p.soft / r : 1.0f - p.thresh / r);
+    const float nd = u * coeff;
+    d[j] = nd;
+    if (ACC) acc[j] += nd;
+    out += static_cast<double>(nd * nd);
+  }
+  return out;
+}
+
+// One tensor's update, cut into work items: item i covers rows (or elements) [i*per, (i+1)*per).
+struct ProxJob {
+  at::Tensor g, delta, acc;
+  RowShape shape;
+  int64_t per_item;  // rows (2-D) or elements (1-D) per work item
+  int64_t items;
+};
+
+ProxJob make_job(const at::Tensor& g, const at::Tensor& delta, const at::Tensor& acc) {
+  ProxJob job{g, delta, acc, row_shape(delta), 0, 0};
+  const int64_t units = job.shape.rows;
+  const int64_t unit_elems = job.shape.elementwise ? 1 : job.shape.cols;
+  job.per_item = std::max<int64_t>(1, kItemElems / unit_elems);
+  job.items = ceil_div(units, job.per_item);
+  return job;
+}
+
+double run_item(const ProxJob& job, int64_t item, const ProxParams& p) {
+  const int64_t u0 = item * job.per_item;
+  const int64_t u1 = std::min(job.shape.rows, u0 + job.per_item);
+  float* d = job.delta.data_ptr<float>();
+  float* a = p.accumulate ? job.acc.data_ptr<float>() : nullptr;
+  double result = 0.0;
+  MOREAU_DISPATCH_WEIGHT(job.g.scalar_type(), "prox_update_cpu", [&] {
+    const scalar_t* g = job.g.data_ptr<scalar_t>();
+    auto run = [&](auto mode_tag, auto acc_tag) {
+      constexpr int64_t MODE = decltype(mode_tag)::value;
+      constexpr bool ACC = decltype(acc_tag)::value;
+      result = job.shape.elementwise ? prox_elems<scalar_t, MODE, ACC>(g, d, a, u0, u1, p)
+                                     : prox_rows<scalar_t, MODE, ACC>(g, d, a, u0, u1, job.shape.cols, p);
+    };
+    using Ref = std::integral_constant<int64_t, kModeReference>;
+    using Pap = std::integral_constant<int64_t, kModePaper>;
+    if (p.mode == kModeReference) {
+      p.accumulate ? run(Ref{}, std::true_type{}) : run(Ref{}, std::false_type{});
+    } else {
+      p.accumulate ? run(Pap{}, std::true_type{}) : run(Pap{}, std::false_type{});
+    }
+  });
+  return result;
+}
+
+void check_prox(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc, bool accumulate) {
+  check_nonempty("g", g);
+  check_weight("g", g);
+  check_like("delta", delta, "g", g);
+  check_state("delta", delta);
+  TORCH_CHECK(delta.device().is_cpu(), "moreau_C: prox_update (cpu) got a tensor on ", delta.device());
+  if (acc.has_value()) {
+    check_like("delta", delta, "acc", *acc);
+    check_state("acc", *acc);
+  } else {
+    TORCH_CHECK(!accumulate, "moreau_C: accumulate=True needs an acc tensor");
+  }
+}
+
+// Runs every item of every job in one parallel loop; returns the per-job sums of delta^2.
+std::vector<double> run_jobs(const std::vector<ProxJob>& jobs, const ProxParams& p) {
+  std::vector<int64_t> first(jobs.size() + 1, 0);
+  for (size_t k = 0; k < jobs.size(); ++k) first[k + 1] = first[k] + jobs[k].items;
+  std::vector<double> partial(first.back(), 0.0);
+  at::parallel_for(0, first.back(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const size_t k = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+      partial[i] = run_item(jobs[k], i - first[k], p);
+    }
+  });
+  std::vector<double> sums(jobs.size(), 0.0);
+  for (size_t k = 0; k < jobs.size(); ++k)
+    for (int64_t i = first[k]; i < first[k + 1]; ++i) sums[k] += partial[i];
+  return sums;
+}
+
+at::Tensor prox_update_cpu(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc,
+                           double lr, double soft, double lamb, int64_t prox_mode, bool accumulate) {
+  check_prox(g, delta, acc, accumulate);
+  check_mode(prox_mode);
+  const ProxParams p = prox_params(lr, soft, lamb, prox_mode, accumulate);
+  const at::Tensor gc = g.contiguous();
+  const std::vector<double> sums = run_jobs({make_job(gc, delta, accumulate ? *acc : at::Tensor())}, p);
+  return at::scalar_tensor(static_cast<float>(sums[0]), delta.options().dtype(at::kFloat));
+}
+
+at::Tensor prox_update_multi_cpu(at::TensorList gs, at::TensorList deltas, at::TensorList accs, double lr,
+                                 double soft, double lamb, int64_t prox_mode, bool accumulate) {
+  const size_t n = deltas.size();
+  TORCH_CHECK(gs.size() == n && (accs.empty() || accs.size() == n),
+              "moreau_C: gs and deltas must have the same length, accs empty or the same length");
+  TORCH_CHECK(!accumulate || !accs.empty(), "moreau_C: accumulate=True needs one acc per delta");
+  check_mode(prox_mode);
+  std::vector<ProxJob> jobs;
+  jobs.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    std::optional<at::Tensor> acc = accs.empty() ? std::nullopt : std::optional<at::Tensor>(accs[k]);
+    check_prox(gs[k], deltas[k], acc, accumulate);
+    TORCH_CHECK(gs[k].is_contiguous(), "moreau_C: prox_update_multi_ needs contiguous gradients");
+    jobs.push_back(make_job(gs[k], deltas[k], accumulate ? accs[k] : at::Tensor()));
+  }
+  const ProxParams p = prox_params(lr, soft, lamb, prox_mode, accumulate);
+  const std::vector<double> sums = run_jobs(jobs, p);
+  at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kFloat));
+  for (size_t k = 0; k < n; ++k) out.data_ptr<float>()[k] = static_cast<float>(sums[k]);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moreau_C, CPU, m) {
+  m.impl("prox_update_", &prox_update_cpu);
+  m.impl("prox_update_multi_", &prox_update_multi_cpu);
+}
+
+}  // namespace cpu
+}  // namespace moreau
