@@ -66,4 +66,7 @@ def has_cuda_kernels() -> bool:
 
 
 def op(name: str):
+    err = _load()
+    if err:
+        raise RuntimeError(f"the native moreau library is not available: {err}")
     return getattr(getattr(torch.ops, NAMESPACE), name)
