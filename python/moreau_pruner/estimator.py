@@ -229,16 +229,7 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
                     st.param.grad = None
             else:
                 _structure_prox(states, groups, cfg, accumulate, sumsq)
-            bad = [states[k].name for k in torch.nonzero(~torch.isfinite(sumsq)).flatten().tolist()]
-            if bad:
-                raise EstimatorError(f"non-finite gradient or δ at step {t} in {', '.join(bad[:5])}")
-            rec = {"step": t, "loss": loss, "l2": l2, "delta_sq": float(sumsq.sum()),
-                   "seconds": time.perf_counter() - t0}
-            log.append(rec)
-            if on_step is not None:
-                on_step(t, {st.name: st.delta for st in states})
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.4f}", l2=f"{l2:.4g}")
+            log.append(finish_step(t, states, sumsq, loss, l2, t0, on_step, bar))
     finally:
         for (_, p), flag in zip(named, grad_flags):
             p.grad = None
@@ -246,6 +237,20 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
         model.train(was_training)
     grads = {st.name: st.acc.div_(K) for st in states if st.acc is not None}
     return MoreauResult(grads=grads, log=log, config=cfg, backend=backend)
+
+
+def finish_step(t: int, states, sumsq: torch.Tensor, loss: float, l2: float, t0: float, on_step, bar) -> dict:
+    """End of step t, shared by every estimator path: refuse non-finite iterates (naming the
+    parameters), call ``on_step``, update the progress bar, and return the log record."""
+    bad = [states[k].name for k in torch.nonzero(~torch.isfinite(sumsq)).flatten().tolist()]
+    if bad:
+        raise EstimatorError(f"non-finite gradient or δ at step {t} in {', '.join(bad[:5])}")
+    rec = {"step": t, "loss": loss, "l2": l2, "delta_sq": float(sumsq.sum()), "seconds": time.perf_counter() - t0}
+    if on_step is not None:
+        on_step(t, {st.name: st.delta for st in states})
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{loss:.4f}", l2=f"{l2:.4g}")
+    return rec
 
 
 def _progress(it, enabled: bool, desc: str):

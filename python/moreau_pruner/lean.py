@@ -38,8 +38,8 @@ from torch import nn
 
 import moreau_kernels as mk
 
-from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, lm_loss,
-                        moreau_estimate, unique_named_parameters)
+from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
+                        lm_loss, moreau_estimate, unique_named_parameters)
 
 PATHS = ("auto", "reference", "lean")
 GiB = 1024 ** 3
@@ -244,16 +244,7 @@ def moreau_estimate_lean(model: nn.Module, batch: torch.Tensor, config: MoreauCo
                                                       cfg.prox_mode, ctl.accumulate and st.acc is not None)
                         st.param.grad = None
                 sumsq = _sums_to_cpu(ctl.sums)
-                bad = [states[k].name for k in torch.nonzero(~torch.isfinite(sumsq)).flatten().tolist()]
-                if bad:
-                    raise EstimatorError(f"non-finite gradient or δ at step {t} in {', '.join(bad[:5])}")
-                rec = {"step": t, "loss": loss, "l2": l2, "delta_sq": float(sumsq.sum()),
-                       "seconds": time.perf_counter() - t0}
-                log.append(rec)
-                if on_step is not None:
-                    on_step(t, {st.name: st.delta for st in states})
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss:.4f}", l2=f"{l2:.4g}")
+                log.append(finish_step(t, states, sumsq, loss, l2, t0, on_step, bar))
     finally:
         for h in handles:
             h.remove()
