@@ -10,22 +10,9 @@ import torch
 
 from moreau_pruner import data
 
+from _tiny import word_tokenizer as _word_tokenizer
+
 DATA = Path(__file__).parent / "data"
-
-
-def _word_tokenizer(words):
-    """A tiny offline word-level fast tokenizer: ids 0..2 are <unk>, <s>, </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import torch
 from moreau_pruner import data
 from moreau_pruner.evaluate import evaluate_perplexity, generate_text, perplexity
 
+from _tiny import word_tokenizer
+
 WORDS = (
     "the a of is to and in it that for on with as be by this are an or at from "
     "statement expression value object function name class return if else"
@@ -19,17 +21,7 @@ WORDS = (
 
 
 def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    return word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,14 @@ from moreau_pruner import MoreauConfig, PruneConfig, prune_model
 from moreau_pruner.cli import main
 from moreau_pruner.io import load_pruned, save_pruned
 
+from _tiny import word_tokenizer
+
 WORDS = ("the a of is to and in it that for on with as be by this are an or at from statement expression value "
          "object function name class return if else python module type list string number").split()
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+def tok():
+    return word_tokenizer(WORDS)
 
 
 def tiny(kind, tied=False, seed=0):
@@ -60,7 +54,7 @@ def test_prune_save_reload_identical_logits(tmp_path, kind, tied, granularity):
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
     tiny("llama", tied=True).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
+    tok().save_pretrained(d)
     return d
 
 
@@ -144,7 +138,7 @@ def test_cli_missing_model_and_existing_out(tmp_path, model_dir, capsys):
 def test_cli_unsupported_architecture(tmp_path, capsys):
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
+    tok().save_pretrained(d)
     rc = main(["--model", str(d), "--quiet", "--no-eval", "--num-examples", "2", "--seq-len", "8", "--iters", "1"])
     assert rc == 2 and "unsupported architecture" in capsys.readouterr().err
 
