@@ -125,10 +125,10 @@ class Case:
     def __init__(self, op: str, shapes, dtype: torch.dtype, device: str, label):
         self.op, self.shapes, self.dtype, self.device, self.label = op, shapes, dtype, device, label
         self.multi = op.endswith("_multi") or "_multi_" in op
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
 
-        def rnd(shape, dt):
-            return torch.randn(shape, generator=gen).to(device=device, dtype=dt)
+        def rnd(shape, dt):  # drawn on the device: the GPU shapes are too large for a CPU round trip
+            return torch.randn(shape, generator=gen, device=device).to(dt)
 
         self.w = [rnd(s, dtype) for s in shapes]
         self.g = [rnd(s, dtype) for s in shapes]
@@ -345,7 +345,7 @@ def run(args) -> Path:
             for base in ("reference", "compile"):
                 if base in times and p != base:
                     records.append(meta.record(op, p, label, dt, f"speedup_vs_{base}", "x", times[base] / t))
-        del case
+        del case, fn  # the provider closures hold the tensors too
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
