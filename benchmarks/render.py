@@ -30,6 +30,8 @@ OP_TITLES = {
     "prox_multi_acc": "prox update, multi-tensor, accumulate on",
 }
 FUSED = ("cpu", "cuda", "triton")
+COLORS = {"reference": "tab:blue", "reference-philox": "tab:gray", "compile": "tab:orange", "cpu": "tab:green",
+          "cuda": "tab:red", "triton": "tab:purple"}
 
 
 def _order(p: str) -> int:
@@ -69,7 +71,11 @@ def _load_range(records: list[dict]) -> str:
 
 def _provenance(doc: dict) -> str:
     recs = doc.get("records", [])
-    return (f"device **{doc.get('device_name', '?')}** (`{doc.get('device_slug', '?')}`), "
+    la = [r["loadavg"][0] for r in recs if r.get("loadavg")]
+    threads = max([r.get("threads") or 0 for r in recs] or [0])
+    warn = (f" **Warning: the load average exceeded the {threads} threads used: other jobs shared the cores, so "
+            "these timings (and the copy bandwidth) are noisy.**") if la and threads and max(la) > threads else ""
+    return warn.strip() + "\n\n" + (f"device **{doc.get('device_name', '?')}** (`{doc.get('device_slug', '?')}`), "
             f"date {doc.get('date', '?')}, commit `{doc.get('commit', '?')}`, torch {doc.get('torch', '?')}, "
             f"triton {doc.get('triton', '?')}, 1-min load average during the run {_load_range(recs)}, "
             f"command `{' '.join(['python', 'benchmarks/bench_' + doc.get('kind', '?') + '.py'] + doc.get('argv', []))}`")
@@ -147,7 +153,7 @@ def plot_ops(doc: dict, out: Path) -> Path | None:
         for j, p in enumerate(provs):
             xs = [i + (j - (len(provs) - 1) / 2) * width for i in range(len(keys))]
             ys = [idx[k].get(p, {}).get("gbps", float("nan")) for k in keys]
-            ax.bar(xs, ys, width, label=p)
+            ax.bar(xs, ys, width, label=p, color=COLORS.get(p))
         if bw:
             ax.axhline(bw / 1e9, color="k", ls="--", lw=1, label="copy bandwidth")
         ax.set_xticks(range(len(keys)))
@@ -157,7 +163,7 @@ def plot_ops(doc: dict, out: Path) -> Path | None:
         ax.set_title(OP_TITLES[op], fontsize=9)
         ax.legend(fontsize=7, ncol=4)
     fig.suptitle(f"{doc.get('device_name')}  commit {doc.get('commit')}  {doc.get('date')}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
