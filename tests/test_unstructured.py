@@ -183,11 +183,10 @@ def test_moreau_uses_the_estimator_unchanged(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_moreau_unstructured_with_alpha_allocation():
+def test_smollm2_moreau_unstructured_with_alpha_allocation(smollm2):
     from moreau_pruner.allocation import allocate
-    from moreau_pruner.models import load_model
 
-    model, tok = load_model()
+    model, tok = smollm2
     text = "The quick brown fox jumps over the lazy dog. " * 20
     row = torch.tensor(tok(text)["input_ids"][:32])
     batch = torch.stack([row, row.roll(5)])
