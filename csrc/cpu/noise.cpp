@@ -23,12 +23,6 @@ namespace {
 constexpr int64_t kBlock = 2048;  // elements per work item (multiple of 4)
 constexpr int64_t kGrainBlocks = 8;
 
-struct Key {
-  uint64_t seed;
-  uint32_t step;
-  uint32_t index;
-};
-
 // z[0 .. 4*ceil(n/4)) = normals of elements e0 .. e0+n (e0 % 4 == 0, n <= kBlock).
 // Words (x0, x1) of counter i sit at pair i, words (x2, x3) at pair kQ + i, so every loop
 // below runs over contiguous arrays and vectorises; the last loop interleaves the lanes.
@@ -60,11 +54,6 @@ void normals_block(float* z, int64_t e0, int64_t n, const Key& key) {
     z[4 * i + 2] = zc[kQ + i];
     z[4 * i + 3] = zs[kQ + i];
   }
-}
-
-Key make_key(int64_t seed, int64_t step, int64_t index) {
-  check_key(seed, step, index);
-  return Key{static_cast<uint64_t>(seed), static_cast<uint32_t>(step), static_cast<uint32_t>(index)};
 }
 
 // out = (w + xi*|std*w|) + delta in fp32, rounded once to scalar_t; xi from Philox or `noise`.
@@ -103,7 +92,7 @@ at::Tensor philox_normal_cpu(const at::Tensor& like, int64_t seed, int64_t step,
 at::Tensor philox_bits_cpu(const at::Tensor& like, int64_t seed, int64_t step, int64_t index,
                            int64_t counter_offset) {
   check_nonempty("like", like);
-  TORCH_CHECK(counter_offset >= 0, "moreau_C: counter_offset must be >= 0, got ", counter_offset);
+  check_counter_offset(counter_offset);
   const Key key = make_key(seed, step, index);
   const int64_t nq = ceil_div(like.numel(), 4);
   at::Tensor out = at::empty({nq, 4}, like.options().dtype(at::kLong));
@@ -121,26 +110,11 @@ at::Tensor philox_bits_cpu(const at::Tensor& like, int64_t seed, int64_t step, i
   return out;
 }
 
-void check_perturb(const at::Tensor& w, const at::Tensor& delta, const at::Tensor& out) {
-  check_nonempty("w", w);
-  check_weight("w", w);
-  check_like("w", w, "delta", delta);
-  check_state("delta", delta);
-  check_like("w", w, "out", out);
-  TORCH_CHECK(out.scalar_type() == w.scalar_type() && out.is_contiguous(), "moreau_C: out must be a contiguous ",
-              w.scalar_type(), " tensor, got ", out.scalar_type());
-}
-
 void perturb_out_cpu(const at::Tensor& w, const at::Tensor& delta, const std::optional<at::Tensor>& noise,
                      const at::Tensor& out, double std, int64_t seed, int64_t step, int64_t index) {
   check_perturb(w, delta, out);
   const Key key = make_key(seed, step, index);
-  at::Tensor noise32;
-  if (noise.has_value()) {
-    check_like("w", w, "noise", *noise);
-    TORCH_CHECK(noise->is_floating_point(), "moreau_C: noise must be a floating tensor, got ", noise->scalar_type());
-    noise32 = noise->to(at::kFloat).contiguous();
-  }
+  const at::Tensor noise32 = noise_f32(w, noise);
   const float* nz = noise32.defined() ? noise32.data_ptr<float>() : nullptr;
   const float std_f = static_cast<float>(std);
   const int64_t numel = w.numel();
@@ -160,14 +134,13 @@ void perturb_out_cpu(const at::Tensor& w, const at::Tensor& delta, const std::op
 // One parallel loop over (tensor, block) work items of every tensor in the lists.
 void perturb_multi_cpu(at::TensorList ws, at::TensorList deltas, at::TensorList outs, double std, int64_t seed,
                        int64_t step, at::IntArrayRef indices) {
+  check_perturb_multi(ws, deltas, outs, indices);
   const size_t n = ws.size();
-  TORCH_CHECK(deltas.size() == n && outs.size() == n && indices.size() == n,
-              "moreau_C: ws, deltas, outs and indices must have the same length");
   std::vector<int64_t> first_block(n + 1, 0);
   std::vector<Key> keys(n);
   for (size_t k = 0; k < n; ++k) {
     check_perturb(ws[k], deltas[k], outs[k]);
-    TORCH_CHECK(ws[k].device().is_cpu(), "moreau_C: perturb_multi (cpu) got a tensor on ", ws[k].device());
+    check_device("perturb_multi (cpu)", ws[k], c10::kCPU);
     keys[k] = make_key(seed, step, indices[k]);
     first_block[k + 1] = first_block[k] + ceil_div(ws[k].numel(), kBlock);
   }

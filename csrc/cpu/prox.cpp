@@ -125,19 +125,7 @@ double run_item(const ProxJob& job, int64_t item, const ProxParams& p) {
   return result;
 }
 
-void check_prox(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc, bool accumulate) {
-  check_nonempty("g", g);
-  check_weight("g", g);
-  check_like("delta", delta, "g", g);
-  check_state("delta", delta);
-  TORCH_CHECK(delta.device().is_cpu(), "moreau_C: prox_update (cpu) got a tensor on ", delta.device());
-  if (acc.has_value()) {
-    check_like("delta", delta, "acc", *acc);
-    check_state("acc", *acc);
-  } else {
-    TORCH_CHECK(!accumulate, "moreau_C: accumulate=True needs an acc tensor");
-  }
-}
+constexpr const char* kWho = "prox_update (cpu)";  // names this kernel in device errors
 
 // Runs every item of every job in one parallel loop; returns the per-job sums of delta^2.
 std::vector<double> run_jobs(const std::vector<ProxJob>& jobs, const ProxParams& p) {
@@ -158,7 +146,7 @@ std::vector<double> run_jobs(const std::vector<ProxJob>& jobs, const ProxParams&
 
 at::Tensor prox_update_cpu(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc,
                            double lr, double soft, double lamb, int64_t prox_mode, bool accumulate) {
-  check_prox(g, delta, acc, accumulate);
+  check_prox(g, delta, acc, accumulate, c10::kCPU, kWho);
   check_mode(prox_mode);
   const ProxParams p = prox_params(lr, soft, lamb, prox_mode, accumulate);
   const at::Tensor gc = g.contiguous();
@@ -169,16 +157,11 @@ at::Tensor prox_update_cpu(const at::Tensor& g, const at::Tensor& delta, const s
 at::Tensor prox_update_multi_cpu(at::TensorList gs, at::TensorList deltas, at::TensorList accs, double lr,
                                  double soft, double lamb, int64_t prox_mode, bool accumulate) {
   const size_t n = deltas.size();
-  TORCH_CHECK(gs.size() == n && (accs.empty() || accs.size() == n),
-              "moreau_C: gs and deltas must have the same length, accs empty or the same length");
-  TORCH_CHECK(!accumulate || !accs.empty(), "moreau_C: accumulate=True needs one acc per delta");
-  check_mode(prox_mode);
+  check_prox_multi(gs, deltas, accs, prox_mode, accumulate);
   std::vector<ProxJob> jobs;
   jobs.reserve(n);
   for (size_t k = 0; k < n; ++k) {
-    std::optional<at::Tensor> acc = accs.empty() ? std::nullopt : std::optional<at::Tensor>(accs[k]);
-    check_prox(gs[k], deltas[k], acc, accumulate);
-    TORCH_CHECK(gs[k].is_contiguous(), "moreau_C: prox_update_multi_ needs contiguous gradients");
+    check_prox_multi_item(gs, deltas, accs, k, accumulate, c10::kCPU, kWho);
     jobs.push_back(make_job(gs[k], deltas[k], accumulate ? accs[k] : at::Tensor()));
   }
   const ProxParams p = prox_params(lr, soft, lamb, prox_mode, accumulate);

@@ -56,18 +56,9 @@ void saliency_kernel(const w_t* w, const g_t* g, float* rows, float* cols, int64
 
 std::tuple<at::Tensor, at::Tensor> channel_saliency_cpu(const at::Tensor& w, const std::optional<at::Tensor>& g,
                                                         bool vectorize) {
-  check_nonempty("w", w);
-  TORCH_CHECK(w.dim() == 2, "moreau_C: channel_saliency needs a 2-D weight, got shape ", w.sizes());
-  TORCH_CHECK(is_weight_dtype(w.scalar_type()), "moreau_C: w must be float32, bfloat16 or float16, got ",
-              w.scalar_type());
+  check_saliency_w(w);
   const at::Tensor wc = w.contiguous();
-  at::Tensor gc;
-  if (g.has_value()) {
-    check_like("w", w, "g", *g);
-    TORCH_CHECK(is_weight_dtype(g->scalar_type()), "moreau_C: g must be float32, bfloat16 or float16, got ",
-                g->scalar_type());
-    gc = g->contiguous();
-  }
+  const at::Tensor gc = saliency_g(w, g);
   const int64_t R = w.size(0), C = w.size(1);
   at::Tensor rows = at::empty({R}, w.options().dtype(at::kFloat));
   at::Tensor cols = at::empty({C}, w.options().dtype(at::kFloat));

@@ -17,8 +17,15 @@
 
 #include <cstdint>
 
+#include "../common.h"
+
 namespace moreau {
 namespace cuda {
+
+// Every tensor a CUDA kernel touches must be on a CUDA device; kCudaKernel names the
+// kernel in the error (check_device).
+constexpr const char* kCudaKernel = "the cuda kernel";
+inline void check_cuda(const at::Tensor& t) { check_device(kCudaKernel, t, c10::kCUDA); }
 
 template <typename T>
 __device__ __forceinline__ float to_f32(T x) {

@@ -19,17 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Key {
-  uint64_t seed;
-  uint32_t step;
-  uint32_t index;
-};
-
-Key make_key(int64_t seed, int64_t step, int64_t index) {
-  check_key(seed, step, index);
-  return Key{static_cast<uint64_t>(seed), static_cast<uint32_t>(step), static_cast<uint32_t>(index)};
-}
-
 // out = (w + xi*|std*w|) + delta, each step rounded in fp32 (no FMA contraction).
 __device__ __forceinline__ float perturb_value(float w, float d, float xi, float std_f) {
   const float sigma = fabsf(__fmul_rn(std_f, w));
@@ -157,7 +146,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t step
 at::Tensor philox_bits_cuda(const at::Tensor& like, int64_t seed, int64_t step, int64_t index,
                             int64_t counter_offset) {
   check_nonempty("like", like);
-  TORCH_CHECK(counter_offset >= 0, "moreau_C: counter_offset must be >= 0, got ", counter_offset);
+  check_counter_offset(counter_offset);
   const Key key = make_key(seed, step, index);
   const c10::cuda::CUDAGuard guard(like.device());
   const int64_t nq = ceil_div(like.numel(), 4);
@@ -168,28 +157,18 @@ at::Tensor philox_bits_cuda(const at::Tensor& like, int64_t seed, int64_t step, 
   return out;
 }
 
-void check_perturb(const at::Tensor& w, const at::Tensor& delta, const at::Tensor& out) {
-  check_nonempty("w", w);
-  check_weight("w", w);
-  check_like("w", w, "delta", delta);
-  check_state("delta", delta);
-  check_like("w", w, "out", out);
-  TORCH_CHECK(out.scalar_type() == w.scalar_type() && out.is_contiguous(), "moreau_C: out must be a contiguous ",
-              w.scalar_type(), " tensor, got ", out.scalar_type());
-  TORCH_CHECK(w.is_cuda(), "moreau_C: the cuda kernel got a tensor on ", w.device());
+// The shared checks of perturb_out plus: w on a CUDA device.
+void check_perturb_cuda(const at::Tensor& w, const at::Tensor& delta, const at::Tensor& out) {
+  check_perturb(w, delta, out);
+  check_cuda(w);
 }
 
 void perturb_out_cuda(const at::Tensor& w, const at::Tensor& delta, const std::optional<at::Tensor>& noise,
                       const at::Tensor& out, double std, int64_t seed, int64_t step, int64_t index) {
-  check_perturb(w, delta, out);
+  check_perturb_cuda(w, delta, out);
   const Key key = make_key(seed, step, index);
   const c10::cuda::CUDAGuard guard(w.device());
-  at::Tensor noise32;
-  if (noise.has_value()) {
-    check_like("w", w, "noise", *noise);
-    TORCH_CHECK(noise->is_floating_point(), "moreau_C: noise must be a floating tensor, got ", noise->scalar_type());
-    noise32 = noise->to(at::kFloat).contiguous();
-  }
+  const at::Tensor noise32 = noise_f32(w, noise);
   const float* nz = noise32.defined() ? noise32.data_ptr<float>() : nullptr;
   const int64_t numel = w.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_out_cuda", [&] {
@@ -205,9 +184,8 @@ void perturb_out_cuda(const at::Tensor& w, const at::Tensor& delta, const std::o
 
 void perturb_multi_cuda(at::TensorList ws, at::TensorList deltas, at::TensorList outs, double std, int64_t seed,
                         int64_t step, at::IntArrayRef indices) {
+  check_perturb_multi(ws, deltas, outs, indices);
   const size_t n = ws.size();
-  TORCH_CHECK(deltas.size() == n && outs.size() == n && indices.size() == n,
-              "moreau_C: ws, deltas, outs and indices must have the same length");
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(ws[0].device());
   // The table travels as one pinned byte buffer: n items, then n+1 chunk prefix sums.
@@ -218,7 +196,7 @@ void perturb_multi_cuda(at::TensorList ws, at::TensorList deltas, at::TensorList
   auto* first = reinterpret_cast<int64_t*>(host.data_ptr<uint8_t>() + items_bytes);
   first[0] = 0;
   for (size_t k = 0; k < n; ++k) {
-    check_perturb(ws[k], deltas[k], outs[k]);
+    check_perturb_cuda(ws[k], deltas[k], outs[k]);
     TORCH_CHECK(ws[k].device() == ws[0].device(), "moreau_C: perturb_multi needs every tensor on ", ws[0].device(),
                 ", got ", ws[k].device());
     make_key(seed, step, indices[k]);

@@ -132,23 +132,9 @@ void launch_prox(const at::Tensor& g, const at::Tensor& delta, const at::Tensor&
   });
 }
 
-void check_prox(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc, bool accumulate) {
-  check_nonempty("g", g);
-  check_weight("g", g);
-  check_like("delta", delta, "g", g);
-  check_state("delta", delta);
-  TORCH_CHECK(delta.is_cuda(), "moreau_C: the cuda kernel got a tensor on ", delta.device());
-  if (acc.has_value()) {
-    check_like("delta", delta, "acc", *acc);
-    check_state("acc", *acc);
-  } else {
-    TORCH_CHECK(!accumulate, "moreau_C: accumulate=True needs an acc tensor");
-  }
-}
-
 at::Tensor prox_update_cuda(const at::Tensor& g, const at::Tensor& delta, const std::optional<at::Tensor>& acc,
                             double lr, double soft, double lamb, int64_t prox_mode, bool accumulate) {
-  check_prox(g, delta, acc, accumulate);
+  check_prox(g, delta, acc, accumulate, c10::kCUDA, kCudaKernel);
   check_mode(prox_mode);
   const c10::cuda::CUDAGuard guard(delta.device());
   const ProxParams p = prox_params(lr, soft, lamb, prox_mode, accumulate);
@@ -160,19 +146,14 @@ at::Tensor prox_update_cuda(const at::Tensor& g, const at::Tensor& delta, const 
 at::Tensor prox_update_multi_cuda(at::TensorList gs, at::TensorList deltas, at::TensorList accs, double lr,
                                   double soft, double lamb, int64_t prox_mode, bool accumulate) {
   const size_t n = deltas.size();
-  TORCH_CHECK(gs.size() == n && (accs.empty() || accs.size() == n),
-              "moreau_C: gs and deltas must have the same length, accs empty or the same length");
-  TORCH_CHECK(!accumulate || !accs.empty(), "moreau_C: accumulate=True needs one acc per delta");
-  check_mode(prox_mode);
+  check_prox_multi(gs, deltas, accs, prox_mode, accumulate);
   TORCH_CHECK(n > 0, "moreau_C: prox_update_multi_ needs at least one tensor");
   const c10::cuda::CUDAGuard guard(deltas[0].device());
   at::Tensor offsets = at::empty({static_cast<int64_t>(n + 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* off = offsets.data_ptr<int64_t>();
   off[0] = 0;
   for (size_t k = 0; k < n; ++k) {
-    std::optional<at::Tensor> acc = accs.empty() ? std::nullopt : std::optional<at::Tensor>(accs[k]);
-    check_prox(gs[k], deltas[k], acc, accumulate);
-    TORCH_CHECK(gs[k].is_contiguous(), "moreau_C: prox_update_multi_ needs contiguous gradients");
+    check_prox_multi_item(gs, deltas, accs, k, accumulate, c10::kCUDA, kCudaKernel);
     TORCH_CHECK(deltas[k].device() == deltas[0].device(), "moreau_C: prox_update_multi_ needs every tensor on ",
                 deltas[0].device(), ", got ", deltas[k].device());
     off[k + 1] = off[k] + slots_for(deltas[k]);

@@ -51,20 +51,11 @@ __global__ void sal_cols_kernel(const W* __restrict__ w, const G* __restrict__ g
 
 std::tuple<at::Tensor, at::Tensor> channel_saliency_cuda(const at::Tensor& w, const std::optional<at::Tensor>& g,
                                                          bool vectorize) {
-  check_nonempty("w", w);
-  TORCH_CHECK(w.dim() == 2, "moreau_C: channel_saliency needs a 2-D weight, got shape ", w.sizes());
-  TORCH_CHECK(is_weight_dtype(w.scalar_type()), "moreau_C: w must be float32, bfloat16 or float16, got ",
-              w.scalar_type());
-  TORCH_CHECK(w.is_cuda(), "moreau_C: the cuda kernel got a tensor on ", w.device());
+  check_saliency_w(w);
+  check_cuda(w);
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor wc = w.contiguous();
-  at::Tensor gc;
-  if (g.has_value()) {
-    check_like("w", w, "g", *g);
-    TORCH_CHECK(is_weight_dtype(g->scalar_type()), "moreau_C: g must be float32, bfloat16 or float16, got ",
-                g->scalar_type());
-    gc = g->contiguous();
-  }
+  const at::Tensor gc = saliency_g(w, g);
   const int64_t R = w.size(0), C = w.size(1);
   at::Tensor rows = at::empty({R}, w.options().dtype(at::kFloat));
   const int64_t col_tiles = ceil_div(C, kColThreads);
