@@ -45,6 +45,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -356,7 +357,7 @@ def update_plan(path: Path, groups, args, argv_used=None) -> None:
         for r in ratios_for(args, method, precision):
             cells.add((method, r, seed, precision))
     plan["cells"] = [dict(method=m, ratio=r, seed=s, precision=p) for m, r, s, p in sorted(cells)]
-    cmd = "python benchmarks/quality.py " + " ".join(argv_used if argv_used is not None else sys.argv[1:])
+    cmd = "python benchmarks/quality.py " + shlex.join(argv_used if argv_used is not None else sys.argv[1:])
     if cmd not in plan.setdefault("invocations", []):
         plan["invocations"].append(cmd.strip())
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,9 +160,13 @@ class ModelReport:
                     wins = sum(x < 0 for x in d)
                     row.append(f"{m:+.2f} ± {s:.2f} ({wins}/{n} lower)")
                     rel = m / statistics.fmean(r[metric] for r in self.cell(b, ratio)) * 100
-                    verdict = ("lower (better)" if m < 0 else "higher (worse)") if abs(m) > s or n == 1 else \
+                    verdict = ("lower (better)" if m < 0 else "higher (worse)") if abs(m) > s else \
                         "within the seed spread of"
-                    if verdict.startswith("within"):
+                    if n == 1:
+                        sentences.append(f"r={ratio:g}: {a} is {'lower' if m < 0 else 'higher'} than {b} by "
+                                         f"{abs(m):.2f} PPL ({rel:+.1f} %) with a single seed: no spread to "
+                                         "judge it against.")
+                    elif verdict.startswith("within"):
                         sentences.append(f"r={ratio:g}: {a} is within the seed spread of {b} "
                                          f"(Δ{metric} {m:+.2f} ± {s:.2f}, {rel:+.1f} %, lower in {wins}/{n} seeds).")
                     else:
