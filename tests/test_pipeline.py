@@ -106,10 +106,12 @@ def test_cli_unstructured_nm(model_dir, tmp_path, capsys):
     assert rep["unstructured"]["overall"]["sparsity"] == pytest.approx(0.5)
 
 
-def test_cli_moreau_runs_on_the_lean_path_by_default(model_dir, tmp_path, capsys):
-    rc = cli(model_dir, tmp_path, "--no-eval", "--json", str(tmp_path / "r.json"))
+@pytest.mark.parametrize("flag,path", [([], "lean"), (["--estimator-path", "reference"], "reference")])
+def test_cli_estimator_path(model_dir, tmp_path, capsys, flag, path):
+    """The lean path runs by default when it applies; the plain loop on request."""
+    rc = cli(model_dir, tmp_path, "--no-eval", "--json", str(tmp_path / "r.json"), *flag)
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "r.json").read_text())["estimator_path"] == "lean"
+    assert json.loads((tmp_path / "r.json").read_text())["estimator_path"] == path
 
 
 @pytest.mark.parametrize("args,msg", [(["--ratio", "1.5"], "ratio"), (["--attn-layers", "0:99"], "outside"),

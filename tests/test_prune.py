@@ -139,6 +139,7 @@ def test_pruning_equals_zeroing_removed_units(kind, granularity):
     n_rm = 40 - lay["intermediate_size"]
     removed_ch = torch.argsort(ref_scores, stable=True)[:n_rm].tolist()
     kept_ch -= set(removed_ch)
+    assert lay["kept_channels"] == sorted(kept_ch)
     o_cols = [h * d + i for h in removed_heads for i in range(d)]
     ref = _zeroed_reference(m, 1, o_cols, removed_ch)
     prune_structure(s, scores, cfg)

@@ -267,7 +267,8 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
         layers.append({**n, "ratio": cfg.ratio_of(n["layer"]), "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
                        "removed_kv_heads": o["num_key_value_heads"] - n["num_key_value_heads"],
                        "removed_channels": o["intermediate_size"] - n["intermediate_size"],
-                       "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep})
+                       "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep,
+                       "kept_channels": plan.mlp_keep})
     return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
                        list(attn_range), list(mlp_range), layers)
 
