@@ -348,3 +348,19 @@ def gradient(model: nn.Module, batch: torch.Tensor, score: Iterable[str] | None 
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def per_sample_gradient_sum(model: nn.Module, batch: torch.Tensor, names: Iterable[str],
+                            transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Σ_n transform(g_n) per parameter, g_n the fp32 gradient of row n's mean token loss (one
+    backward per row of ``batch``); ``transform`` may work in place on its argument."""
+    names = list(names)
+    acc: dict[str, torch.Tensor] = {}
+    for j in range(batch.shape[0]):
+        for name, g in gradient(model, batch[j:j + 1], names).items():
+            g = transform(g)
+            if name in acc:
+                acc[name].add_(g)
+            else:
+                acc[name] = g
+    return acc

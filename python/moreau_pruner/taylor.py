@@ -38,17 +38,7 @@ VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
 def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32, via ``estimator.gradient``)."""
     n = batch.shape[0]
-    acc: dict[str, torch.Tensor] = {}
-    for j in range(n):
-        grads = _estimator.gradient(model, batch[j:j + 1], names)
-        for name, g in grads.items():
-            g = g.square_().div_(n)
-            if name in acc:
-                acc[name].add_(g)
-            else:
-                acc[name] = g
-        del grads
-    return acc
+    return _estimator.per_sample_gradient_sum(model, batch, names, lambda g: g.square_().div_(n))
 
 
 def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.Tensor] | None,

@@ -114,18 +114,11 @@ def per_sample_gradient_norms(model: nn.Module, batch: torch.Tensor, names: Iter
     of sequence n's mean token loss (one backward per row of ``batch``, via ``estimator.gradient``)."""
     if norm not in GBLM_NORMS:
         raise ValueError(f"gblm norm must be one of {GBLM_NORMS}, got {norm!r}")
-    names = list(names)
-    acc: dict[str, torch.Tensor] = {}
-    for j in range(batch.shape[0]):
-        grads = _estimator.gradient(model, batch[j:j + 1], names)
-        for name, g in grads.items():
-            g = g.mul_(scale)
-            g = g.abs_() if norm == "l1" else g.square_()
-            if name in acc:
-                acc[name].add_(g)
-            else:
-                acc[name] = g
-        del grads
+    def term(g):
+        g = g.mul_(scale)
+        return g.abs_() if norm == "l1" else g.square_()
+
+    acc = _estimator.per_sample_gradient_sum(model, batch, names, term)
     if norm == "l2":
         for a in acc.values():
             a.sqrt_()
