@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .estimator import MoreauConfig, MoreauResult, gradient
+from .estimator import MoreauConfig, MoreauResult
 from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
 from .prune import PruneConfig, PruneReport, prune_structure
 from .structure import ModelStructure, discover
@@ -51,28 +51,25 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
     layers = set(attn_range) | set(mlp_range)
     names = scored_parameter_names(structure, layers)
     grads, est, timings = None, None, {}
-    if method in ("moreau", "taylor"):
-        if batch is None:
-            raise ValueError(f"method {method!r} needs a calibration batch")
+    if method in ("moreau", "taylor") and batch is None:
+        raise ValueError(f"method {method!r} needs a calibration batch")
+    if method == "taylor":  # every Taylor variant, the plain first order included, is one function
+        from .taylor import taylor_scores
+
+        variant = "vectorize" if vectorize and taylor_variant == "param_first" else taylor_variant
+        scores, info = taylor_scores(model, batch, variant, prune, reduction, micro_batch_size, structure)
+        timings.update({k: v for k, v in info.items() if k.endswith("_s")})
+        return scores, None, timings
+    if method == "moreau":
+        from .lean import estimate
+
         t0 = time.perf_counter()
-        if method == "moreau":
-            from .lean import estimate
-
-            cfg = moreau or MoreauConfig(seed=seed)
-            if micro_batch_size and cfg.micro_batch_size is None:
-                cfg.micro_batch_size = micro_batch_size
-            est = estimate(model, batch, cfg, estimator_path, score=names, progress=progress, structure=structure,
-                           gradient_checkpointing=gradient_checkpointing, check_memory=check_memory)
-            grads = est.grads
-        elif taylor_variant != "param_first":
-            from .taylor import taylor_scores
-
-            scores, info = taylor_scores(model, batch, taylor_variant, prune, reduction, micro_batch_size, structure)
-            timings["importance_s"] = time.perf_counter() - t0
-            timings["scoring_s"] = 0.0
-            return scores, None, timings
-        else:
-            grads = gradient(model, batch, names, micro_batch_size)
+        cfg = moreau or MoreauConfig(seed=seed)
+        if micro_batch_size and cfg.micro_batch_size is None:
+            cfg = replace(cfg, micro_batch_size=micro_batch_size)
+        est = estimate(model, batch, cfg, estimator_path, score=names, progress=progress, structure=structure,
+                       gradient_checkpointing=gradient_checkpointing, check_memory=check_memory)
+        grads = est.grads
         timings["importance_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = model_scores(structure, method, grads, reduction, vectorize, prune.granularity, seed, layers)
