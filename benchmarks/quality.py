@@ -42,7 +42,6 @@ import argparse
 import copy
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
@@ -57,7 +56,6 @@ import torch
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
 from moreau_pruner import data as mp_data
 from moreau_pruner.evaluate import evaluate_perplexity
-from moreau_pruner.prune import plan_global, plan_local
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "quality"
@@ -199,19 +197,19 @@ def host_details() -> dict:
 # ---------------------------------------------------------------------------------------------
 # One scoring group: scores once, prune + evaluate at every ratio
 # ---------------------------------------------------------------------------------------------
-def kept_units(structure, scores, cfg: PruneConfig) -> dict:
-    """Kept query heads and MLP channels per pruned layer, original indices (for IoU)."""
-    attn_range, mlp_range = cfg.validate(structure.num_layers)
-    planner = plan_local if cfg.scope == "local" else plan_global
-    plans = planner(structure, scores, cfg, attn_range, mlp_range)
+def kept_units(report, dense_structure) -> dict:
+    """Kept query heads and MLP channels per pruned layer, original indices (for IoU), read from
+    the PruneReport of the pruning that was applied."""
     heads, channels = {}, {}
-    for ls, plan in zip(structure.layers, plans):
-        if plan.kv_keep is not None:
-            heads[str(ls.index)] = [g * ls.n_rep + j for g in plan.kv_keep for j in range(ls.n_rep)]
-        elif plan.q_keep is not None:
-            heads[str(ls.index)] = [g * ls.n_rep + j for g, keep in enumerate(plan.q_keep) for j in keep]
-        if plan.mlp_keep is not None:
-            channels[str(ls.index)] = list(plan.mlp_keep)
+    for layer in report.layers:
+        i = layer["layer"]
+        n_rep = dense_structure.layers[i].n_rep
+        if layer["kept_kv_groups"] is not None:
+            heads[str(i)] = [g * n_rep + j for g in layer["kept_kv_groups"] for j in range(n_rep)]
+        elif layer["kept_query_heads"] is not None:
+            heads[str(i)] = [g * n_rep + j for g, keep in enumerate(layer["kept_query_heads"]) for j in keep]
+        if layer["kept_channels"] is not None:
+            channels[str(i)] = list(layer["kept_channels"])
     return {"heads": heads, "channels": channels}
 
 
@@ -323,14 +321,8 @@ def run(args) -> list[dict]:
                               scope=args.scope, granularity=args.granularity, round_to=args.round_to)
             t1 = time.perf_counter()
             pruned = copy.deepcopy(dense)
-            st = discover(pruned)
-            kept = kept_units(st, scores, cfg)
-            report = prune_structure(st, scores, cfg)
-            for layer in report.layers:  # the kept sets above must be the ones applied
-                h = kept["heads"].get(str(layer["layer"]))
-                assert h is None or len(h) == layer["num_attention_heads"], (layer, h)
-                c = kept["channels"].get(str(layer["layer"]))
-                assert c is None or len(c) == layer["intermediate_size"], layer
+            report = prune_structure(discover(pruned), scores, cfg)
+            kept = kept_units(report, structure0)
             prune_s = time.perf_counter() - t1
             p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
             del pruned

@@ -10,8 +10,6 @@ device, date, commit and machine load it comes from.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path

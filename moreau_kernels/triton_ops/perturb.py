@@ -5,7 +5,6 @@ Philox normal of (seed, step, index) (see :mod:`.philox`) or a given noise tenso
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
