@@ -27,6 +27,11 @@ Choices (documented here and in the report):
   computed* (the forward/backward and the Moreau perturbations run in that dtype; δ and the
   accumulator stay fp32). The pruned model is always the fp32 dense model pruned with that
   mask and evaluated in fp32, so PPL differences between precisions reflect the mask only.
+  fp16 on a CPU: PyTorch has no fast CPU fp16 GEMM (one SmolLM2 forward+backward took 403 s
+  against 21 s in fp32), so by default (``--half-gemm auto``) the fp16 matrix products run as
+  fp32-accumulated products of the fp16 operands rounded to fp16
+  (:func:`moreau_pruner.precision.fp32_accumulate_gemms`), what a GPU tensor-core GEMM computes;
+  everything else runs in fp16. Each record says which (``half_gemm``).
 * **Granularity.** The default is ``query-heads``: SmolLM2-135M has 3 KV heads, and the
   ``kv-group`` rule removes no attention unit at ratio 0.2 there; ``--granularity kv-group``
   is kept as an option.
@@ -39,6 +44,7 @@ UTF-8 bytes), used by the tests; it runs end to end in seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -56,6 +62,7 @@ import torch
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
 from moreau_pruner import data as mp_data
 from moreau_pruner.evaluate import evaluate_perplexity
+from moreau_pruner.precision import fp32_accumulate_gemms, slow_half_gemm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "quality"
@@ -74,7 +81,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 RECORD_FIELDS = ("schema", "key", "model", "method", "mode", "ratio", "seed", "precision", "granularity",
                  "scope", "attn_layers", "mlp_layers", "calib", "moreau_iters", "eval", "params_before",
                  "params_after", "params_kept_fraction", "ppl_128", "ppl_1024", "kept", "time", "machine",
-                 "git_commit", "date")
+                 "git_commit", "date", "half_gemm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +285,11 @@ def run(args) -> list[dict]:
         n = sum(p.numel() for p in dense.parameters())
         write(dict(key=key, method="dense", mode=None, ratio=0.0, seed=None, precision="fp32", moreau_iters=None,
                    params_before=n, params_after=n, params_kept_fraction=1.0, ppl_128=p128, ppl_1024=plong,
-                   kept=None, time={"importance_s": 0.0, "prune_s": 0.0, "eval_s": ev, "total_s": ev}))
+                   kept=None, half_gemm=None, time={"importance_s": 0.0, "prune_s": 0.0, "eval_s": ev, "total_s": ev}))
 
     groups = plan_groups(args)
-    update_plan(out_root / tag / "plan.json", groups, args, argv_used=getattr(args, "argv", None))
+    if not args.dry_run:
+        update_plan(out_root / tag / "plan.json", groups, args, argv_used=getattr(args, "argv", None))
     todo = []
     for method, seed, precision in groups:
         keys = {r: cell_key(tag, method, r, seed, precision, settings) for r in ratios_for(args, method, precision)}
@@ -307,9 +315,11 @@ def run(args) -> list[dict]:
                               avg_last=min(5, args.iters)) if lib_method == "moreau" else None
         score_cfg = PruneConfig(ratio=0.5, attn_layers=settings["attn_layers"], mlp_layers=settings["mlp_layers"],
                                 scope=args.scope, granularity=args.granularity, round_to=args.round_to)
+        half_gemm = half_gemm_mode(args, precision)
         t0 = time.perf_counter()
-        scores, _, timings = compute_scores(scoring_model, batch, lib_method, prune=score_cfg, moreau=moreau,
-                                            seed=seed, progress=False)
+        with (fp32_accumulate_gemms((PRECISIONS[precision],)) if half_gemm == "fp32-accumulate" else contextlib.nullcontext()):
+            scores, _, timings = compute_scores(scoring_model, batch, lib_method, prune=score_cfg, moreau=moreau,
+                                                seed=seed, progress=False)
         imp_s = time.perf_counter() - t0
         if scoring_model is not dense:
             del scoring_model
@@ -330,10 +340,20 @@ def run(args) -> list[dict]:
                        moreau_iters=args.iters if lib_method == "moreau" else None,
                        params_before=report.params_before, params_after=report.params_after,
                        params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
-                       ppl_1024=plong, kept=kept,
+                       ppl_1024=plong, kept=kept, half_gemm=half_gemm,
                        time={"importance_s": imp_s, "importance_shared_by_ratios": len(missing),
                              "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
     return written
+
+
+def half_gemm_mode(args, precision: str) -> str | None:
+    """How the half-precision matrix products of the importance computation run: None (fp32),
+    'native', or 'fp32-accumulate' (emulated; the default for fp16 on a CPU, see the docstring)."""
+    if precision == "fp32":
+        return None
+    if args.half_gemm == "auto":
+        return "fp32-accumulate" if slow_half_gemm(PRECISIONS[precision], args.device) else "native"
+    return args.half_gemm
 
 
 def update_plan(path: Path, groups, args, argv_used=None) -> None:
@@ -433,11 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods of the fp32 grid: {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2],
                    help="seeds (each drives the calibration batch and the method's noise); magnitude uses the first")
-    p.add_argument("--precisions", type=_names(PRECISIONS), default=None,
+    p.add_argument("--precisions", type=_names(PRECISIONS), default=["fp32", "bf16", "fp16"],
                    help="weight dtypes of the importance computation (fp32 runs the full grid, the others the "
-                        "precision study); default fp32,bf16,fp16 on CUDA and fp32,bf16 on CPU, where one fp16 "
-                        "forward+backward of SmolLM2 took 403 s against 21 s in fp32 (no fast fp16 GEMM)")
-    p.add_argument("--precision-methods", type=_names(METHODS), default=["moreau-reference", "taylor", "magnitude"],
+                        "precision study)")
+    p.add_argument("--half-gemm", default="auto", choices=("auto", "native", "fp32-accumulate"),
+                   help="how fp16/bf16 matrix products run during the importance: 'native' torch kernels, or "
+                        "'fp32-accumulate' (fp16 operands, fp32 accumulation, fp16 result: what GPU tensor cores "
+                        "do); 'auto' = fp32-accumulate for fp16 on a CPU, where the native fp16 GEMM is ~20x "
+                        "slower than fp32, native elsewhere")
+    p.add_argument("--precision-methods", type=_names(METHODS),
+                   default=["moreau-reference", "moreau-paper", "taylor", "magnitude"],
                    help="methods of the bf16/fp16 study")
     p.add_argument("--precision-ratios", type=_floats, default=[0.2], help="ratios of the bf16/fp16 study")
     p.add_argument("--precision-seeds", type=_ints, default=[0, 1, 2], help="seeds of the bf16/fp16 study")
@@ -451,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", default="pydoc", help="evaluation corpus (its held-out split)")
     p.add_argument("--n-samples", type=int, default=10, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=64, help="calibration window length")
-    p.add_argument("--windows-128", type=int, default=24, help="held-out windows of 128 tokens")
-    p.add_argument("--windows-long", type=int, default=3, help="held-out windows of --long-seq-len tokens (0: skip)")
+    p.add_argument("--windows-128", type=int, default=32, help="held-out windows of 128 tokens")
+    p.add_argument("--windows-long", type=int, default=4, help="held-out windows of --long-seq-len tokens (0: skip)")
     p.add_argument("--long-seq-len", type=int, default=1024, help="the long window length (ppl_1024)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop before starting a new scoring group after this many seconds")
@@ -467,8 +492,6 @@ def log(msg: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.precisions is None:
-        args.precisions = ["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16"]
     run(args)
     return 0
 
