@@ -97,11 +97,13 @@ def test_cli_second_order_taylor_with_alpha_allocation(model_dir, tmp_path, caps
     assert len(set(ratios.values())) > 1 and [l["ratio"] for l in rep["layers"]] == [ratios[k] for k in ratios]
 
 
-def test_cli_unstructured_nm(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flag,sequential", [([], True), (["--one-pass-activations"], False)])
+def test_cli_unstructured_nm(model_dir, tmp_path, capsys, flag, sequential):
     rc = cli(model_dir, tmp_path, "--unstructured", "--nm", "2:4", "--method", "wanda", "--json",
-             str(tmp_path / "r.json"))
+             str(tmp_path / "r.json"), *flag)
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["unstructured"]["sequential"] is sequential
     assert rep["params_after"] == rep["params_before"]
     assert rep["unstructured"]["overall"]["sparsity"] == pytest.approx(0.5)
 

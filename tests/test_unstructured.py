@@ -198,3 +198,41 @@ def test_smollm2_moreau_unstructured_with_alpha_allocation(smollm2):
     with torch.no_grad():
         loss = model(input_ids=batch, labels=batch).loss
     assert torch.isfinite(loss)
+
+
+def _sequential_by_definition(model, batch, method, r, gnorms=None):
+    """The papers' loop written with the one-pass function: layer L's norms from a forward of the
+    model whose layers < L are already pruned (layers >= L cannot change layer L's inputs)."""
+    targets = prunable_linears(model)
+    for layer in sorted({l for _, l, _ in targets}):
+        mods = {name: mod for name, l, mod in targets if l == layer}
+        acts = activation_norms(model, batch, mods)
+        for name, mod in mods.items():
+            metric = (metric_wanda(mod.weight, acts[name]) if method == "wanda"
+                      else metric_gblm(mod.weight, acts[name], gnorms[name]))
+            with torch.no_grad():
+                mod.weight.masked_fill_(row_mask(metric, r), 0)
+
+
+@pytest.mark.parametrize("method", ["wanda", "gblm"])
+def test_sequential_norms_follow_the_pruned_layers(method):
+    batch, r = ids(n=4, seq=12), 0.6
+    ref = make(layers=3)
+    gnorms = None
+    if method == "gblm":  # gradients of the dense model, as the driver does
+        gnorms = per_sample_gradient_norms(ref, batch, [n for n, _, _ in prunable_linears(ref)], "l2", 100.0)
+    _sequential_by_definition(ref, batch, method, r, gnorms)
+    seq = make(layers=3)
+    rep = unstructured_prune(seq, batch, method, sparsity=r, micro_batch_size=3)
+    one = make(layers=3)
+    unstructured_prune(one, batch, method, sparsity=r, sequential=False)
+    assert rep["sequential"] is True and [row["name"] for row in rep["layers"]] == \
+        [n for n, _, _ in prunable_linears(seq)]
+    for (name, _, a), (_, _, b), (_, _, c) in zip(prunable_linears(ref), prunable_linears(seq), prunable_linears(one)):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        if ".layers.0." in name:  # layer 0 sees the dense inputs either way
+            assert torch.equal(b.weight == 0, c.weight == 0), name
+    # later layers do see different inputs at this sparsity
+    diff = [n for (n, _, b), (_, _, c) in zip(prunable_linears(seq), prunable_linears(one))
+            if not torch.equal(b.weight == 0, c.weight == 0)]
+    assert diff and all(".layers.0." not in n for n in diff)

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nm", metavar="N:M", help="with --unstructured: N:M sparsity (n smallest of every m inputs)")
     g.add_argument("--keep-low-ratio", type=float, default=0.0,
                    help="with --unstructured: re-enable this random fraction of the masked weights")
+    g.add_argument("--one-pass-activations", action="store_true",
+                   help="wanda/gblm: measure every layer's input norms in one pass of the dense model instead "
+                        "of layer by layer through the already pruned layers (the papers' loop, default)")
     g.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1); "
                         "default 0.2")
@@ -289,10 +292,12 @@ def _unstructured(model, batch, args, moreau_cfg, nm, times):
     t = time.perf_counter()
     rep = unstructured_prune(model, batch, args.method, sparsity=args.ratio, nm=nm, layer_ratios=ratios,
                              moreau=moreau_cfg, seed=args.seed, keep_low_ratio=args.keep_low_ratio,
-                             micro_batch_size=args.micro_batch_size, progress=not args.quiet)
+                             micro_batch_size=args.micro_batch_size, progress=not args.quiet,
+                             sequential=not args.one_pass_activations)
     times["unstructured_s"] = time.perf_counter() - t
     extra = {"moreau": rep.get("moreau"), "unstructured": {"overall": rep["overall"], "per_layer": rep["per_layer"],
-                                                           "layer_ratios": ratios}}
+                                                           "layer_ratios": ratios,
+                                                           "sequential": rep.get("sequential")}}
     return _UnstructuredReport(model, args), extra
 
 

@@ -34,9 +34,13 @@ has a gradient, which also includes ``embed_tokens`` and ``lm_head``: ``include_
 reproduces that (those take the global ratio; ``wanda``/``gblm`` need activation norms and so
 refuse it).
 
-Activation norms are collected with forward hooks in ONE pass of the dense model over the
-calibration batch. Wanda and GBLM propagate layer by layer through the already pruned
-earlier layers; we do not (it matters little at moderate sparsity and keeps this one pass).
+Activation norms (``wanda``, ``gblm``) are collected *sequentially* by default, as both papers'
+code does: the calibration batch's hidden states enter decoder layer 0, each layer's input norms
+are measured, that layer is pruned, and the layer is run again (pruned) to give the inputs of the
+next one, so every layer is scored on the activations the pruned model will actually feed it.
+``sequential=False`` measures every layer in one pass of the dense model instead (cheaper, and
+what the first implementation did). GBLM's gradients always come from the dense model, as in its
+released code (gradients are computed once, before pruning).
 """
 from __future__ import annotations
 
@@ -106,6 +110,81 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
             h.remove()
         model.train(was_training)
     return {key: (s / n).sqrt_() for key, s in sums.items()}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def _decoder_inputs(model: nn.Module, first_layer: nn.Module, batch: torch.Tensor, mbs: int) -> list:
+    """[(hidden_states, other args, kwargs)] entering ``first_layer``, one entry per micro-batch
+    (the forward stops there: the rest of the model does not run)."""
+    captured = []
+
+    def grab(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = args[1:] if args else ()
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append((hidden.detach(), rest, kw))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, batch.shape[0], mbs):
+            try:
+                model(input_ids=batch[start:start + mbs], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, *rest, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure, modules: dict[str, tuple[int, nn.Module]],
+                                prune_layer, micro_batch_size: int | None = None) -> None:
+    """Wanda's layer-by-layer loop: for each decoder layer in order, measure ‖X_j‖₂ of its modules on
+    the hidden states the already pruned earlier layers produce, call ``prune_layer(index, norms)``
+    ({key: norm} for that layer's modules) which prunes it, then run the pruned layer to get the next
+    layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear)."""
+    n = batch.shape[0]
+    mbs = micro_batch_size or n
+    by_layer: dict[int, dict[str, nn.Module]] = {}
+    for key, (layer, mod) in modules.items():
+        by_layer.setdefault(layer, {})[key] = mod
+    was_training = model.training
+    model.eval()
+    try:
+        states = _decoder_inputs(model, structure.layers[0].layer, batch, mbs)
+        for ls in structure.layers:
+            mods = by_layer.get(ls.index, {})
+            sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
+                    for key, mod in mods.items()}
+
+            def hook(key):
+                def fn(_mod, args):
+                    x = args[0].detach()
+                    sums[key].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
+                return fn
+
+            handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in mods.items()]
+            try:
+                for hidden, rest, kw in states:
+                    _run_layer(ls.layer, hidden, rest, kw)
+            finally:
+                for h in handles:
+                    h.remove()
+            if mods:
+                prune_layer(ls.index, {key: (sm / n).sqrt_() for key, sm in sums.items()})
+            states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
+    finally:
+        model.train(was_training)
 
 
 def per_sample_gradient_norms(model: nn.Module, batch: torch.Tensor, names: Iterable[str], norm: str = "l2",
@@ -190,13 +269,16 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                        nm: tuple[int, int] | None = None, layer_ratios: dict[int, float] | None = None,
                        moreau: MoreauConfig | None = None, seed: int = 0, keep_low_ratio: float = 0.0,
                        gblm_norm: str = "l2", gblm_scale: float = 100.0, include_embeddings: bool = False,
-                       micro_batch_size: int | None = None, progress: bool = True, structure=None) -> dict:
+                       micro_batch_size: int | None = None, progress: bool = True, structure=None,
+                       sequential: bool = True) -> dict:
     """Zero weights of ``model`` in place by ``method``'s metric; returns the report (a dict).
 
     ``sparsity`` r is the fraction removed in every output row of every pruned matrix;
     ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
     :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
+    ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
+    already pruned earlier layers (the papers' loop, default) instead of one dense pass.
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
     sparsity = zeros / numel measured after masking), ``per_layer`` {layer: measured sparsity of
@@ -232,7 +314,7 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                     "layer_ratios": dict(layer_ratios) if layer_ratios else None, "keep_low_ratio": keep_low_ratio,
                     "seed": seed, "include_embeddings": include_embeddings}
 
-    grads = acts = gnorms = None
+    grads = gnorms = None
     t0 = time.perf_counter()
     if method == "moreau":
         cfg = moreau or MoreauConfig(seed=seed)
@@ -241,26 +323,27 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         est = _estimator.moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
         grads = est.grads
         report["moreau"] = est.summary()
-    if method in ("wanda", "gblm"):
-        acts = activation_norms(model, batch, {name: mod for name, _, mod in targets}, micro_batch_size)
-    if method == "gblm":
+    if method == "gblm":  # from the dense model, before any weight is pruned
         report["gblm"] = {"norm": gblm_norm, "scale": gblm_scale}
         gnorms = per_sample_gradient_norms(model, batch, names, gblm_norm, gblm_scale)
     timings["statistics_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for name, layer, mod in targets:
+    masking_s = 0.0
+
+    def prune_one(name, layer, mod, act_norm=None):
+        nonlocal masking_s
+        t1 = time.perf_counter()
         w = mod.weight
         if method == "magnitude":
             metric = metric_magnitude(w)
         elif method == "moreau":
             metric = metric_moreau(w, grads.pop(name))
         elif method == "wanda":
-            metric = metric_wanda(w, acts[name])
+            metric = metric_wanda(w, act_norm)
         else:
-            metric = metric_gblm(w, acts[name], gnorms.pop(name))
+            metric = metric_gblm(w, act_norm, gnorms.pop(name))
         if nm is not None:
             mask, target = nm_mask(metric, n_, m_), n_ / m_
         else:
@@ -273,7 +356,31 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         zeros = int((w.data == 0).sum())
         rows.append({"name": name, "layer": layer, "shape": list(w.shape), "target": target,
                      "masked": int(mask.sum()), "zeros": zeros, "numel": w.numel(), "sparsity": zeros / w.numel()})
-    timings["masking_s"] = time.perf_counter() - t0
+        masking_s += time.perf_counter() - t1
+
+    if method in ("wanda", "gblm"):
+        report["sequential"] = sequential
+        t0 = time.perf_counter()
+        if sequential:
+            by_name = {name: (layer, mod) for name, layer, mod in targets}
+
+            def prune_layer(_index, norms):
+                for name, act in norms.items():
+                    layer, mod = by_name[name]
+                    prune_one(name, layer, mod, act)
+
+            sequential_activation_norms(model, batch, structure, by_name, prune_layer, micro_batch_size)
+        else:
+            acts = activation_norms(model, batch, {name: mod for name, _, mod in targets}, micro_batch_size)
+            for name, layer, mod in targets:
+                prune_one(name, layer, mod, acts.pop(name))
+        timings["activations_s"] = time.perf_counter() - t0 - masking_s
+        order = {name: i for i, (name, _, _) in enumerate(targets)}
+        rows.sort(key=lambda r: order[r["name"]])
+    else:
+        for name, layer, mod in targets:
+            prune_one(name, layer, mod)
+    timings["masking_s"] = masking_s
 
     per_layer: dict[int, dict] = {}
     for r in rows:
