@@ -60,6 +60,9 @@ from pathlib import Path
 import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
+from moreau_pruner.allocation import allocate, structured_sizes
+from moreau_pruner.estimator import moreau_estimate
+from moreau_pruner.unstructured import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
 from moreau_pruner.evaluate import evaluate_perplexity
 from moreau_pruner.precision import fp32_accumulate_gemms, slow_half_gemm
@@ -68,20 +71,51 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "quality"
 SCHEMA_VERSION = 1
 
-#: CLI method name -> (library method, Moreau mode or None)
+@dataclass(frozen=True)
+class Method:
+    """How a method of the grid is computed."""
+    lib: str                       # library method: moreau, taylor, magnitude, random (structured);
+                                   # moreau, magnitude, wanda, gblm (unstructured)
+    mode: str | None = None        # Moreau mode
+    variant: str = "param_first"   # LLM-Pruner Taylor variant
+    allocation: str = "uniform"    # per-layer ratios (structured)
+    unstructured: bool = False
+
+    @property
+    def scores_key(self):
+        """Methods sharing this key share the same unit scores (only the allocation differs)."""
+        return (self.lib, self.mode, self.variant)
+
+
+#: CLI method name -> Method. Structured methods remove heads and channels at ratio r; the
+#: ``us-*`` methods zero single weights (sparsity r per output row, or N:M) in every decoder layer.
 METHODS = {
-    "moreau-reference": ("moreau", "reference"),
-    "moreau-paper": ("moreau", "paper"),
-    "taylor": ("taylor", None),
-    "magnitude": ("magnitude", None),
-    "random": ("random", None),
+    "moreau-reference": Method("moreau", "reference"),
+    "moreau-paper": Method("moreau", "paper"),
+    "taylor": Method("taylor"),
+    "magnitude": Method("magnitude"),
+    "random": Method("random"),
+    "taylor-second": Method("taylor", variant="param_second"),
+    "taylor-mix": Method("taylor", variant="param_mix"),
+    "taylor-vector": Method("taylor", variant="vectorize"),
+    "moreau-paper+owl": Method("moreau", "paper", allocation="owl"),
+    "moreau-paper+alpha": Method("moreau", "paper", allocation="alpha"),
+    "moreau-paper+farms": Method("moreau", "paper", allocation="farms"),
+    "us-moreau-reference": Method("moreau", "reference", unstructured=True),
+    "us-moreau-paper": Method("moreau", "paper", unstructured=True),
+    "us-wanda": Method("wanda", unstructured=True),
+    "us-gblm": Method("gblm", unstructured=True),
+    "us-magnitude": Method("magnitude", unstructured=True),
 }
-SEED_FREE = {"magnitude"}  # methods whose scores depend on neither the batch nor a seed
+STRUCTURED = [m for m, spec in METHODS.items() if not spec.unstructured]
+UNSTRUCTURED = [m for m, spec in METHODS.items() if spec.unstructured]
+SEED_FREE = {"magnitude", "us-magnitude"}  # methods depending on neither the batch nor a seed
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RECORD_FIELDS = ("schema", "key", "model", "method", "mode", "ratio", "seed", "precision", "granularity",
                  "scope", "attn_layers", "mlp_layers", "calib", "moreau_iters", "eval", "params_before",
                  "params_after", "params_kept_fraction", "ppl_128", "ppl_1024", "kept", "time", "machine",
-                 "git_commit", "date", "half_gemm")
+                 "git_commit", "date", "half_gemm", "nm", "allocation", "unstructured",
+                 "taylor_variant")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +168,23 @@ def cell_key(model_tag, method, ratio, seed, precision, settings: dict) -> str:
     """Identity of a cell: everything that changes its numbers."""
     s = settings
     return "|".join(str(x) for x in (
-        model_tag, method, f"r{ratio:g}" if ratio else "dense", f"s{seed}", precision, s["granularity"], s["scope"],
+        model_tag, method, ratio_tag(ratio), f"s{seed}", precision, s["granularity"], s["scope"],
         f"a{s['attn_layers']}", f"m{s['mlp_layers']}", f"cal{s['n_samples']}x{s['seq_len']}:{s['calib']}",
         f"it{s['iters']}", f"ev{s['windows_128']}x128+{s['windows_long']}x{s['long_seq_len']}:{s['heldout']}"))
+
+
+def ratio_tag(ratio) -> str:
+    """``r0.2`` for a ratio, ``nm2:4`` for N:M sparsity (given as the string "2:4"), ``dense`` for 0."""
+    if isinstance(ratio, str):
+        return f"nm{ratio}"
+    return f"r{ratio:g}" if ratio else "dense"
+
+
+def parse_nm(ratio) -> tuple[int, int] | None:
+    if not isinstance(ratio, str):
+        return None
+    n, m = ratio.split(":")
+    return int(n), int(m)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -274,7 +322,7 @@ def run(args) -> list[dict]:
         done.add(rec["key"])
         written.append(rec)
         p1024 = rec["ppl_1024"]
-        log(f"  {rec['method']:17s} r={rec['ratio']:<4g} s={rec['seed']} {rec['precision']}: "
+        log(f"  {rec['method']:17s} r={rec['ratio']!s:<4} s={rec['seed']} {rec['precision']}: "
             f"ppl_128={rec['ppl_128']:.3f} ppl_{args.long_seq_len}={'-' if p1024 is None else f'{p1024:.3f}'} "
             f"kept={rec['params_kept_fraction']:.3f} ({rec['time']['total_s']:.1f} s)")
 
@@ -285,7 +333,8 @@ def run(args) -> list[dict]:
         n = sum(p.numel() for p in dense.parameters())
         write(dict(key=key, method="dense", mode=None, ratio=0.0, seed=None, precision="fp32", moreau_iters=None,
                    params_before=n, params_after=n, params_kept_fraction=1.0, ppl_128=p128, ppl_1024=plong,
-                   kept=None, half_gemm=None, time={"importance_s": 0.0, "prune_s": 0.0, "eval_s": ev, "total_s": ev}))
+                   kept=None, half_gemm=None, nm=None, allocation=None, unstructured=None, taylor_variant=None,
+                   time={"importance_s": 0.0, "prune_s": 0.0, "eval_s": ev, "total_s": ev}))
 
     groups = plan_groups(args)
     if not args.dry_run:
@@ -303,47 +352,118 @@ def run(args) -> list[dict]:
             log(f"  would run {method} seed={seed} {precision} ratios={missing}")
         return []
 
+    cache: dict = {}  # scores_key + (seed, precision) -> (scores, importance seconds); one seed at a time
     for method, seed, precision, missing, keys in todo:
         if over_budget():
             log(f"budget of {args.budget_s:.0f} s spent: stopping before {method} seed={seed} {precision}")
             break
-        lib_method, mode = METHODS[method]
+        spec = METHODS[method]
         batch = mp_data.calibration_batch(None, calib_ids, n_samples=args.n_samples, seq_len=args.seq_len,
                                           seed=seed).to(args.device)
+        ctx = dict(args=args, dense=dense, structure0=structure0, settings=settings, batch=batch, write=write,
+                   keys=keys, seed=seed, precision=precision, held_ids=held_ids)
+        if spec.unstructured:
+            run_unstructured(method, spec, missing, **ctx)
+        else:
+            cache = {k: v for k, v in cache.items() if k[-2] == seed}
+            run_structured(method, spec, missing, cache=cache, **ctx)
+    return written
+
+
+def moreau_config(args, spec: Method, seed: int) -> MoreauConfig | None:
+    return MoreauConfig(mode=spec.mode, seed=seed, iters=args.iters, avg_last=min(5, args.iters)) \
+        if spec.lib == "moreau" else None
+
+
+def prune_config(args, settings, ratio, layer_ratios=None) -> PruneConfig:
+    return PruneConfig(ratio=ratio, attn_layers=settings["attn_layers"], mlp_layers=settings["mlp_layers"],
+                       scope=args.scope, granularity=args.granularity, round_to=args.round_to,
+                       layer_ratios=layer_ratios)
+
+
+def run_structured(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed, precision,
+                   held_ids, cache):
+    """Scores once per (method's scores, seed, precision), shared by the ratios and by the methods
+    that only differ by their allocation; a deep copy of the dense fp32 model is pruned per ratio."""
+    ckey = spec.scores_key + (seed, precision)
+    half_gemm = half_gemm_mode(args, precision)
+    if ckey in cache:
+        scores, imp_s = cache[ckey]
+        log(f"{method} seed={seed} {precision}: scores shared with an earlier method ({imp_s:.1f} s)")
+    else:
         scoring_model = dense if precision == "fp32" else copy.deepcopy(dense).to(PRECISIONS[precision])
-        moreau = MoreauConfig(mode=mode, seed=seed, iters=args.iters,
-                              avg_last=min(5, args.iters)) if lib_method == "moreau" else None
-        score_cfg = PruneConfig(ratio=0.5, attn_layers=settings["attn_layers"], mlp_layers=settings["mlp_layers"],
-                                scope=args.scope, granularity=args.granularity, round_to=args.round_to)
-        half_gemm = half_gemm_mode(args, precision)
         t0 = time.perf_counter()
-        with (fp32_accumulate_gemms((PRECISIONS[precision],)) if half_gemm == "fp32-accumulate" else contextlib.nullcontext()):
-            scores, _, timings = compute_scores(scoring_model, batch, lib_method, prune=score_cfg, moreau=moreau,
-                                                seed=seed, progress=False)
+        with (fp32_accumulate_gemms((PRECISIONS[precision],)) if half_gemm == "fp32-accumulate"
+              else contextlib.nullcontext()):
+            scores, _, _ = compute_scores(scoring_model, batch, spec.lib, prune=prune_config(args, settings, 0.5),
+                                          moreau=moreau_config(args, spec, seed), seed=seed, progress=False,
+                                          taylor_variant=spec.variant)
         imp_s = time.perf_counter() - t0
         if scoring_model is not dense:
             del scoring_model
         scores = [type(s)(s.layer, None if s.attention is None else s.attention.float().cpu(),
                           None if s.mlp is None else s.mlp.float().cpu()) for s in scores]
+        cache[ckey] = (scores, imp_s)
         log(f"{method} seed={seed} {precision}: importance {imp_s:.1f} s")
-        for ratio in missing:
-            cfg = PruneConfig(ratio=ratio, attn_layers=settings["attn_layers"], mlp_layers=settings["mlp_layers"],
-                              scope=args.scope, granularity=args.granularity, round_to=args.round_to)
-            t1 = time.perf_counter()
-            pruned = copy.deepcopy(dense)
-            report = prune_structure(discover(pruned), scores, cfg)
-            kept = kept_units(report, structure0)
-            prune_s = time.perf_counter() - t1
-            p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
-            del pruned
-            write(dict(key=keys[ratio], method=method, mode=mode, ratio=ratio, seed=seed, precision=precision,
-                       moreau_iters=args.iters if lib_method == "moreau" else None,
-                       params_before=report.params_before, params_after=report.params_after,
-                       params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
-                       ppl_1024=plong, kept=kept, half_gemm=half_gemm,
-                       time={"importance_s": imp_s, "importance_shared_by_ratios": len(missing),
-                             "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
-    return written
+    for ratio in missing:
+        t1 = time.perf_counter()
+        alloc = None
+        if spec.allocation != "uniform":
+            cfg0 = prune_config(args, settings, ratio)
+            alloc = allocate(dense, ratio, spec.allocation, batch, sizes=structured_sizes(structure0, cfg0),
+                             structure=structure0)
+        cfg = prune_config(args, settings, ratio, alloc.ratios if alloc else None)
+        pruned = copy.deepcopy(dense)
+        report = prune_structure(discover(pruned), scores, cfg)
+        kept = kept_units(report, structure0)
+        prune_s = time.perf_counter() - t1
+        p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
+        del pruned
+        write(dict(key=keys[ratio], method=method, mode=spec.mode, ratio=ratio, seed=seed, precision=precision,
+                   moreau_iters=args.iters if spec.lib == "moreau" else None,
+                   params_before=report.params_before, params_after=report.params_after,
+                   params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
+                   ppl_1024=plong, kept=kept, half_gemm=half_gemm, nm=None, unstructured=None,
+                   taylor_variant=spec.variant if spec.lib == "taylor" else None,
+                   allocation=None if alloc is None else {"method": alloc.method, "ratios": {
+                       str(k): v for k, v in alloc.ratios.items()}},
+                   time={"importance_s": imp_s, "importance_shared_by_ratios": len(missing),
+                         "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
+
+
+def run_unstructured(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed,
+                     precision, held_ids):
+    """Moreau's Ĝ is estimated once per seed and shared by the sparsities; Wanda and GBLM run their
+    layer-by-layer loop per sparsity (the pruned earlier layers change the later layers' inputs)."""
+    grads, imp_s = None, 0.0
+    if spec.lib == "moreau":
+        names = [n for n, _, _ in prunable_linears(dense, structure=structure0)]
+        t0 = time.perf_counter()
+        est = moreau_estimate(dense, batch, moreau_config(args, spec, seed), score=names, progress=False,
+                              structure=structure0)
+        grads, imp_s = est.grads, time.perf_counter() - t0
+        log(f"{method} seed={seed}: Moreau estimate {imp_s:.1f} s")
+    for ratio in missing:
+        t1 = time.perf_counter()
+        pruned = copy.deepcopy(dense)
+        nm = parse_nm(ratio)
+        rep = unstructured_prune(pruned, batch, spec.lib, sparsity=0.5 if nm else ratio, nm=nm, seed=seed,
+                                 progress=False, grads=None if grads is None else dict(grads))
+        prune_s = time.perf_counter() - t1
+        p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
+        n = sum(p.numel() for p in pruned.parameters())
+        del pruned
+        write(dict(key=keys[ratio], method=method, mode=spec.mode, ratio=ratio, seed=seed, precision=precision,
+                   moreau_iters=args.iters if spec.lib == "moreau" else None,
+                   params_before=n, params_after=n, params_kept_fraction=1.0 - rep["model_zero_fraction"],
+                   ppl_128=p128, ppl_1024=plong, kept=None, half_gemm=None, nm=ratio if nm else None,
+                   allocation=None, taylor_variant=None,
+                   unstructured={"sparsity": rep["overall"]["sparsity"], "zeros": rep["overall"]["zeros"],
+                                 "numel": rep["overall"]["numel"], "model_zero_fraction": rep["model_zero_fraction"],
+                                 "sequential": rep.get("sequential")},
+                   time={"importance_s": imp_s + rep["timings"].get("statistics_s", 0.0),
+                         "importance_shared_by_ratios": len(missing) if grads is not None else 1,
+                         "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
 
 
 def half_gemm_mode(args, precision: str) -> str | None:
@@ -368,7 +488,8 @@ def update_plan(path: Path, groups, args, argv_used=None) -> None:
     for method, seed, precision in groups:
         for r in ratios_for(args, method, precision):
             cells.add((method, r, seed, precision))
-    plan["cells"] = [dict(method=m, ratio=r, seed=s, precision=p) for m, r, s, p in sorted(cells)]
+    order = lambda c: (c[0], isinstance(c[1], str), str(c[1]), -1 if c[2] is None else c[2], c[3])
+    plan["cells"] = [dict(method=m, ratio=r, seed=s, precision=p) for m, r, s, p in sorted(cells, key=order)]
     cmd = "python benchmarks/quality.py " + shlex.join(argv_used if argv_used is not None else sys.argv[1:])
     if cmd not in plan.setdefault("invocations", []):
         plan["invocations"].append(cmd.strip())
@@ -378,14 +499,17 @@ def update_plan(path: Path, groups, args, argv_used=None) -> None:
     os.replace(tmp, path)
 
 
-def ratios_for(args, method, precision) -> list[float]:
+def ratios_for(args, method, precision) -> list:
+    if METHODS[method].unstructured:
+        return args.us_sparsities
     return args.ratios if precision == "fp32" else args.precision_ratios
 
 
 def plan_groups(args) -> list[tuple[str, int, str]]:
     """Scoring groups (method, seed, precision), ordered so that a partial run is useful: seed by
-    seed; within a seed the cheap fp32 baselines, then fp32 moreau-reference, then the bf16/fp16
-    groups (cheap methods first), then the other Moreau modes."""
+    seed; within a seed the cheap fp32 baselines (then the other Taylor variants), fp32
+    moreau-reference, the bf16/fp16 groups (cheap methods first), moreau-paper followed by the
+    allocations sharing its scores, then the unstructured methods."""
     groups = []
     for i, seed in enumerate(args.seeds):
         for method in args.methods:
@@ -403,12 +527,17 @@ def plan_groups(args) -> list[tuple[str, int, str]]:
 
     def rank(g):
         method, seed, precision = g
-        if precision != "fp32":
-            r = 2.5 if METHODS[method][0] == "moreau" else 2
-        elif METHODS[method][0] != "moreau":
-            r = 0
-        else:
-            r = 1 if method == "moreau-reference" else 3
+        spec = METHODS[method]
+        if spec.unstructured:
+            r = 4.5 if spec.lib == "moreau" else 4
+        elif precision != "fp32":
+            r = 2.5 if spec.lib == "moreau" else 2
+        elif spec.lib != "moreau":
+            r = 0 if spec.variant == "param_first" else 0.5
+        elif method == "moreau-reference":
+            r = 1
+        else:  # moreau-paper, then the allocations reusing its scores
+            r = 3 if spec.allocation == "uniform" else 3.5
         return args.seeds.index(seed), r
 
     return sorted(groups, key=rank)  # stable: the given method order within a rank
@@ -419,6 +548,22 @@ def plan_groups(args) -> list[tuple[str, int, str]]:
 # ---------------------------------------------------------------------------------------------
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _sparsities(s: str) -> list:
+    """'0.5,2:4' -> [0.5, '2:4']"""
+    out = []
+    for x in (x.strip() for x in s.split(",")):
+        if not x:
+            continue
+        if ":" in x:
+            n, m = (int(v) for v in x.split(":"))
+            if not 0 < n < m:
+                raise argparse.ArgumentTypeError(f"N:M needs 0 < n < m, got {x}")
+            out.append(f"{n}:{m}")
+        else:
+            out.append(float(x))
+    return out
 
 
 def _ints(s: str) -> list[int]:
@@ -450,7 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results root")
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3], help="pruning ratios (fp32 grid)")
     p.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
-                   help=f"methods of the fp32 grid: {', '.join(METHODS)}")
+                   help=f"methods of the fp32 grid; structured: {', '.join(STRUCTURED)} (taylor-* are "
+                        f"LLM-Pruner's variants, +owl/+alpha/+farms per-layer ratio allocations); unstructured "
+                        f"(zeroed weights in every decoder layer, at --us-sparsities): {', '.join(UNSTRUCTURED)}")
+    p.add_argument("--us-sparsities", type=_sparsities, default=[0.3, 0.5, "2:4"],
+                   help="sparsities of the unstructured methods: fractions per output row, or N:M")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2],
                    help="seeds (each drives the calibration batch and the method's noise); magnitude uses the first")
     p.add_argument("--precisions", type=_names(PRECISIONS), default=["fp32", "bf16", "fp16"],

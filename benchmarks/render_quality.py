@@ -18,7 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_IN = ROOT / "results" / "quality"
 DEFAULT_OUT = ROOT / "results" / "QUALITY.md"
-METHOD_ORDER = ("moreau-reference", "moreau-paper", "taylor", "magnitude", "random")
+METHOD_ORDER = ("moreau-reference", "moreau-paper", "moreau-paper+owl", "moreau-paper+alpha", "moreau-paper+farms",
+                "taylor", "taylor-second", "taylor-mix", "taylor-vector", "magnitude", "random",
+                "us-moreau-reference", "us-moreau-paper", "us-wanda", "us-gblm", "us-magnitude")
+#: (method, baseline) pairs of the second paired table: LLM-Pruner's Taylor variants and the per-layer
+#: allocations against the method they modify, and Moreau (paper mode) against every Taylor variant
+VARIANT_PAIRS = (("taylor-second", "taylor"), ("taylor-mix", "taylor"), ("taylor-vector", "taylor"),
+                 ("moreau-paper", "taylor-second"), ("moreau-paper", "taylor-mix"), ("moreau-paper", "taylor-vector"),
+                 ("moreau-paper+owl", "moreau-paper"), ("moreau-paper+alpha", "moreau-paper"),
+                 ("moreau-paper+farms", "moreau-paper"))
+UNSTRUCTURED_PAIRS = tuple((a, b) for a in ("us-moreau-reference", "us-moreau-paper")
+                           for b in ("us-wanda", "us-gblm", "us-magnitude"))
 RENDER_CMD = "python benchmarks/render_quality.py"
 
 
@@ -71,6 +81,14 @@ def settings_of(r: dict) -> str:
                        r.get("mlp_layers")], sort_keys=True)
 
 
+def ratio_label(ratio) -> str:
+    return ratio if isinstance(ratio, str) else f"{ratio:g}"
+
+
+def ratio_order(ratio):
+    return (isinstance(ratio, str), str(ratio) if isinstance(ratio, str) else ratio)
+
+
 def method_key(m: str) -> int:
     return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
 
@@ -99,10 +117,14 @@ class ModelReport:
         self.records = records
         self.plan = plan or {}
         self.dense = next((r for r in records if r["method"] == "dense"), None)
-        self.pruned = [r for r in records if r["method"] != "dense"]
+        self.all_pruned = [r for r in records if r["method"] != "dense"]
+        self.pruned = [r for r in self.all_pruned if not r.get("unstructured")]  # structured
+        self.us = [r for r in self.all_pruned if r.get("unstructured")]
         self.by = defaultdict(list)  # (method, ratio, precision) -> records
-        for r in self.pruned:
+        for r in self.all_pruned:
             self.by[(r["method"], r["ratio"], r["precision"])].append(r)
+        self.us_methods = sorted({r["method"] for r in self.us}, key=method_key)
+        self.us_ratios = sorted({r["ratio"] for r in self.us}, key=ratio_order)
         self.methods = sorted({r["method"] for r in self.pruned}, key=method_key)
         self.ratios = sorted({r["ratio"] for r in self.pruned if r["precision"] == "fp32"})
         self.long = (records[0]["eval"] or {}).get("long_seq_len", 1024) if records else 1024
@@ -131,48 +153,49 @@ class ModelReport:
         return "; ".join(parts)
 
     # -- paired comparison (same seed = same calibration batch)
-    def paired(self, a: str, b: str, ratio: float, metric: str):
+    def paired(self, a: str, b: str, ratio, metric: str):
         ra = {r["seed"]: r[metric] for r in self.cell(a, ratio)}
         rb = {r["seed"]: r[metric] for r in self.cell(b, ratio)}
-        if b == "magnitude" and len(rb) == 1:  # seed-free: compare every seed of a to it
+        if b in ("magnitude", "us-magnitude") and len(rb) == 1:  # seed-free: compare every seed of a to it
             (v,) = rb.values()
             rb = {s: v for s in ra}
         seeds = sorted(set(ra) & set(rb))
         diffs = [ra[s] - rb[s] for s in seeds if ra[s] is not None and rb[s] is not None]
         return diffs
 
-    def comparison_table(self, metric: str) -> tuple[str, list[str]]:
-        header = ["Moreau mode vs", *[f"r={r:g}" for r in self.ratios]]
+    def comparison_table(self, metric: str, pairs=None, ratios=None, label="Moreau mode vs"):
+        ratios = self.ratios if ratios is None else ratios
+        if pairs is None:
+            pairs = [(a, b) for a in ("moreau-reference", "moreau-paper") for b in ("taylor", "magnitude", "random")]
+        header = [label, *[f"r={ratio_label(r)}" for r in ratios]]
         rows, sentences = [], []
-        for a in ("moreau-reference", "moreau-paper"):
-            if a not in self.methods:
+        known = {r["method"] for r in self.all_pruned}
+        for a, b in pairs:
+            if a not in known or b not in known:
                 continue
-            for b in ("taylor", "magnitude", "random"):
-                if b not in self.methods:
+            row = [f"{a} − {b}"]
+            for ratio in ratios:
+                d = self.paired(a, b, ratio, metric)
+                if not d:
+                    row.append("–")
                     continue
-                row = [f"{a} − {b}"]
-                for ratio in self.ratios:
-                    d = self.paired(a, b, ratio, metric)
-                    if not d:
-                        row.append("–")
-                        continue
-                    m, s, n = mean_std(d)
-                    wins = sum(x < 0 for x in d)
-                    row.append(f"{m:+.2f} ± {s:.2f} ({wins}/{n} lower)")
-                    rel = m / statistics.fmean(r[metric] for r in self.cell(b, ratio)) * 100
-                    verdict = ("lower (better)" if m < 0 else "higher (worse)") if abs(m) > s else \
-                        "within the seed spread of"
-                    if n == 1:
-                        sentences.append(f"r={ratio:g}: {a} is {'lower' if m < 0 else 'higher'} than {b} by "
-                                         f"{abs(m):.2f} PPL ({rel:+.1f} %) with a single seed: no spread to "
-                                         "judge it against.")
-                    elif verdict.startswith("within"):
-                        sentences.append(f"r={ratio:g}: {a} is within the seed spread of {b} "
-                                         f"(Δ{metric} {m:+.2f} ± {s:.2f}, {rel:+.1f} %, lower in {wins}/{n} seeds).")
-                    else:
-                        sentences.append(f"r={ratio:g}: {a} is {verdict} than {b} by {abs(m):.2f} PPL "
-                                         f"({rel:+.1f} %; ± {s:.2f} over {n} paired seeds, lower in {wins}/{n}).")
-                rows.append(row)
+                m, s, n = mean_std(d)
+                wins = sum(x < 0 for x in d)
+                row.append(f"{m:+.2f} ± {s:.2f} ({wins}/{n} lower)")
+                rel = m / statistics.fmean(r[metric] for r in self.cell(b, ratio)) * 100
+                verdict = ("lower (better)" if m < 0 else "higher (worse)") if abs(m) > s else \
+                    "within the seed spread of"
+                if n == 1:
+                    sentences.append(f"r={ratio_label(ratio)}: {a} is {'lower' if m < 0 else 'higher'} than {b} by "
+                                     f"{abs(m):.2f} PPL ({rel:+.1f} %) with a single seed: no spread to "
+                                     "judge it against.")
+                elif verdict.startswith("within"):
+                    sentences.append(f"r={ratio_label(ratio)}: {a} is within the seed spread of {b} "
+                                     f"(Δ{metric} {m:+.2f} ± {s:.2f}, {rel:+.1f} %, lower in {wins}/{n} seeds).")
+                else:
+                    sentences.append(f"r={ratio_label(ratio)}: {a} is {verdict} than {b} by {abs(m):.2f} PPL "
+                                     f"({rel:+.1f} %; ± {s:.2f} over {n} paired seeds, lower in {wins}/{n}).")
+            rows.append(row)
         return table(header, rows), sentences
 
     # -- IoU
@@ -184,8 +207,9 @@ class ModelReport:
     def precision_iou(self):
         """(method, ratio, pair) -> {'all'/'heads'/'channels': [IoU per seed]}, and PPL differences."""
         out, dppl = {}, {}
-        for (m, ratio, prec), recs in sorted(self.by.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1])):
-            if prec == "fp32":
+        for (m, ratio, prec), recs in sorted(self.by.items(), key=lambda kv: (method_key(kv[0][0]),
+                                                                              ratio_order(kv[0][1]))):
+            if prec == "fp32" or m.startswith("us-"):
                 continue
             base = {r["seed"]: r for r in self.cell(m, ratio, "fp32")}
             vals = defaultdict(list)
@@ -219,12 +243,84 @@ class ModelReport:
         return out
 
     def missing(self) -> list[str]:
-        have = {(r["method"], r["ratio"], r["seed"], r["precision"]) for r in self.pruned}
+        have = {(r["method"], r["ratio"], r["seed"], r["precision"]) for r in self.all_pruned}
         miss = []
         for c in self.plan.get("cells", []):
             if (c["method"], c["ratio"], c["seed"], c["precision"]) not in have:
-                miss.append(f"{c['method']} r={c['ratio']:g} seed={c['seed']} {c['precision']}")
+                miss.append(f"{c['method']} r={ratio_label(c['ratio'])} seed={c['seed']} {c['precision']}")
         return miss
+
+    def half_gemm_note(self) -> str:
+        modes = sorted({(r["precision"], r.get("half_gemm")) for r in self.pruned if r["precision"] != "fp32"})
+        parts = []
+        for prec, mode in modes:
+            if mode == "fp32-accumulate":
+                parts.append(f"{prec}: matrix products computed from the {prec} operands with fp32 accumulation "
+                             f"and rounded to {prec} (what a GPU tensor-core GEMM does; the CPU's native {prec} "
+                             "GEMM is ~20x slower), everything else in " + prec)
+            elif mode:
+                parts.append(f"{prec}: PyTorch's native {prec} kernels")
+        return (" " + "; ".join(parts) + ".") if parts else ""
+
+    # -- issue-7 structured variants
+    def variants_markdown(self) -> list[str]:
+        known = {r["method"] for r in self.pruned}
+        if not any(a in known and b in known for a, b in VARIANT_PAIRS):
+            return []
+        out = ["### LLM-Pruner's Taylor variants and per-layer allocations, paired by seed (negative = first "
+               "better)", "",
+               "taylor-second / taylor-mix / taylor-vector are LLM-Pruner's param_second (W·F·W with the Fisher "
+               "diagonal over the calibration sequences), param_mix and vector-wise scores; +owl / +alpha / "
+               "+farms prune moreau-paper's scores with per-layer ratios from OWL, AlphaPruning and FARMS (the "
+               "size-weighted mean ratio is r).", ""]
+        for metric in ("ppl_128", "ppl_1024"):
+            win = "128" if metric == "ppl_128" else str(self.long)
+            tab, sentences = self.comparison_table(metric, VARIANT_PAIRS, label=f"{win}-token windows")
+            out += [tab, ""]
+            if metric == "ppl_128" and sentences:
+                out += ["Read from the 128-token table:", ""] + [f"- {x}" for x in sentences] + [""]
+        spans = []
+        for m in ("moreau-paper+owl", "moreau-paper+alpha", "moreau-paper+farms"):
+            for ratio in self.ratios:
+                recs = [r for r in self.cell(m, ratio) if r.get("allocation")]
+                if recs:
+                    vals = list(recs[0]["allocation"]["ratios"].values())
+                    spans.append(f"{m} at r={ratio:g}: layer ratios {min(vals):.3f} to {max(vals):.3f}")
+        if spans:
+            out += ["Per-layer ratios the allocators chose (seed 0): " + "; ".join(spans) + ".", ""]
+        return out
+
+    # -- unstructured
+    def unstructured_markdown(self) -> list[str]:
+        if not self.us:
+            return []
+        out = ["### Unstructured and N:M sparsity (weights zeroed in every decoder layer's q/k/v/o/gate/up/down)",
+               "",
+               "Sparsity r = fraction of each output row zeroed (2:4 = two of every four consecutive inputs); "
+               "the model keeps its shape. us-moreau-* use |Ĝ⊙W| from the same estimator as the structured path; "
+               "us-wanda |W|·‖X‖ and us-gblm (|W|·‖X‖ + |W|·‖100·G‖₂ over the calibration sequences) measure "
+               "activations layer by layer through the already pruned layers (sequential, as the papers).", ""]
+        for metric in ("ppl_128", "ppl_1024"):
+            win = "128" if metric == "ppl_128" else str(self.long)
+            header = ["method"] + [f"r={ratio_label(r)}" for r in self.us_ratios]
+            rows = [[m] + [fmt(*mean_std([r[metric] for r in self.cell(m, ratio)])) for ratio in self.us_ratios]
+                    for m in self.us_methods]
+            if self.dense and self.dense[metric] is not None:
+                rows.insert(0, ["dense"] + [f"{self.dense[metric]:.2f}"] * len(self.us_ratios))
+            out += [f"Perplexity, {win}-token windows (mean ± std over seeds):", "", table(header, rows), ""]
+        measured = []
+        for ratio in self.us_ratios:
+            sp = [r["unstructured"]["sparsity"] for r in self.us if r["ratio"] == ratio]
+            zf = [r["unstructured"]["model_zero_fraction"] for r in self.us if r["ratio"] == ratio]
+            measured.append(f"r={ratio_label(ratio)}: {min(sp):.4f}–{max(sp):.4f} of the pruned matrices "
+                            f"({min(zf):.3f}–{max(zf):.3f} of all parameters)")
+        out += ["Measured sparsity: " + "; ".join(measured) + ".", ""]
+        tab, sentences = self.comparison_table("ppl_128", UNSTRUCTURED_PAIRS, self.us_ratios,
+                                               label="128-token windows")
+        if sentences:
+            out += ["Paired by seed (negative = Moreau better):", "", tab, "", "Read from the table:", ""] + \
+                   [f"- {x}" for x in sentences] + [""]
+        return out
 
     # -- plots
     def plot(self, out_dir: Path) -> list[str]:
@@ -335,6 +431,8 @@ class ModelReport:
             if sentences:
                 out += ["Read from the table (a difference is called a win or a loss only when |mean| exceeds "
                         "the std over seeds):", ""] + [f"- {s}" for s in sentences] + [""]
+        out += self.variants_markdown()
+        out += self.unstructured_markdown()
         piou, dppl = self.precision_iou()
         if piou:
             rows = []
@@ -346,7 +444,7 @@ class ModelReport:
             out += ["### Robustness to the weights' precision during importance", "",
                     "Importance computed with the model's weights in bf16/fp16 instead of fp32 (same seed, same "
                     "calibration batch); the mask is applied to the fp32 model, so the PPL difference is due to "
-                    "the mask only. IoU = |kept ∩ kept'| / |kept ∪ kept'| over the prunable units (query heads "
+                    f"the mask only.{self.half_gemm_note()} IoU = |kept ∩ kept'| / |kept ∪ kept'| over the prunable units (query heads "
                     "and MLP channels of the pruned layers); mean ± std over seeds.", "",
                     table(["method", "ratio", "precisions", "IoU heads+channels", "IoU heads", "IoU channels",
                            "ΔPPL_128 (low − fp32)", f"ΔPPL_{self.long} (low − fp32)"], rows), ""]
@@ -372,7 +470,7 @@ class ModelReport:
         else:
             out += [f"All {len(self.plan.get('cells', [])) or len(self.pruned)} planned cells are recorded.", ""]
         times = defaultdict(list)
-        for r in self.pruned:
+        for r in self.all_pruned:
             times[(r["method"], r["precision"])].append(r["time"]["importance_s"])
         rows = [[m, p, f"{statistics.fmean(v):.1f}", str(len(v))] for (m, p), v in
                 sorted(times.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1]))]

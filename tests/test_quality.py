@@ -108,3 +108,41 @@ def test_help(quality, capsys):
         quality.main(["--help"])
     assert e.value.code == 0
     assert "--model" in capsys.readouterr().out
+
+
+def test_issue7_methods_end_to_end(tmp_path, quality, render_quality):
+    """Taylor variants, allocations sharing the Moreau scores, unstructured methods incl. N:M."""
+    out = tmp_path / "res"
+    args = ["--model", "tiny-random", "--threads", "1", "--ratios", "0.5", "--seeds", "0", "--precisions", "fp32",
+            "--methods", "taylor-second,moreau-paper,moreau-paper+alpha,us-wanda,us-moreau-paper,us-magnitude",
+            "--us-sparsities", "0.5,2:4", "--iters", "2", "--n-samples", "4", "--seq-len", "16",
+            "--windows-128", "2", "--windows-long", "0", "--out", str(out)]
+    written = quality.run(quality.build_parser().parse_args(args))
+    by = {(r["method"], r["ratio"]): r for r in written}
+    assert set(by) == {("dense", 0.0), ("taylor-second", 0.5), ("moreau-paper", 0.5), ("moreau-paper+alpha", 0.5),
+                       ("us-wanda", 0.5), ("us-wanda", "2:4"), ("us-moreau-paper", 0.5),
+                       ("us-moreau-paper", "2:4"), ("us-magnitude", 0.5), ("us-magnitude", "2:4")}
+    for r in written:
+        for field in quality.RECORD_FIELDS:
+            assert field in r, (r["method"], field)
+    assert by[("taylor-second", 0.5)]["taylor_variant"] == "param_second"
+    alloc = by[("moreau-paper+alpha", 0.5)]["allocation"]
+    assert alloc["method"] == "alpha" and len(set(alloc["ratios"].values())) > 1
+    # the allocation reused moreau-paper's scores (same importance time, computed once)
+    assert by[("moreau-paper+alpha", 0.5)]["time"]["importance_s"] == by[("moreau-paper", 0.5)]["time"]["importance_s"]
+    for key, r in by.items():
+        if not key[0].startswith("us-"):
+            continue
+        assert r["params_after"] == r["params_before"] and r["kept"] is None
+        assert r["unstructured"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+        assert r["nm"] == (key[1] if isinstance(key[1], str) else None)
+        assert r["key"].split("|")[2] == ("nm2:4" if key[1] == "2:4" else "r0.5")
+    assert by[("us-wanda", 0.5)]["unstructured"]["sequential"] is True
+    # resumable with N:M cells too
+    assert quality.run(quality.build_parser().parse_args(args)) == []
+    text = render_quality.render(out, tmp_path / "Q.md", plots=False)
+    assert "### LLM-Pruner's Taylor variants and per-layer allocations" in text
+    assert "| moreau-paper+alpha − moreau-paper |" in text and "layer ratios" in text
+    assert "### Unstructured and N:M sparsity" in text and "| method | r=0.5 | r=2:4 |" in text
+    assert "| us-moreau-paper − us-wanda |" in text and "Measured sparsity: r=0.5:" in text
+    assert "All 9 planned cells are recorded." in text

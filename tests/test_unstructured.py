@@ -236,3 +236,22 @@ def test_sequential_norms_follow_the_pruned_layers(method):
     diff = [n for (n, _, b), (_, _, c) in zip(prunable_linears(seq), prunable_linears(one))
             if not torch.equal(b.weight == 0, c.weight == 0)]
     assert diff and all(".layers.0." not in n for n in diff)
+
+
+def test_precomputed_moreau_estimate_is_reused():
+    """grads= skips the estimate and gives the mask the estimate itself would give."""
+    batch = ids()
+    a = make()
+    rep_a = unstructured_prune(a, batch, "moreau", sparsity=0.5, moreau=MoreauConfig(iters=2, avg_last=2, seed=3))
+    b = make()
+    names = [n for n, _, _ in prunable_linears(b)]
+    est = estimator.moreau_estimate(b, batch, MoreauConfig(iters=2, avg_last=2, seed=3), score=names, progress=False)
+    rep_b = unstructured_prune(b, None, "moreau", sparsity=0.5, grads=est.grads)
+    assert rep_b["moreau"] == {"precomputed": True} and "log" in rep_a["moreau"]
+    for (n, _, x), (_, _, y) in zip(prunable_linears(a), prunable_linears(b)):
+        assert torch.equal(x.weight, y.weight), n
+    assert set(est.grads) == set(names)  # the caller's dict is not consumed
+    with pytest.raises(ValueError, match="lacks"):
+        unstructured_prune(make(), None, "moreau", grads={names[0]: est.grads[names[0]]})
+    with pytest.raises(ValueError, match="only applies"):
+        unstructured_prune(make(), batch, "wanda", grads=est.grads)

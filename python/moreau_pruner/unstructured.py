@@ -45,6 +45,7 @@ released code (gradients are computed once, before pruning).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -270,14 +271,15 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                        moreau: MoreauConfig | None = None, seed: int = 0, keep_low_ratio: float = 0.0,
                        gblm_norm: str = "l2", gblm_scale: float = 100.0, include_embeddings: bool = False,
                        micro_batch_size: int | None = None, progress: bool = True, structure=None,
-                       sequential: bool = True) -> dict:
+                       sequential: bool = True, grads: dict[str, torch.Tensor] | None = None) -> dict:
     """Zero weights of ``model`` in place by ``method``'s metric; returns the report (a dict).
 
     ``sparsity`` r is the fraction removed in every output row of every pruned matrix;
     ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
     :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
-    ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
+    ``grads`` (``moreau``): an Ĝ already estimated by :func:`moreau_estimate` for these weights (e.g. shared by
+    several sparsities); the estimate is then skipped. ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
     already pruned earlier layers (the papers' loop, default) instead of one dense pass.
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
@@ -303,7 +305,9 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     if method in ("wanda", "gblm") and include_embeddings:
         raise ValueError(f"{method} needs input activation norms, which embeddings do not have; "
                          f"use include_embeddings=False")
-    if method != "magnitude" and batch is None:
+    if grads is not None and method != "moreau":
+        raise ValueError(f"grads (a precomputed Moreau estimate) only applies to method 'moreau', not {method!r}")
+    if method != "magnitude" and batch is None and grads is None:
         raise ValueError(f"method {method!r} needs a calibration batch")
 
     structure = structure or discover(model)
@@ -314,12 +318,18 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                     "layer_ratios": dict(layer_ratios) if layer_ratios else None, "keep_low_ratio": keep_low_ratio,
                     "seed": seed, "include_embeddings": include_embeddings}
 
-    grads = gnorms = None
+    gnorms = None
     t0 = time.perf_counter()
-    if method == "moreau":
+    if method == "moreau" and grads is not None:
+        missing = [n for n in names if n not in grads]
+        if missing:
+            raise ValueError(f"grads lacks {len(missing)} pruned weight(s), e.g. {missing[0]}")
+        grads = dict(grads)
+        report["moreau"] = {"precomputed": True}
+    elif method == "moreau":
         cfg = moreau or MoreauConfig(seed=seed)
         if micro_batch_size and cfg.micro_batch_size is None:
-            cfg.micro_batch_size = micro_batch_size
+            cfg = replace(cfg, micro_batch_size=micro_batch_size)
         est = _estimator.moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
         grads = est.grads
         report["moreau"] = est.summary()
