@@ -108,6 +108,29 @@ def test_cli_unstructured_nm(model_dir, tmp_path, capsys, flag, sequential):
     assert rep["unstructured"]["overall"]["sparsity"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("flags,half", [(["--dtype", "float16"], "fp32-accumulate"),
+                                        (["--dtype", "float16", "--half-gemm", "native"], "native"),
+                                        (["--dtype", "bfloat16"], "native"), ([], None)])
+def test_cli_half_precision_products(model_dir, tmp_path, capsys, flags, half, monkeypatch):
+    """fp16 on a CPU runs its matrix products with fp32 accumulation unless told otherwise."""
+    from moreau_pruner import precision
+
+    seen = []
+    real = precision._Fp32AccumulateGemms.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(precision._Fp32AccumulateGemms, "__torch_function__", spy)
+    rc = cli(model_dir, tmp_path, "--json", str(tmp_path / "r.json"), *flags)
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["half_gemm"] == half
+    assert bool(seen) == (half == "fp32-accumulate")
+    assert all(v > 0 for v in rep["ppl_pruned"].values())
+
+
 @pytest.mark.parametrize("flag,path", [([], "lean"), (["--estimator-path", "reference"], "reference")])
 def test_cli_estimator_path(model_dir, tmp_path, capsys, flag, path):
     """The lean path runs by default when it applies; the plain loop on request."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype for estimation and evaluation (default: float32; δ stays fp32 regardless)")
+    g.add_argument("--half-gemm", default="auto", choices=("auto", "native", "fp32-accumulate"),
+                   help="bf16/fp16 matrix products: 'native' torch kernels or 'fp32-accumulate' (half operands, "
+                        "fp32 accumulation, one rounding: what GPU tensor cores compute); auto = fp32-accumulate "
+                        "for float16 on a CPU, whose native fp16 GEMM is ~20x slower than fp32")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
 
     g = p.add_argument_group("importance and pruning")
@@ -158,8 +163,8 @@ def run(args) -> dict:
     from . import data, evaluate
     from .estimator import MoreauConfig
     from .models import load_model
+    from .precision import fp32_accumulate_gemms
     from .prune import PruneConfig
-    from .pruner import prune_model
     from .structure import discover
 
     progress = not args.quiet
@@ -203,6 +208,46 @@ def run(args) -> dict:
             times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
         return out
 
+    half = _half_gemm(args)
+    with (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
+          else contextlib.nullcontext()):
+        report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
+                                   progress, half)
+    if args.out:
+        from .io import save_pruned
+
+        t = time.perf_counter()
+        save_pruned(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
+        times["save_s"] = time.perf_counter() - t
+        report["out"] = str(Path(args.out).resolve())
+    for path in [args.json] if args.json else []:
+        tmp = Path(path).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        os.replace(tmp, path)
+    return report
+
+
+def _half_gemm(args) -> str | None:
+    """How half-precision matrix products run (None for fp32); see moreau_pruner.precision."""
+    from .precision import slow_half_gemm
+
+    if args.dtype == "float32":
+        return None
+    if args.half_gemm == "auto":
+        import torch
+
+        return "fp32-accumulate" if slow_half_gemm(getattr(torch, args.dtype), args.device) else "native"
+    return args.half_gemm
+
+
+def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half):
+    import torch
+
+    import moreau_kernels as mk
+
+    from . import evaluate
+    from .pruner import prune_model
+
     dense = ppl("dense")
     if args.unstructured:
         rep, extra = _unstructured(model, batch, args, moreau_cfg, nm, times)
@@ -238,20 +283,10 @@ def run(args) -> dict:
         "evaluation": {"source": args.eval_file or f"{args.calib} (held-out part)",
                        "tokens": int(eval_ids.numel()) if eval_ids is not None else 0},
         "sample": sample,
+        "half_gemm": half,
         "torch": torch.__version__,
         "times_s": times,
     }
-    if args.out:
-        from .io import save_pruned
-
-        t = time.perf_counter()
-        save_pruned(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
-        times["save_s"] = time.perf_counter() - t
-        report["out"] = str(Path(args.out).resolve())
-    for path in [args.json] if args.json else []:
-        tmp = Path(path).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, path)
     return report
 
 
