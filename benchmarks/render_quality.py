@@ -199,33 +199,29 @@ class ModelReport:
         return table(header, rows), sentences
 
     # -- IoU
-    def precision_pairs(self):
-        precs = sorted({r["precision"] for r in self.pruned} - {"fp32"}, key=lambda p: ("bf16", "fp16").index(p)
-                       if p in ("bf16", "fp16") else 9)
-        return [("fp32", p) for p in precs]
-
     def precision_iou(self):
-        """(method, ratio, pair) -> {'all'/'heads'/'channels': [IoU per seed]}, and PPL differences."""
+        """(method, ratio, (p, q)) -> {'all'/'heads'/'channels': [IoU per seed]}, and the PPL differences
+        q − p, for the pairs fp32↔bf16, fp32↔fp16 and bf16↔fp16 (MoreauPruner's own comparison)."""
         out, dppl = {}, {}
-        for (m, ratio, prec), recs in sorted(self.by.items(), key=lambda kv: (method_key(kv[0][0]),
-                                                                              ratio_order(kv[0][1]))):
-            if prec == "fp32" or m.startswith("us-"):
-                continue
-            base = {r["seed"]: r for r in self.cell(m, ratio, "fp32")}
-            vals = defaultdict(list)
-            diffs = {"ppl_128": [], "ppl_1024": []}
-            for r in recs:
-                b = base.get(r["seed"])
-                if b is None:
-                    continue
-                for part in ("all", "heads", "channels"):
-                    vals[part].append(iou(unit_set(b["kept"], part), unit_set(r["kept"], part)))
-                for k in diffs:
-                    if r[k] is not None and b[k] is not None:
-                        diffs[k].append(r[k] - b[k])
-            if vals:
-                out[(m, ratio, ("fp32", prec))] = vals
-                dppl[(m, ratio, ("fp32", prec))] = diffs
+        cells = sorted({(m, ratio) for (m, ratio, prec) in self.by if prec != "fp32" and not m.startswith("us-")},
+                       key=lambda c: (method_key(c[0]), ratio_order(c[1])))
+        for m, ratio in cells:
+            for p, q in (("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "fp16")):
+                base = {r["seed"]: r for r in self.cell(m, ratio, p)}
+                vals = defaultdict(list)
+                diffs = {"ppl_128": [], "ppl_1024": []}
+                for r in self.cell(m, ratio, q):
+                    b = base.get(r["seed"])
+                    if b is None:
+                        continue
+                    for part in ("all", "heads", "channels"):
+                        vals[part].append(iou(unit_set(b["kept"], part), unit_set(r["kept"], part)))
+                    for k in diffs:
+                        if r[k] is not None and b[k] is not None:
+                            diffs[k].append(r[k] - b[k])
+                if vals:
+                    out[(m, ratio, (p, q))] = vals
+                    dppl[(m, ratio, (p, q))] = diffs
         return out, dppl
 
     def seed_iou(self, precision="fp32"):
@@ -442,12 +438,27 @@ class ModelReport:
                              fmt(*mean_std(vals["heads"]), digits=4), fmt(*mean_std(vals["channels"]), digits=4),
                              fmt(*mean_std(d["ppl_128"]), digits=3), fmt(*mean_std(d["ppl_1024"]), digits=3)])
             out += ["### Robustness to the weights' precision during importance", "",
-                    "Importance computed with the model's weights in bf16/fp16 instead of fp32 (same seed, same "
-                    "calibration batch); the mask is applied to the fp32 model, so the PPL difference is due to "
-                    f"the mask only.{self.half_gemm_note()} IoU = |kept ∩ kept'| / |kept ∪ kept'| over the prunable units (query heads "
-                    "and MLP channels of the pruned layers); mean ± std over seeds.", "",
-                    table(["method", "ratio", "precisions", "IoU heads+channels", "IoU heads", "IoU channels",
-                           "ΔPPL_128 (low − fp32)", f"ΔPPL_{self.long} (low − fp32)"], rows), ""]
+                    "Importance computed with the model's weights in fp32, bf16 and fp16 (same seed, same "
+                    "calibration batch), compared in pairs; bf16 vs fp16 is MoreauPruner's own robustness "
+                    "comparison. Every mask is applied to the fp32 model, so a PPL difference is due to the "
+                    f"mask only.{self.half_gemm_note()} IoU = |kept ∩ kept'| / |kept ∪ kept'| over the "
+                    "prunable units (query heads and MLP channels of the pruned layers); mean ± std over seeds.",
+                    "", table(["method", "ratio", "precisions", "IoU heads+channels", "IoU heads", "IoU channels",
+                               "ΔPPL_128 (second − first)", f"ΔPPL_{self.long} (second − first)"], rows), ""]
+            sentences = []
+            for (m, ratio, pair), vals in piou.items():
+                base = piou.get(("taylor", ratio, pair))
+                if not m.startswith("moreau") or base is None:
+                    continue
+                a, sa, n = mean_std(vals["all"])
+                b, sb, _ = mean_std(base["all"])
+                verdict = "within the seed spread of" if abs(a - b) <= max(sa, sb) else \
+                    ("more stable than" if a > b else "less stable than")
+                sentences.append(f"r={ratio:g}, {pair[0]} vs {pair[1]}: {m} (IoU {a:.4f}) is {verdict} taylor "
+                                 f"(IoU {b:.4f}; difference {a - b:+.4f}, stds {sa:.4f} / {sb:.4f}, n={n}).")
+            if sentences:
+                out += ["Moreau against Taylor on the precision IoU (a difference counts when it exceeds the "
+                        "larger std):", ""] + [f"- {x}" for x in sentences] + [""]
         siou = self.seed_iou()
         if siou:
             rows = [[m, f"{ratio:g}", fmt(*mean_std(v["all"]), digits=4), fmt(*mean_std(v["heads"]), digits=4),

@@ -29,8 +29,8 @@ def render_quality():
 
 
 ARGS = ["--model", "tiny-random", "--threads", "1", "--ratios", "0.25,0.5",
-        "--methods", "moreau-reference,taylor,magnitude,random", "--seeds", "0,1", "--precisions", "fp32,bf16",
-        "--precision-methods", "moreau-reference,magnitude", "--precision-ratios", "0.5", "--precision-seeds", "0,1",
+        "--methods", "moreau-reference,taylor,magnitude,random", "--seeds", "0,1", "--precisions", "fp32,bf16,fp16",
+        "--precision-methods", "moreau-reference,taylor,magnitude", "--precision-ratios", "0.5", "--precision-seeds", "0,1",
         "--iters", "2", "--n-samples", "4", "--seq-len", "16", "--windows-128", "2", "--windows-long", "1",
         "--long-seq-len", "256"]
 
@@ -41,8 +41,8 @@ def test_quality_end_to_end(tmp_path, quality, render_quality):
     rec_file = out / "tiny-random" / "records.jsonl"
     records = [json.loads(line) for line in rec_file.read_text().splitlines()]
     # dense + fp32: (moreau, taylor, random) x 2 seeds x 2 ratios + magnitude x 2 ratios
-    # + bf16: moreau x 2 seeds + magnitude x 1 seed, at one ratio
-    assert len(records) == 1 + 12 + 2 + 3
+    # + bf16 and fp16: (moreau, taylor) x 2 seeds + magnitude x 1 seed, at one ratio
+    assert len(records) == 1 + 12 + 2 + 5 + 5
     assert len({r["key"] for r in records}) == len(records)
     for r in records:
         for field in quality.RECORD_FIELDS:
@@ -53,7 +53,9 @@ def test_quality_end_to_end(tmp_path, quality, render_quality):
             assert r["kept"] is None and r["params_kept_fraction"] == 1.0
             continue
         assert r["params_after"] < r["params_before"]
-        assert r["precision"] in ("fp32", "bf16")
+        assert r["precision"] in ("fp32", "bf16", "fp16")
+        # fp16 on a CPU: fp32-accumulated products (the native CPU fp16 GEMM is very slow)
+        assert r["half_gemm"] == {"fp32": None, "bf16": "native", "fp16": "fp32-accumulate"}[r["precision"]]
         assert set(r["kept"]) == {"heads", "channels"}
         n_layers = len(r["kept"]["channels"])
         assert n_layers > 0 and len(r["kept"]["heads"]) > 0
@@ -70,6 +72,7 @@ def test_quality_end_to_end(tmp_path, quality, render_quality):
     assert quality.run(quality.build_parser().parse_args(ARGS + ["--out", str(out), "--precisions",
                                                                  "fp32,bf16"])) == []
     assert rec_file.read_bytes() == before
+    assert quality.run(quality.build_parser().parse_args(ARGS + ["--out", str(out)])) == []
 
     # a torn last line (killed run) is ignored, and the next record starts on a new line
     with open(rec_file, "a") as f:
@@ -86,9 +89,11 @@ def test_quality_end_to_end(tmp_path, quality, render_quality):
     assert "## tiny-random" in text
     assert "Perplexity, 128-token windows" in text and "Perplexity, 256-token windows" in text
     assert "| moreau-reference |" in text and "| dense |" in text
-    assert "fp32 vs bf16" in text
+    assert "fp32 vs bf16" in text and "fp32 vs fp16" in text and "bf16 vs fp16" in text
+    assert "fp16: matrix products computed from the fp16 operands with fp32 accumulation" in text
+    assert "- r=0.5, bf16 vs fp16: moreau-reference (IoU" in text
     assert "Stability across seeds" in text
-    assert "All 17 planned cells are recorded." in text
+    assert "All 24 planned cells are recorded." in text
     assert "python benchmarks/quality.py --model tiny-random" in text
 
 
