@@ -281,9 +281,18 @@ class ModelReport:
                 recs = [r for r in self.cell(m, ratio) if r.get("allocation")]
                 if recs:
                     vals = list(recs[0]["allocation"]["ratios"].values())
-                    spans.append(f"{m} at r={ratio:g}: layer ratios {min(vals):.3f} to {max(vals):.3f}")
+                    kept = statistics.fmean(r["params_kept_fraction"] for r in recs)
+                    uni = [r["params_kept_fraction"] for r in self.cell("moreau-paper", ratio)]
+                    spans.append(f"{m} at r={ratio:g}: layer ratios {min(vals):.3f} to {max(vals):.3f}, "
+                                 f"{kept:.2%} of the parameters kept" +
+                                 (f" (uniform: {statistics.fmean(uni):.2%})" if uni else ""))
         if spans:
-            out += ["Per-layer ratios the allocators chose (seed 0): " + "; ".join(spans) + ".", ""]
+            out += ["Per-layer ratios the allocators chose (seed 0) and the parameters kept (mean over seeds). "
+                    "The allocators keep the size-weighted mean *ratio*, but heads go in whole KV-group steps "
+                    "(SPEC §5's floor rule), so a layer pushed above a step loses heads that the layers below "
+                    "it do not give back: where the kept fraction is lower than uniform's, the allocation "
+                    "removed more parameters and its PPL is not at equal size.", ""] + \
+                [f"- {x}" for x in spans] + [""]
         return out
 
     # -- unstructured
