@@ -44,6 +44,7 @@ released code (gradients are computed once, before pruning).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import Iterable
@@ -89,6 +90,22 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
     ``modules`` maps a key (usually the weight's name) to an nn.Linear; one forward pass of the
     model over ``batch`` (LongTensor [n, seq]) in micro-batches, with forward pre-hooks.
     """
+    was_training = model.training
+    n = batch.shape[0]
+    mbs = micro_batch_size or n
+    try:
+        model.eval()
+        with _input_sq_sums(modules) as sums:
+            for start in range(0, n, mbs):
+                model(input_ids=batch[start:start + mbs])
+    finally:
+        model.train(was_training)
+    return {key: (s / n).sqrt_() for key, s in sums.items()}
+
+
+@contextlib.contextmanager
+def _input_sq_sums(modules: dict[str, nn.Module]):
+    """Yields {key: Σ x_j² over every token fed to the module while inside} (fp32), via forward pre-hooks."""
     sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
             for key, mod in modules.items()}
 
@@ -99,18 +116,11 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in modules.items()]
-    was_training = model.training
     try:
-        model.eval()
-        n = batch.shape[0]
-        mbs = micro_batch_size or n
-        for start in range(0, n, mbs):
-            model(input_ids=batch[start:start + mbs])
+        yield sums
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return {key: (s / n).sqrt_() for key, s in sums.items()}
 
 
 class _StopForward(Exception):
@@ -165,22 +175,9 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
         states = _decoder_inputs(model, structure.layers[0].layer, batch, mbs)
         for ls in structure.layers:
             mods = by_layer.get(ls.index, {})
-            sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
-                    for key, mod in mods.items()}
-
-            def hook(key):
-                def fn(_mod, args):
-                    x = args[0].detach()
-                    sums[key].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
-                return fn
-
-            handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in mods.items()]
-            try:
+            with _input_sq_sums(mods) as sums:
                 for hidden, rest, kw in states:
                     _run_layer(ls.layer, hidden, rest, kw)
-            finally:
-                for h in handles:
-                    h.remove()
             if mods:
                 prune_layer(ls.index, {key: (sm / n).sqrt_() for key, sm in sums.items()})
             states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
