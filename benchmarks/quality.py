@@ -61,7 +61,7 @@ import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
 from moreau_pruner.allocation import allocate, structured_sizes
-from moreau_pruner.estimator import moreau_estimate
+from moreau_pruner.estimator import gradient, moreau_estimate
 from moreau_pruner.unstructured import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
 from moreau_pruner.evaluate import evaluate_perplexity
@@ -103,6 +103,7 @@ METHODS = {
     "moreau-paper+farms": Method("moreau", "paper", allocation="farms"),
     "us-moreau-reference": Method("moreau", "reference", unstructured=True),
     "us-moreau-paper": Method("moreau", "paper", unstructured=True),
+    "us-taylor": Method("taylor", unstructured=True),
     "us-wanda": Method("wanda", unstructured=True),
     "us-gblm": Method("gblm", unstructured=True),
     "us-magnitude": Method("magnitude", unstructured=True),
@@ -433,22 +434,26 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
 
 def run_unstructured(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed,
                      precision, held_ids):
-    """Moreau's Ĝ is estimated once per seed and shared by the sparsities; Wanda and GBLM run their
-    layer-by-layer loop per sparsity (the pruned earlier layers change the later layers' inputs)."""
+    """Moreau's Ĝ (and Taylor's gradient) is computed once per seed and shared by the sparsities; Wanda
+    and GBLM run their layer-by-layer loop per sparsity (the pruned earlier layers change the later
+    layers' inputs)."""
     grads, imp_s = None, 0.0
-    if spec.lib == "moreau":
+    if spec.lib in ("moreau", "taylor"):
         names = [n for n, _, _ in prunable_linears(dense, structure=structure0)]
         t0 = time.perf_counter()
-        est = moreau_estimate(dense, batch, moreau_config(args, spec, seed), score=names, progress=False,
-                              structure=structure0)
-        grads, imp_s = est.grads, time.perf_counter() - t0
-        log(f"{method} seed={seed}: Moreau estimate {imp_s:.1f} s")
+        if spec.lib == "moreau":
+            grads = moreau_estimate(dense, batch, moreau_config(args, spec, seed), score=names, progress=False,
+                                    structure=structure0).grads
+        else:
+            grads = gradient(dense, batch, names)
+        imp_s = time.perf_counter() - t0
+        log(f"{method} seed={seed}: {'Moreau estimate' if spec.lib == 'moreau' else 'gradient'} {imp_s:.1f} s")
     for ratio in missing:
         t1 = time.perf_counter()
         pruned = copy.deepcopy(dense)
         nm = parse_nm(ratio)
         rep = unstructured_prune(pruned, batch, spec.lib, sparsity=0.5 if nm else ratio, nm=nm, seed=seed,
-                                 progress=False, grads=None if grads is None else dict(grads))
+                                 progress=False, grads=grads)
         prune_s = time.perf_counter() - t1
         p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
         n = sum(p.numel() for p in pruned.parameters())

@@ -20,7 +20,7 @@ DEFAULT_IN = ROOT / "results" / "quality"
 DEFAULT_OUT = ROOT / "results" / "QUALITY.md"
 METHOD_ORDER = ("moreau-reference", "moreau-paper", "moreau-paper+owl", "moreau-paper+alpha", "moreau-paper+farms",
                 "taylor", "taylor-second", "taylor-mix", "taylor-vector", "magnitude", "random",
-                "us-moreau-reference", "us-moreau-paper", "us-wanda", "us-gblm", "us-magnitude")
+                "us-moreau-reference", "us-moreau-paper", "us-taylor", "us-wanda", "us-gblm", "us-magnitude")
 #: (method, baseline) pairs of the second paired table: LLM-Pruner's Taylor variants and the per-layer
 #: allocations against the method they modify, and Moreau (paper mode) against every Taylor variant
 VARIANT_PAIRS = (("taylor-second", "taylor"), ("taylor-mix", "taylor"), ("taylor-vector", "taylor"),
@@ -28,7 +28,7 @@ VARIANT_PAIRS = (("taylor-second", "taylor"), ("taylor-mix", "taylor"), ("taylor
                  ("moreau-paper+owl", "moreau-paper"), ("moreau-paper+alpha", "moreau-paper"),
                  ("moreau-paper+farms", "moreau-paper"))
 UNSTRUCTURED_PAIRS = tuple((a, b) for a in ("us-moreau-reference", "us-moreau-paper")
-                           for b in ("us-wanda", "us-gblm", "us-magnitude"))
+                           for b in ("us-taylor", "us-wanda", "us-gblm", "us-magnitude"))
 RENDER_CMD = "python benchmarks/render_quality.py"
 
 
@@ -302,7 +302,8 @@ class ModelReport:
         out = ["### Unstructured and N:M sparsity (weights zeroed in every decoder layer's q/k/v/o/gate/up/down)",
                "",
                "Sparsity r = fraction of each output row zeroed (2:4 = two of every four consecutive inputs); "
-               "the model keeps its shape. us-moreau-* use |Ĝ⊙W| from the same estimator as the structured path; "
+               "the model keeps its shape. us-moreau-* use |Ĝ⊙W| from the same estimator as the structured path, "
+               "us-taylor |g⊙W| with the plain gradient; "
                "us-wanda |W|·‖X‖ and us-gblm (|W|·‖X‖ + |W|·‖100·G‖₂ over the calibration sequences) measure "
                "activations layer by layer through the already pruned layers (sequential, as the papers).", ""]
         for metric in ("ppl_128", "ppl_1024"):

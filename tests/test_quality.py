@@ -119,14 +119,15 @@ def test_issue7_methods_end_to_end(tmp_path, quality, render_quality):
     """Taylor variants, allocations sharing the Moreau scores, unstructured methods incl. N:M."""
     out = tmp_path / "res"
     args = ["--model", "tiny-random", "--threads", "1", "--ratios", "0.5", "--seeds", "0", "--precisions", "fp32",
-            "--methods", "taylor-second,moreau-paper,moreau-paper+alpha,us-wanda,us-moreau-paper,us-magnitude",
+            "--methods", "taylor-second,moreau-paper,moreau-paper+alpha,us-wanda,us-moreau-paper,us-taylor,us-magnitude",
             "--us-sparsities", "0.5,2:4", "--iters", "2", "--n-samples", "4", "--seq-len", "16",
             "--windows-128", "2", "--windows-long", "0", "--out", str(out)]
     written = quality.run(quality.build_parser().parse_args(args))
     by = {(r["method"], r["ratio"]): r for r in written}
     assert set(by) == {("dense", 0.0), ("taylor-second", 0.5), ("moreau-paper", 0.5), ("moreau-paper+alpha", 0.5),
                        ("us-wanda", 0.5), ("us-wanda", "2:4"), ("us-moreau-paper", 0.5),
-                       ("us-moreau-paper", "2:4"), ("us-magnitude", 0.5), ("us-magnitude", "2:4")}
+                       ("us-moreau-paper", "2:4"), ("us-taylor", 0.5), ("us-taylor", "2:4"), ("us-magnitude", 0.5),
+                       ("us-magnitude", "2:4")}
     for r in written:
         for field in quality.RECORD_FIELDS:
             assert field in r, (r["method"], field)
@@ -150,4 +151,5 @@ def test_issue7_methods_end_to_end(tmp_path, quality, render_quality):
     assert "| moreau-paper+alpha − moreau-paper |" in text and "layer ratios" in text
     assert "### Unstructured and N:M sparsity" in text and "| method | r=0.5 | r=2:4 |" in text
     assert "| us-moreau-paper − us-wanda |" in text and "Measured sparsity: r=0.5:" in text
-    assert "All 9 planned cells are recorded." in text
+    assert "| us-moreau-paper − us-taylor |" in text
+    assert "All 11 planned cells are recorded." in text

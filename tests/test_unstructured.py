@@ -255,3 +255,18 @@ def test_precomputed_moreau_estimate_is_reused():
         unstructured_prune(make(), None, "moreau", grads={names[0]: est.grads[names[0]]})
     with pytest.raises(ValueError, match="only applies"):
         unstructured_prune(make(), batch, "wanda", grads=est.grads)
+
+
+def test_taylor_is_the_plain_gradient_metric():
+    batch = ids()
+    a = make()
+    rep = unstructured_prune(a, batch, "taylor", sparsity=0.5)
+    b = make()
+    names = [n for n, _, _ in prunable_linears(b)]
+    g = estimator.gradient(b, batch, names)
+    for name, _, lin in prunable_linears(b):
+        with torch.no_grad():
+            lin.weight.masked_fill_(row_mask(metric_moreau(lin.weight, g[name]), 0.5), 0)
+    for (n, _, x), (_, _, y) in zip(prunable_linears(a), prunable_linears(b)):
+        assert torch.equal(x.weight, y.weight), n
+    assert rep["taylor"] == {"precomputed": False} and rep["overall"]["sparsity"] == 0.5

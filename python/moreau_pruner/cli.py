@@ -181,8 +181,8 @@ def run(args) -> dict:
         raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.method in ("wanda", "gblm") and not args.unstructured:
         raise ValueError(f"--method {args.method} is an unstructured method: add --unstructured")
-    if args.unstructured and args.method not in ("moreau", "magnitude", "wanda", "gblm"):
-        raise ValueError(f"--unstructured supports methods moreau, magnitude, wanda, gblm; got {args.method}")
+    if args.unstructured and args.method not in ("moreau", "taylor", "magnitude", "wanda", "gblm"):
+        raise ValueError(f"--unstructured supports methods moreau, taylor, magnitude, wanda, gblm; got {args.method}")
     nm = _parse_nm(args.nm) if args.nm else None
     if nm and not args.unstructured:
         raise ValueError("--nm needs --unstructured")

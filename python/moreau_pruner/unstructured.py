@@ -7,6 +7,8 @@ only in what they do with it.
 Metrics (per weight W_ij of a Linear with output row i and input column j):
 
 ``moreau``     |Ĝ_ij · W_ij| (the published ``moreaupruner_us.py``).
+``taylor``     |g_ij · W_ij|, g the plain gradient of the calibration loss (first-order Taylor, the
+               baseline that tells what the Moreau estimate changes).
 ``magnitude``  |W_ij|.
 ``wanda``      |W_ij| · ‖X_j‖₂ (Sun et al., 2023), X_j the j-th input feature of the Linear
                over the calibration tokens. As in Wanda's code the squared norm is averaged
@@ -56,7 +58,7 @@ from . import estimator as _estimator
 from .estimator import MoreauConfig
 from .structure import discover
 
-METHODS = ("moreau", "magnitude", "wanda", "gblm")
+METHODS = ("moreau", "taylor", "magnitude", "wanda", "gblm")
 GBLM_NORMS = ("l1", "l2")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -275,8 +277,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
     :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
-    ``grads`` (``moreau``): an Ĝ already estimated by :func:`moreau_estimate` for these weights (e.g. shared by
-    several sparsities); the estimate is then skipped. ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
+    ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`moreau_estimate` (or the plain
+    gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped. ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
     already pruned earlier layers (the papers' loop, default) instead of one dense pass.
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
@@ -302,8 +304,9 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     if method in ("wanda", "gblm") and include_embeddings:
         raise ValueError(f"{method} needs input activation norms, which embeddings do not have; "
                          f"use include_embeddings=False")
-    if grads is not None and method != "moreau":
-        raise ValueError(f"grads (a precomputed Moreau estimate) only applies to method 'moreau', not {method!r}")
+    if grads is not None and method not in ("moreau", "taylor"):
+        raise ValueError(f"grads (a precomputed Moreau estimate or gradient) only applies to methods 'moreau' "
+                         f"and 'taylor', not {method!r}")
     if method != "magnitude" and batch is None and grads is None:
         raise ValueError(f"method {method!r} needs a calibration batch")
 
@@ -317,12 +320,12 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
 
     gnorms = None
     t0 = time.perf_counter()
-    if method == "moreau" and grads is not None:
+    if grads is not None:
         missing = [n for n in names if n not in grads]
         if missing:
             raise ValueError(f"grads lacks {len(missing)} pruned weight(s), e.g. {missing[0]}")
         grads = dict(grads)
-        report["moreau"] = {"precomputed": True}
+        report[method] = {"precomputed": True}
     elif method == "moreau":
         cfg = moreau or MoreauConfig(seed=seed)
         if micro_batch_size and cfg.micro_batch_size is None:
@@ -330,6 +333,9 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         est = _estimator.moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
         grads = est.grads
         report["moreau"] = est.summary()
+    elif method == "taylor":
+        grads = _estimator.gradient(model, batch, names, micro_batch_size)
+        report["taylor"] = {"precomputed": False}
     if method == "gblm":  # from the dense model, before any weight is pruned
         report["gblm"] = {"norm": gblm_norm, "scale": gblm_scale}
         gnorms = per_sample_gradient_norms(model, batch, names, gblm_norm, gblm_scale)
@@ -345,7 +351,7 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         w = mod.weight
         if method == "magnitude":
             metric = metric_magnitude(w)
-        elif method == "moreau":
+        elif method in ("moreau", "taylor"):
             metric = metric_moreau(w, grads.pop(name))
         elif method == "wanda":
             metric = metric_wanda(w, act_norm)
