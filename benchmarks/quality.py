@@ -466,7 +466,8 @@ def run_unstructured(method, spec, missing, *, args, dense, structure0, settings
                    unstructured={"sparsity": rep["overall"]["sparsity"], "zeros": rep["overall"]["zeros"],
                                  "numel": rep["overall"]["numel"], "model_zero_fraction": rep["model_zero_fraction"],
                                  "sequential": rep.get("sequential")},
-                   time={"importance_s": imp_s + rep["timings"].get("statistics_s", 0.0),
+                   time={"importance_s": imp_s + rep["timings"].get("statistics_s", 0.0)
+                         + rep["timings"].get("activations_s", 0.0),
                          "importance_shared_by_ratios": len(missing) if grads is not None else 1,
                          "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
 

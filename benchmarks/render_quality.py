@@ -339,14 +339,15 @@ class ModelReport:
         metrics = [("ppl_128", "128-token windows"), ("ppl_1024", f"{self.long}-token windows")]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, (metric, title) in zip(axes, metrics):
-            for m in self.methods:
+            for i, m in enumerate(self.methods):
                 xs, ys, es = [], [], []
                 for ratio in self.ratios:
                     mu, sd, n = mean_std([r[metric] for r in self.cell(m, ratio)])
                     if n:
                         xs.append(ratio), ys.append(mu), es.append(sd)
                 if xs:
-                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+                    ax.errorbar(xs, ys, yerr=es, marker="os^Dv"[i % 5], capsize=3, label=m,
+                                color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
             if self.dense and self.dense[metric] is not None:
                 ax.axhline(self.dense[metric], color="k", ls="--", lw=1, label="dense")
             ax.set_xlabel("pruning ratio")
