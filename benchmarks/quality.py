@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
-from moreau_pruner.allocation import allocate, structured_sizes
+from moreau_pruner.allocation import allocate, structured_removal, structured_sizes
 from moreau_pruner.estimator import gradient, moreau_estimate
 from moreau_pruner.unstructured import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
@@ -412,7 +412,7 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
         if spec.allocation != "uniform":
             cfg0 = prune_config(args, settings, ratio)
             alloc = allocate(dense, ratio, spec.allocation, batch, sizes=structured_sizes(structure0, cfg0),
-                             structure=structure0)
+                             structure=structure0, removal=structured_removal(structure0, cfg0))
         cfg = prune_config(args, settings, ratio, alloc.ratios if alloc else None)
         pruned = copy.deepcopy(dense)
         report = prune_structure(discover(pruned), scores, cfg)
@@ -426,7 +426,8 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
                    params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
                    ppl_1024=plong, kept=kept, half_gemm=half_gemm, nm=None, unstructured=None,
                    taylor_variant=spec.variant if spec.lib == "taylor" else None,
-                   allocation=None if alloc is None else {"method": alloc.method, "ratios": {
+                   allocation=None if alloc is None else {"method": alloc.method,
+                                                          "matched": alloc.params.get("matched"), "ratios": {
                        str(k): v for k, v in alloc.ratios.items()}},
                    time={"importance_s": imp_s, "importance_shared_by_ratios": len(missing),
                          "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))

@@ -85,7 +85,8 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     """Score the model's units with ``method`` on ``batch`` and prune it in place.
 
     ``allocation``: ``uniform`` (every pruned layer at ``prune.ratio``) or a per-layer allocator of
-    :mod:`.allocation` (``owl``, ``alpha``, ``farms``) whose size-weighted mean is ``prune.ratio``.
+    :mod:`.allocation` (``owl``, ``alpha``, ``farms``), fitted so the parameters removed match uniform
+    ``prune.ratio``'s (heads go in whole steps; see :func:`.allocation.structured_removal`).
     ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
     """
     structure = discover(model)
@@ -94,11 +95,12 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     alloc = None
     timings = {}
     if allocation != "uniform":
-        from .allocation import allocate, structured_sizes
+        from .allocation import allocate, structured_removal, structured_sizes
 
         t0 = time.perf_counter()
         alloc = allocate(model, prune.ratio, allocation, batch, sizes=structured_sizes(structure, prune),
-                         structure=structure, micro_batch_size=micro_batch_size)
+                         structure=structure, micro_batch_size=micro_batch_size,
+                         removal=structured_removal(structure, prune))
         prune = replace(prune, layer_ratios=alloc.ratios)
         prune.validate(structure.num_layers)
         timings["allocation_s"] = time.perf_counter() - t0
