@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="per-layer ratios: uniform (published), owl (outlier-weighted), alpha (AlphaPruning, "
                         "heavy-tail exponent of each layer's spectrum), farms (alpha from sampled submatrices); "
-                        "the size-weighted mean stays --ratio")
+                        "structured: the parameters removed stay those of uniform --ratio (heads go in whole "
+                        "steps); unstructured: the size-weighted mean stays --ratio")
     g.add_argument("--unstructured", action="store_true",
                    help="zero individual weights instead of removing units (model keeps its shape): the "
                         "published moreaupruner_us behaviour; --ratio is the sparsity per output row")
