@@ -182,7 +182,8 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
                     _run_layer(ls.layer, hidden, rest, kw)
             if mods:
                 prune_layer(ls.index, {key: (sm / n).sqrt_() for key, sm in sums.items()})
-            states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
+            if ls is not structure.layers[-1]:  # the pruned layer's outputs feed the next one
+                states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
     finally:
         model.train(was_training)
 
@@ -278,7 +279,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
     ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`moreau_estimate` (or the plain
-    gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped. ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
+    gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped.
+    ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
     already pruned earlier layers (the papers' loop, default) instead of one dense pass.
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
