@@ -648,6 +648,10 @@ def log(msg: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    bad = [m for m in args.precision_methods if METHODS[m].unstructured]
+    if bad:
+        build_parser().error(f"--precision-methods takes structured methods only (the precision study compares "
+                             f"kept heads/channels), not {', '.join(bad)}")
     run(args)
     return 0
 

@@ -108,6 +108,12 @@ def test_iou_and_missing(render_quality):
     assert rep.missing() == ["taylor r=0.2 seed=1 bf16"]
 
 
+def test_precision_methods_are_structured(quality, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--model", "tiny-random", "--precision-methods", "us-wanda", "--dry-run"])
+    assert e.value.code == 2 and "structured methods only" in capsys.readouterr().err
+
+
 def test_help(quality, capsys):
     with pytest.raises(SystemExit) as e:
         quality.main(["--help"])
