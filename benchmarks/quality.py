@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
-from moreau_pruner.allocation import allocate, structured_removal, structured_sizes
+from moreau_pruner.allocation import allocate_structured
 from moreau_pruner.estimator import gradient, moreau_estimate
 from moreau_pruner.unstructured import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
@@ -410,9 +410,8 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
         t1 = time.perf_counter()
         alloc = None
         if spec.allocation != "uniform":
-            cfg0 = prune_config(args, settings, ratio)
-            alloc = allocate(dense, ratio, spec.allocation, batch, sizes=structured_sizes(structure0, cfg0),
-                             structure=structure0, removal=structured_removal(structure0, cfg0))
+            alloc = allocate_structured(dense, prune_config(args, settings, ratio), spec.allocation, batch,
+                                        structure0)
         cfg = prune_config(args, settings, ratio, alloc.ratios if alloc else None)
         pruned = copy.deepcopy(dense)
         report = prune_structure(discover(pruned), scores, cfg)

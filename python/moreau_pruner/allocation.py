@@ -104,9 +104,10 @@ def structured_sizes(structure: ModelStructure, cfg: PruneConfig) -> dict[int, i
 
 def structured_removal(structure: ModelStructure, cfg: PruneConfig):
     """removal(layer, r) -> parameters :func:`moreau_pruner.prune.plan_local` removes from that layer at
-    ratio r (the heads' floor rule and ``round_to`` included), for the layers in ``cfg``'s ranges. The
-    widths are read now: pruning the model afterwards does not change the function."""
-    from .prune import _n_remove, _round_keep
+    ratio r (its own unit-count rules: the heads' floor rule and ``round_to`` included), for the layers
+    in ``cfg``'s ranges. The widths are read now: pruning the model afterwards does not change the
+    function."""
+    from .prune import attention_units_removed, mlp_channels_removed
 
     attn, mlp = cfg.validate(structure.num_layers)
     hidden = structure.hidden_size
@@ -115,24 +116,31 @@ def structured_removal(structure: ModelStructure, cfg: PruneConfig):
         d = ls.head_dim
         head = 2 * d * hidden + (d if ls.q.bias is not None else 0)  # q rows (+ bias) and o columns
         kv = 2 * d * hidden + sum(d for lin in (ls.k, ls.v) if lin.bias is not None)
+        # parameters of one unit: a KV group (its query heads + k, v rows) or one query head in every group
+        unit = ls.n_rep * head + kv if cfg.granularity == "kv-group" else ls.n_kv_heads * head
         channel = 3 * hidden + sum(1 for lin in (ls.gate, ls.up) if lin.bias is not None)
-        dims[ls.index] = (ls.n_heads, d, ls.n_kv_heads, ls.n_rep, ls.intermediate_size, head, kv, channel)
+        dims[ls.index] = (ls.n_heads, d, ls.n_kv_heads, ls.intermediate_size, unit, channel)
 
     def removal(layer: int, r: float) -> int:
-        n_heads, d, n_kv, n_rep, c, head, kv, channel = dims[layer]
+        n_heads, d, n_kv, c, unit, channel = dims[layer]
         out = 0
         if layer in attn:
-            n = _n_remove(n_heads * d, r)
-            if cfg.granularity == "kv-group":
-                out += min(n // (n_rep * d), n_kv - 1) * (n_rep * head + kv)
-            else:
-                out += min(n // (n_kv * d), n_rep - 1) * n_kv * head
+            out += attention_units_removed(n_heads, d, n_kv, r, cfg.granularity) * unit
         if layer in mlp:
-            keep = max(_round_keep(c - _n_remove(c, r), c, cfg.round_to), 1)
-            out += (c - keep) * channel
+            out += mlp_channels_removed(c, r, cfg.round_to) * channel
         return out
 
     return removal
+
+
+def allocate_structured(model: nn.Module, cfg: PruneConfig, method: str, batch: torch.Tensor | None = None,
+                        structure: ModelStructure | None = None, micro_batch_size: int | None = None,
+                        **options) -> Allocation:
+    """:func:`allocate` for the structured path: the layers and sizes of ``cfg``'s ranges, fitted so the
+    parameters removed match uniform ``cfg.ratio``'s (:func:`structured_removal`)."""
+    structure = structure or discover(model)
+    return allocate(model, cfg.ratio, method, batch, sizes=structured_sizes(structure, cfg), structure=structure,
+                    micro_batch_size=micro_batch_size, removal=structured_removal(structure, cfg), **options)
 
 
 # ----------------------------------------------------------------------------- ratio fitting

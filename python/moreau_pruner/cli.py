@@ -167,6 +167,7 @@ def run(args) -> dict:
     from .precision import fp32_accumulate_gemms
     from .prune import PruneConfig
     from .structure import discover
+    from .unstructured import METHODS as US_METHODS
 
     progress = not args.quiet
     lens = _eval_lens(args.eval_seq_lens) if args.eval else []
@@ -182,8 +183,8 @@ def run(args) -> dict:
         raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.method in ("wanda", "gblm") and not args.unstructured:
         raise ValueError(f"--method {args.method} is an unstructured method: add --unstructured")
-    if args.unstructured and args.method not in ("moreau", "taylor", "magnitude", "wanda", "gblm"):
-        raise ValueError(f"--unstructured supports methods moreau, taylor, magnitude, wanda, gblm; got {args.method}")
+    if args.unstructured and args.method not in US_METHODS:
+        raise ValueError(f"--unstructured supports methods {', '.join(US_METHODS)}; got {args.method}")
     nm = _parse_nm(args.nm) if args.nm else None
     if nm and not args.unstructured:
         raise ValueError("--nm needs --unstructured")

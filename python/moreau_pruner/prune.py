@@ -113,6 +113,22 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[n:].tolist())
 
 
+def attention_units_removed(n_heads: int, head_dim: int, n_kv_heads: int, ratio: float, granularity: str) -> int:
+    """The local rule (module docstring): KV groups removed (``kv-group``) or query heads removed from
+    every KV group (``query-heads``) at ``ratio``; at least one unit of each kind stays."""
+    n = _n_remove(n_heads * head_dim, ratio)
+    n_rep = n_heads // n_kv_heads
+    if granularity == "kv-group":
+        return min(n // (n_rep * head_dim), n_kv_heads - 1)
+    return min(n // (n_kv_heads * head_dim), n_rep - 1)
+
+
+def mlp_channels_removed(channels: int, ratio: float, round_to: int | None) -> int:
+    """MLP channels the local rule removes at ``ratio`` (``round_to`` applied; one channel always stays)."""
+    keep = _round_keep(channels - _n_remove(channels, ratio), channels, round_to)
+    return channels - max(keep, 1)
+
+
 def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
                attn_range: range, mlp_range: range) -> list[LayerPlan]:
     plans = []
@@ -120,18 +136,14 @@ def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneC
         plan = LayerPlan(ls.index)
         ratio = cfg.ratio_of(ls.index)
         if ls.index in attn_range:
-            n = _n_remove(ls.n_heads * ls.head_dim, ratio)
+            units = attention_units_removed(ls.n_heads, ls.head_dim, ls.n_kv_heads, ratio, cfg.granularity)
             if cfg.granularity == "kv-group":
-                units = min(n // (ls.n_rep * ls.head_dim), ls.n_kv_heads - 1)
                 plan.kv_keep = _lowest(sc.attention, units)
             else:
-                per_group = min(n // (ls.n_kv_heads * ls.head_dim), ls.n_rep - 1)
                 heads = sc.attention.view(ls.n_kv_heads, ls.n_rep)
-                plan.q_keep = [_lowest(heads[g], per_group) for g in range(ls.n_kv_heads)]
+                plan.q_keep = [_lowest(heads[g], units) for g in range(ls.n_kv_heads)]
         if ls.index in mlp_range:
-            c = ls.intermediate_size
-            keep = _round_keep(c - _n_remove(c, ratio), c, cfg.round_to)
-            plan.mlp_keep = _lowest(sc.mlp, c - max(keep, 1))
+            plan.mlp_keep = _lowest(sc.mlp, mlp_channels_removed(ls.intermediate_size, ratio, cfg.round_to))
         plans.append(plan)
     return plans
 

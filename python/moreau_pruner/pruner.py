@@ -95,12 +95,10 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     alloc = None
     timings = {}
     if allocation != "uniform":
-        from .allocation import allocate, structured_removal, structured_sizes
+        from .allocation import allocate_structured
 
         t0 = time.perf_counter()
-        alloc = allocate(model, prune.ratio, allocation, batch, sizes=structured_sizes(structure, prune),
-                         structure=structure, micro_batch_size=micro_batch_size,
-                         removal=structured_removal(structure, prune))
+        alloc = allocate_structured(model, prune, allocation, batch, structure, micro_batch_size)
         prune = replace(prune, layer_ratios=alloc.ratios)
         prune.validate(structure.num_layers)
         timings["allocation_s"] = time.perf_counter() - t0
