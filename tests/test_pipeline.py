@@ -88,6 +88,17 @@ def test_cli_taylor_global_no_eval(model_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+def test_cli_rounds(model_dir, tmp_path, capsys):
+    common = ("--method", "taylor", "--no-eval", "--ratio", "0.5", "--granularity", "query-heads")
+    assert cli(model_dir, tmp_path, *common, "--json", str(tmp_path / "one.json")) == 0
+    rc = cli(model_dir, tmp_path, *common, "--rounds", "3", "--json", str(tmp_path / "three.json"))
+    text = capsys.readouterr().out
+    assert rc == 0 and "3 rounds" in text
+    one, three = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "three.json"))
+    assert (one["rounds"], three["rounds"]) == (1, 3)
+    assert three["params_after"] == one["params_after"] < one["params_before"]
+
+
 def test_cli_second_order_taylor_with_alpha_allocation(model_dir, tmp_path, capsys):
     rc = cli(model_dir, tmp_path, "--method", "taylor", "--taylor-variant", "param_mix", "--allocation", "alpha",
              "--no-eval", "--ratio", "0.4", "--json", str(tmp_path / "r.json"))
@@ -142,7 +153,8 @@ def test_cli_estimator_path(model_dir, tmp_path, capsys, flag, path):
 @pytest.mark.parametrize("args,msg", [(["--ratio", "1.5"], "ratio"), (["--attn-layers", "0:99"], "outside"),
                                       (["--lr", "-1"], "lr"), (["--eval-seq-lens", "x"], "eval-seq-lens"),
                                       (["--backend", "cuda"], "cuda"), (["--method", "wanda"], "--unstructured"),
-                                      (["--unstructured", "--nm", "4:2"], "N < M")])
+                                      (["--unstructured", "--nm", "4:2"], "N < M"), (["--rounds", "0"], "--rounds"),
+                                      (["--unstructured", "--rounds", "2"], "--rounds")])
 def test_cli_bad_input_clear_error_no_output(model_dir, tmp_path, capsys, args, msg):
     out = tmp_path / "out"
     rc = cli(model_dir, tmp_path, "--out", str(out), *args)

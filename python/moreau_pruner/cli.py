@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers, scores divided by the unit's weight count so heads and channels compare")
     g.add_argument("--granularity", default="kv-group", choices=GRANULARITIES, help="attention unit (see below)")
     g.add_argument("--round-to", type=int, metavar="M", help="keep MLP widths a multiple of M (8/64/128)")
+    g.add_argument("--rounds", type=int, default=1, metavar="K",
+                   help="iterative pruning: reach the same final size in K rounds, re-scoring the partly pruned "
+                        "model before each (K estimates: K times the scoring cost; default 1 = one-shot)")
     g.add_argument("--reduction", default="sum", choices=REDUCTIONS,
                    help="how the per-matrix parts of a unit combine (default: sum, as published)")
     g.add_argument("--vectorize", action="store_true", help="|sum W*G| per channel instead of sum |W*G|")
@@ -188,6 +191,10 @@ def run(args) -> dict:
     nm = _parse_nm(args.nm) if args.nm else None
     if nm and not args.unstructured:
         raise ValueError("--nm needs --unstructured")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and args.unstructured:
+        raise ValueError("--rounds applies to structured pruning; --unstructured prunes in one shot")
     mk.set_backend(args.backend)
     times = {}
     t0 = time.perf_counter()
@@ -255,7 +262,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         rep, extra = _unstructured(model, batch, args, moreau_cfg, nm, times)
     else:
         result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
-                             args.seed, args.micro_batch_size, progress, allocation=args.allocation,
+                             args.seed, args.micro_batch_size, progress, allocation=args.allocation, rounds=args.rounds,
                              taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
                              gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check)
         times.update(result.timings)
@@ -276,6 +283,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         "kept_fraction": rep.kept_fraction,
         "granularity": rep.granularity,
         "scope": rep.scope,
+        "rounds": rep.rounds,
         "attn_layers": [rep.attn_layers[0], rep.attn_layers[-1] + 1] if rep.attn_layers else None,
         "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
         "layers": rep.layers,
@@ -311,6 +319,7 @@ class _UnstructuredReport:
         s = discover(model)
         self.params_before = self.params_after = sum(p.numel() for p in model.parameters())
         self.kept_fraction = 1.0
+        self.rounds = 1
         self.granularity = f"unstructured {args.nm or 'per-row'}"
         self.scope = "per-row"
         self.attn_layers = self.mlp_layers = list(range(s.num_layers))
@@ -339,7 +348,9 @@ def _unstructured(model, batch, args, moreau_cfg, nm, times):
 
 
 def format_report(report: dict) -> str:
-    rows = [("model", report["model"]), ("method", f"{report['method']} ({report['granularity']}, {report['scope']})"),
+    rounds = f", {report['rounds']} rounds" if report.get("rounds", 1) > 1 else ""
+    rows = [("model", report["model"]),
+            ("method", f"{report['method']} ({report['granularity']}, {report['scope']}{rounds})"),
             ("pruned layers", f"attention {report['attn_layers']}, MLP {report['mlp_layers']} (end exclusive)"),
             ("parameters", f"{report['params_before']:,} -> {report['params_after']:,} "
                            f"({100 * report['kept_fraction']:.2f}% kept)")]

@@ -82,6 +82,7 @@ class PruneReport:
     attn_layers: list[int]
     mlp_layers: list[int]
     layers: list[dict] = field(default_factory=list)
+    rounds: int = 1  # iterative pruning: scoring rounds that led to this model
 
     @property
     def kept_fraction(self) -> float:
@@ -129,23 +130,54 @@ def mlp_channels_removed(channels: int, ratio: float, round_to: int | None) -> i
     return channels - max(keep, 1)
 
 
+def local_unit_counts(structure: ModelStructure, cfg: PruneConfig, attn_range: range,
+                      mlp_range: range) -> dict[int, tuple[int | None, int | None]]:
+    """Per layer, (attention units, MLP channels) the local rule removes; None where the layer is
+    outside the range. Attention units are KV groups (``kv-group``) or query heads taken from every
+    KV group (``query-heads``)."""
+    counts = {}
+    for ls in structure.layers:
+        ratio = cfg.ratio_of(ls.index)
+        attn = (attention_units_removed(ls.n_heads, ls.head_dim, ls.n_kv_heads, ratio, cfg.granularity)
+                if ls.index in attn_range else None)
+        mlp = mlp_channels_removed(ls.intermediate_size, ratio, cfg.round_to) if ls.index in mlp_range else None
+        counts[ls.index] = (attn, mlp)
+    return counts
+
+
 def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
-               attn_range: range, mlp_range: range) -> list[LayerPlan]:
+               attn_range: range, mlp_range: range,
+               counts: dict[int, tuple[int | None, int | None]] | None = None) -> list[LayerPlan]:
+    """Remove the lowest-scoring units of each layer: ``counts`` of them (see :func:`local_unit_counts`,
+    its default), so iterative pruning can give each round its share of the final removal."""
+    counts = local_unit_counts(structure, cfg, attn_range, mlp_range) if counts is None else counts
     plans = []
     for ls, sc in zip(structure.layers, scores):
         plan = LayerPlan(ls.index)
-        ratio = cfg.ratio_of(ls.index)
-        if ls.index in attn_range:
-            units = attention_units_removed(ls.n_heads, ls.head_dim, ls.n_kv_heads, ratio, cfg.granularity)
+        attn, mlp = counts.get(ls.index, (None, None))
+        if attn is not None:
             if cfg.granularity == "kv-group":
-                plan.kv_keep = _lowest(sc.attention, units)
+                plan.kv_keep = _lowest(sc.attention, min(attn, ls.n_kv_heads - 1))
             else:
                 heads = sc.attention.view(ls.n_kv_heads, ls.n_rep)
-                plan.q_keep = [_lowest(heads[g], units) for g in range(ls.n_kv_heads)]
-        if ls.index in mlp_range:
-            plan.mlp_keep = _lowest(sc.mlp, mlp_channels_removed(ls.intermediate_size, ratio, cfg.round_to))
+                plan.q_keep = [_lowest(heads[g], min(attn, ls.n_rep - 1)) for g in range(ls.n_kv_heads)]
+        if mlp is not None:
+            plan.mlp_keep = _lowest(sc.mlp, min(mlp, ls.intermediate_size - 1))
         plans.append(plan)
     return plans
+
+
+def prunable_weights(structure: ModelStructure, granularity: str, attn_range: range, mlp_range: range) -> int:
+    """Weights of the prunable units in the layer ranges, as the global rule counts them (q/o
+    columns of every query head, k/v rows too with ``kv-group``, gate/up/down of every channel)."""
+    hidden, total = structure.hidden_size, 0
+    for ls in structure.layers:
+        if ls.index in attn_range:
+            kv = 2 * ls.head_dim * hidden * ls.n_kv_heads if granularity == "kv-group" else 0
+            total += 2 * ls.head_dim * hidden * ls.n_heads + kv
+        if ls.index in mlp_range:
+            total += 3 * hidden * ls.intermediate_size
+    return total
 
 
 def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
@@ -153,7 +185,6 @@ def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: Prune
     """Greedy removal by score per weight across layers (see the module docstring)."""
     hidden = structure.hidden_size
     cands = []  # (score per weight, size, layer, kind, unit)
-    total = 0
     for ls, sc in zip(structure.layers, scores):
         d = ls.head_dim
         if ls.index in attn_range:
@@ -162,19 +193,16 @@ def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: Prune
                 size = ls.n_rep * head_size + 2 * d * hidden  # + k, v rows
                 for u in range(ls.n_kv_heads):
                     cands.append((float(sc.attention[u]) / size, size, ls.index, "kv", u))
-                total += ls.n_kv_heads * size
             else:  # rank j = the j-th lowest head of every KV group, removed together
                 size = ls.n_kv_heads * head_size
                 ranked = sc.attention.view(ls.n_kv_heads, ls.n_rep).sort(dim=1).values
                 for j in range(ls.n_rep):
                     cands.append((float(ranked[:, j].sum()) / size, size, ls.index, "qrank", j))
-                total += ls.n_heads * head_size
         if ls.index in mlp_range:
             size = 3 * hidden
             for c in range(ls.intermediate_size):
                 cands.append((float(sc.mlp[c]) / size, size, ls.index, "mlp", c))
-            total += ls.intermediate_size * size
-    target = cfg.ratio * total
+    target = cfg.ratio * prunable_weights(structure, cfg.granularity, attn_range, mlp_range)
     removed = {ls.index: {"kv": set(), "qrank": set(), "mlp": set()} for ls in structure.layers}
     limits = {ls.index: {"kv": ls.n_kv_heads - 1, "qrank": ls.n_rep - 1, "mlp": ls.intermediate_size - 1}
               for ls in structure.layers}
@@ -252,8 +280,12 @@ def apply_plan(structure: ModelStructure, plans: list[LayerPlan]) -> None:
             ls.mlp.intermediate_size = ls.intermediate_size
 
 
-def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> PruneReport:
-    """Plan and apply the pruning; returns the report (parameters before/after, widths)."""
+def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
+                    counts: dict[int, tuple[int | None, int | None]] | None = None) -> PruneReport:
+    """Plan and apply the pruning; returns the report (parameters before/after, widths).
+
+    ``counts`` (local scope only) overrides how many units each layer loses (see
+    :func:`local_unit_counts`); iterative pruning uses it to spread one final size over rounds."""
     attn_range, mlp_range = cfg.validate(structure.num_layers)
     if len(scores) != structure.num_layers:
         raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
@@ -269,8 +301,12 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
             if not torch.isfinite(part).all():
                 raise ValueError(f"layer {ls.index}: {what} importance scores contain NaN or inf")
     before = count_parameters(structure.model)
-    planner = plan_local if cfg.scope == "local" else plan_global
-    plans = planner(structure, scores, cfg, attn_range, mlp_range)
+    if counts is not None and cfg.scope != "local":
+        raise ValueError("explicit unit counts apply to local pruning (scope='local')")
+    if cfg.scope == "local":
+        plans = plan_local(structure, scores, cfg, attn_range, mlp_range, counts)
+    else:
+        plans = plan_global(structure, scores, cfg, attn_range, mlp_range)
     old = structure.widths()
     apply_plan(structure, plans)
     new = structure.widths()

@@ -16,7 +16,8 @@ from torch import nn
 
 from .estimator import MoreauConfig, MoreauResult
 from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
-from .prune import PruneConfig, PruneReport, prune_structure
+from .prune import (PruneConfig, PruneReport, count_parameters, local_unit_counts, prunable_weights,
+                    prune_structure)
 from .structure import ModelStructure, discover
 
 
@@ -28,6 +29,7 @@ class PruneResult:
     estimate: MoreauResult | None = None
     timings: dict = field(default_factory=dict)
     allocation: dict | None = None
+    rounds: int = 1
 
 
 def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "moreau",
@@ -81,19 +83,26 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
                 prune: PruneConfig | None = None, moreau: MoreauConfig | None = None,
                 reduction: str = "sum", vectorize: bool = False, seed: int = 0,
                 micro_batch_size: int | None = None, progress: bool = True, allocation: str = "uniform",
-                **score_options) -> PruneResult:
+                rounds: int = 1, **score_options) -> PruneResult:
     """Score the model's units with ``method`` on ``batch`` and prune it in place.
 
     ``allocation``: ``uniform`` (every pruned layer at ``prune.ratio``) or a per-layer allocator of
     :mod:`.allocation` (``owl``, ``alpha``, ``farms``), fitted so the parameters removed match uniform
     ``prune.ratio``'s (heads go in whole steps; see :func:`.allocation.structured_removal`).
+    ``rounds`` K > 1 prunes iteratively: the final size is that of one-shot pruning, reached in K
+    rounds that each re-score the partly pruned model and remove about 1/K of the units (local
+    scope: of each layer's units to remove; global scope: of the weights to remove). The report
+    covers all rounds (kept indices refer to the original model); ``scores`` and ``estimate`` are
+    those of the last round, ``timings`` their sums.
     ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     structure = discover(model)
     prune = prune or PruneConfig()
-    prune.validate(structure.num_layers)
+    attn_range, mlp_range = prune.validate(structure.num_layers)
     alloc = None
-    timings = {}
+    timings: dict[str, float] = {}
     if allocation != "uniform":
         from .allocation import allocate_structured
 
@@ -102,10 +111,80 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
         prune = replace(prune, layer_ratios=alloc.ratios)
         prune.validate(structure.num_layers)
         timings["allocation_s"] = time.perf_counter() - t0
-    scores, est, more = compute_scores(model, batch, method, prune, moreau, reduction, vectorize, seed,
-                                       micro_batch_size, progress, structure, **score_options)
-    timings.update(more)
-    t0 = time.perf_counter()
-    report = prune_structure(structure, scores, prune)
-    timings["prune_s"] = time.perf_counter() - t0
-    return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None)
+    final = local_unit_counts(structure, prune, attn_range, mlp_range) if prune.scope == "local" else None
+    total0 = prunable_weights(structure, prune.granularity, attn_range, mlp_range)
+    before = count_parameters(model)
+    reports: list[PruneReport] = []
+    scores, est = [], None
+    for k in range(1, rounds + 1):
+        if k > 1:
+            structure = discover(model)
+        counts, cfg = None, prune
+        if final is not None:  # this round's share of each layer's final removal
+            done = {i: _removed_units(reports, i, prune.granularity) for i in final}
+            counts = {i: tuple(None if n is None else _share(n, k, rounds) - d
+                               for n, d in zip(final[i], done[i])) for i in final}
+        else:  # global: r of the original prunable weights, 1/K of it per round
+            now = prunable_weights(structure, prune.granularity, attn_range, mlp_range)
+            ratio = (prune.ratio * total0 * k / rounds - (total0 - now)) / now
+            if ratio <= 0:
+                continue
+            cfg = replace(prune, ratio=min(ratio, 1 - 1e-9))
+        scores, est, more = compute_scores(model, batch, method, cfg, moreau, reduction, vectorize, seed,
+                                           micro_batch_size, progress, structure, **score_options)
+        for key, v in more.items():
+            timings[key] = timings.get(key, 0.0) + v
+        t0 = time.perf_counter()
+        reports.append(prune_structure(structure, scores, cfg, counts))
+        timings["prune_s"] = timings.get("prune_s", 0.0) + time.perf_counter() - t0
+    report = _combine_reports(reports, prune, before, count_parameters(model), rounds)
+    return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None, rounds)
+
+
+def _share(n: int, k: int, rounds: int) -> int:
+    """Units removed after round k of ``rounds`` when n go in all: the nearest integer to n·k/K."""
+    return (2 * n * k + rounds) // (2 * rounds)
+
+
+def _removed_units(reports: list[PruneReport], layer: int, granularity: str) -> tuple[int, int]:
+    """(attention units, MLP channels) the earlier rounds removed from ``layer``."""
+    attn = mlp = 0
+    for rep in reports:
+        entry = rep.layers[layer]
+        per_group = entry["removed_heads"] // max(entry["num_key_value_heads"], 1)
+        attn += entry["removed_kv_heads"] if granularity == "kv-group" else per_group
+        mlp += entry["removed_channels"]
+    return attn, mlp
+
+
+def _compose(outer: list | None, inner: list | None) -> list | None:
+    """Indices kept by two successive selections, as indices of the first one's input."""
+    if outer is None or inner is None:
+        return inner if outer is None else outer
+    return [outer[i] for i in inner]
+
+
+def _combine_reports(reports: list[PruneReport], cfg: PruneConfig, before: int, after: int,
+                     rounds: int) -> PruneReport:
+    """One report for all rounds: widths of the last, removals and kept indices against the first."""
+    first, last = reports[0], reports[-1]
+    layers = []
+    for entries in zip(*(r.layers for r in reports)):
+        a, z = entries[0], entries[-1]
+        kv, q, mlp = a["kept_kv_groups"], a["kept_query_heads"], a["kept_channels"]
+        for e in entries[1:]:
+            kv = _compose(kv, e["kept_kv_groups"])
+            mlp = _compose(mlp, e["kept_channels"])
+            if q is not None and e["kept_query_heads"] is not None:
+                q = [_compose(g, h) for g, h in zip(q, e["kept_query_heads"])]
+            elif q is None:
+                q = e["kept_query_heads"]
+        heads0 = a["num_attention_heads"] + a["removed_heads"]
+        kv0 = a["num_key_value_heads"] + a["removed_kv_heads"]
+        inter0 = a["intermediate_size"] + a["removed_channels"]
+        layers.append({**z, "ratio": cfg.ratio_of(z["layer"]), "removed_heads": heads0 - z["num_attention_heads"],
+                       "removed_kv_heads": kv0 - z["num_key_value_heads"],
+                       "removed_channels": inter0 - z["intermediate_size"],
+                       "kept_kv_groups": kv, "kept_query_heads": q, "kept_channels": mlp})
+    return PruneReport(before, after, cfg.ratio, cfg.scope, cfg.granularity, first.attn_layers, first.mlp_layers,
+                       layers, rounds=rounds)
