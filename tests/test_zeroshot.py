@@ -97,17 +97,17 @@ def hand_loglikelihoods(model, tok, context, choices):
     return out
 
 
-def hand_accuracy(model, tok):
+def hand_accuracy(model, tok, rows=ROWS):
     """(acc, acc_norm, per-document log-likelihoods) by argmax over the choices."""
     acc = norm = 0
     lls = []
-    for r in ROWS:
+    for r in rows:
         ll = hand_loglikelihoods(model, tok, r["context"], r["choices"])
         lls.append(ll)
         acc += max(range(len(ll)), key=ll.__getitem__) == r["label"]
         per_char = [v / len(c) for v, c in zip(ll, r["choices"])]
         norm += max(range(len(ll)), key=per_char.__getitem__) == r["label"]
-    return acc / len(ROWS), norm / len(ROWS), lls
+    return acc / len(rows), norm / len(rows), lls
 
 
 # --------------------------------------------------------------------------- accuracy = hand computation
@@ -131,6 +131,21 @@ def test_accuracy_is_the_hand_computed_loglikelihood_comparison(dense, tok, whic
     if which == "dense":
         assert entry["acc"] >= 0.9  # trained on the gold completions: the path scores the right tokens
     assert got["settings"]["include_path"] == [str(TASK_DIR)]
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hand_computation(smollm2_shared):
+    """The real model and its BPE tokenizer (the space before a choice joins the choice's token)."""
+    model, tok = smollm2_shared
+    got = zeroshot.evaluate_zero_shot(model, tok, TASK, include_path=TASK_DIR, limit=8, log_samples=True)
+    want_acc, want_norm, want_lls = hand_accuracy(model, tok, ROWS[:8])
+    samples = sorted(got["samples"][TASK], key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == list(range(8))
+    for s, want in zip(samples, want_lls):
+        assert s["loglikelihoods"] == pytest.approx(want, abs=1e-3)
+    entry = got["tasks"][TASK]
+    assert (entry["acc"], entry["acc_norm"], entry["n"]) == (want_acc, want_norm, 8)
+    assert got["settings"]["limit"] == 8
 
 
 # --------------------------------------------------------------------------- the CLI, dense vs pruned
