@@ -427,7 +427,8 @@ printed, saved with --output, and written into the model directory's pruning_inf
 "zero_shot" when it has one.
 
 --tasks paper is the set of LLM-Pruner's and MoreauPruner's tables:
-{", ".join(PAPER_TASKS)}. Their datasets come from the Hugging Face hub: nothing is downloaded unless --allow-download is
+{", ".join(PAPER_TASKS)}.
+Their datasets come from the Hugging Face hub: nothing is downloaded unless --allow-download is
 given, so without it they run only where the local datasets cache has them. Local tasks
 (lm-eval YAML + data files) run offline with --include-path DIR.
 
