@@ -437,3 +437,54 @@ def test_gguf_smollm2_round_trip(tmp_path, smollm2):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert torch.equal(_logits(remote, ids), ref)
     assert torch.equal(_generate(remote, ids), _generate(model, ids))
+
+
+# --------------------------------------------------------------------------- quiet loading
+
+
+def test_load_is_quiet_without_a_terminal(tmp_path, monkeypatch, capfd, caplog, recwarn):
+    """Loading our own directory asks nothing and warns nothing (the tokenizer used to do both)."""
+    import io as _io
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model = pruned_model("qwen2", tied=False)
+    tok = _tiny_tokenizer()
+    out = mio.save_pruned(model, tmp_path / "quiet", tokenizer=tok)
+    assert "auto_map" in json.loads((out / "config.json").read_text())  # what made AutoTokenizer prompt
+    capfd.readouterr()
+    monkeypatch.setattr("sys.stdin", _io.StringIO(""))  # stdin: closed, not a terminal
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.INFO):
+            loaded, tok2 = mio.load_pruned(out)
+    finally:
+        hf_logging.disable_propagation()
+    captured = capfd.readouterr()
+    text = captured.out + captured.err + caplog.text + "".join(str(w.message) for w in recwarn)
+    for phrase in ("custom code", "[y/N]", "trust_remote_code", "You are using a model of type"):
+        assert phrase not in text
+    assert captured.out == ""
+    # the only thing written is transformers' weight-loading progress bar
+    assert all(line.startswith("Loading weights") or not line.strip()
+               for line in captured.err.replace("\r", "\n").splitlines()), captured.err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert type(tok2).__name__ == type(tok).__name__
+    ids = torch.tensor([tok2("w5 w17 w33 w64")["input_ids"]])
+    assert ids[0].tolist() == [5, 17, 33, 64]
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_tokenizer_class_fallback_and_error(tmp_path):
+    model = pruned_model("llama", tied=True)
+    out = mio.save_pruned(model, tmp_path / "tok", tokenizer=_tiny_tokenizer())
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "NoSuchTokenizerFast"  # e.g. written by another library
+    cfg_path.write_text(json.dumps(cfg))
+    _, tok = mio.load_pruned(out)  # the generic fast tokenizer reads tokenizer.json
+    assert tok("w5 w17")["input_ids"] == [5, 17]
+    os.remove(out / "tokenizer.json")
+    with pytest.raises(ValueError, match="NoSuchTokenizerFast"):
+        mio.load_pruned(out)

@@ -415,7 +415,8 @@ def load_pruned(
 ):
     """Loads a directory written by :func:`save_pruned` without ``trust_remote_code``.
 
-    Returns ``(model, tokenizer)``; the tokenizer is None when the directory has none. ``dtype``
+    Returns ``(model, tokenizer)``; the tokenizer is None when the directory has none. Loading is
+    quiet: no "run the custom code?" prompt, no config-type warning (see ``_load_tokenizer``). ``dtype``
     None keeps the saved dtype. The model is moved to ``device`` and put in eval mode.
     ``attn_implementation`` ("sdpa", "eager", ...) is passed to transformers; None = its default.
     """
@@ -444,9 +445,45 @@ def load_pruned(
     model.to(device)
     model.eval()
 
-    tokenizer = None
-    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+    return model, _load_tokenizer(directory)
 
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return model, tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _load_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory`` (None when there is none), loaded by its own class.
+
+    ``AutoTokenizer`` is not used: it reads ``config.json``, finds our ``auto_map`` and then asks
+    on the terminal whether to run the directory's code (and, declined, warns that a
+    ``pruned_*`` config instantiates a model of type ``""``). The class named in
+    ``tokenizer_config.json`` is resolved by name instead; without one (or with a name this
+    transformers does not know) a ``tokenizer.json`` is read by the generic fast tokenizer.
+    """
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config_path = directory / "tokenizer_config.json"
+    class_name = None
+    if config_path.is_file():
+        try:
+            tok_config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        if isinstance(tok_config, dict):
+            class_name = tok_config.get("tokenizer_class")
+    cls = None
+    if isinstance(class_name, str) and class_name:
+        cls = tokenizer_class_from_name(class_name)
+        if cls is None and class_name.endswith("Fast"):  # transformers 5 dropped most *Fast names
+            cls = tokenizer_class_from_name(class_name.removesuffix("Fast"))
+    if cls is None:
+        if not (directory / "tokenizer.json").is_file():
+            raise ValueError(
+                f"{directory}: cannot load the tokenizer: tokenizer_config.json names "
+                f"{class_name!r}, which this transformers does not provide, and there is no tokenizer.json"
+            )
+        cls = PreTrainedTokenizerFast
+    return cls.from_pretrained(str(directory), local_files_only=True)
