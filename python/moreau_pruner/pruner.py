@@ -16,7 +16,7 @@ from torch import nn
 
 from .estimator import MoreauConfig, MoreauResult
 from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
-from .prune import PruneConfig, PruneReport, prune_structure
+from .prune import PruneConfig, PruneReport, check_uniform_structure, prune_structure
 from .structure import ModelStructure, discover
 
 
@@ -88,10 +88,17 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     :mod:`.allocation` (``owl``, ``alpha``, ``farms``), fitted so the parameters removed match uniform
     ``prune.ratio``'s (heads go in whole steps; see :func:`.allocation.structured_removal`).
     ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
+    ``prune.uniform``: the same widths in every layer, a stock-config model (:mod:`.export` saves it);
+    refused, before any work, with a per-layer allocation or a model whose layers differ in width.
     """
     structure = discover(model)
     prune = prune or PruneConfig()
     prune.validate(structure.num_layers)
+    if prune.uniform:
+        if allocation != "uniform":
+            raise ValueError(f"uniform pruning keeps every layer at the same width; allocation {allocation!r} "
+                             "gives layers different ratios (use allocation='uniform')")
+        check_uniform_structure(structure)
     alloc = None
     timings = {}
     if allocation != "uniform":
