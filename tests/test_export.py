@@ -75,13 +75,14 @@ def test_uniform_export_reloads_stock_with_identical_logits(tmp_path, kind, tied
     assert no_leftovers(tmp_path) == []
 
 
-def test_uniform_report_counts_the_per_layer_plan(tmp_path):
+@pytest.mark.parametrize("kind,granularity", [("llama", "query-heads"), ("qwen2", "kv-group")])
+def test_uniform_report_counts_the_per_layer_plan(kind, granularity):
     """The per-layer params in the report are exactly what per-layer pruning at that ratio gives."""
-    base = tiny("llama", layers=8)  # default range 1:8 of 8 layers
+    base = tiny(kind, layers=8)  # default range 1:8 of 8 layers
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    u = prune_model(a, X, "magnitude", PruneConfig(ratio=0.5, granularity="query-heads", uniform=True),
+    u = prune_model(a, X, "magnitude", PruneConfig(ratio=0.5, granularity=granularity, uniform=True),
                     progress=False).report
-    p = prune_model(b, X, "magnitude", PruneConfig(ratio=0.5, granularity="query-heads"), progress=False).report
+    p = prune_model(b, X, "magnitude", PruneConfig(ratio=0.5, granularity=granularity), progress=False).report
     assert p.attn_layers == list(range(1, 8)) and u.attn_layers == list(range(8))
     assert u.uniform["per_layer_params_after"] == p.params_after
     assert u.uniform["uniform_params_after"] == u.params_after
@@ -90,6 +91,7 @@ def test_uniform_report_counts_the_per_layer_plan(tmp_path):
     # the same scores pick the same units: layers both plans prune keep the same channels
     for lu, lp in zip(u.layers[1:], p.layers[1:]):
         assert lu["kept_channels"] == lp["kept_channels"] and lu["kept_query_heads"] == lp["kept_query_heads"]
+        assert lu["kept_kv_groups"] == lp["kept_kv_groups"]
 
 
 def test_export_of_an_unpruned_gguf_like_config_drops_quantization(tmp_path):
@@ -202,3 +204,26 @@ def test_cli_uniform_bad_settings_error_before_work(model_dir, tmp_path, capsys,
     assert rc == 2 and "moreau-prune: error: " in err and match in err
     assert list(tmp_path.iterdir()) == []
 
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_uniform_export_reloads_stock(smollm2, tmp_path):
+    """The embedded GGUF SmolLM2 (which save_pretrained refuses) exports as a stock Llama directory."""
+    from transformers import AutoTokenizer
+
+    model, tok = smollm2
+    rep = prune_model(model, None, "magnitude", PruneConfig(ratio=0.2, uniform=True, round_to=64),
+                      progress=False).report
+    assert {l["intermediate_size"] for l in rep.layers} == {1216}
+    out = save_uniform(model, tmp_path / "stock", tokenizer=tok, extra=rep.as_dict())
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back.config) is LlamaConfig and back.config.intermediate_size == 1216
+    assert back.config.num_attention_heads == 9 and back.config.num_key_value_heads == 3
+    assert sum(p.numel() for p in back.parameters()) == rep.params_after
+    ids = tok("The Python interpreter reads", return_tensors="pt").input_ids
+    assert AutoTokenizer.from_pretrained(out)("The Python interpreter reads", return_tensors="pt").input_ids.equal(ids)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
