@@ -104,6 +104,15 @@ def test_export_of_an_unpruned_gguf_like_config_drops_quantization(tmp_path):
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out).eval()), logits(m))
 
 
+def test_uniform_model_also_saves_in_the_per_layer_form(tmp_path):
+    from moreau_pruner import load_pruned
+
+    m = tiny("mistral")
+    prune_model(m, X, "magnitude", PruneConfig(ratio=0.5, granularity="kv-group", uniform=True), progress=False)
+    a, _ = load_pruned(save_pruned(m, tmp_path / "per-layer"))
+    assert torch.equal(logits(a), logits(m))
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
