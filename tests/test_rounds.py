@@ -108,3 +108,13 @@ def test_share_spreads_the_removal():
     assert [_share(10, k, 3) for k in (1, 2, 3)] == [3, 7, 10]
     assert [_share(1, k, 4) for k in (1, 2, 3, 4)] == [0, 1, 1, 1]
     assert _share(0, 1, 2) == 0
+
+
+def test_uniform_rounds_stay_uniform():
+    cfg = PruneConfig(ratio=0.5, attn_layers=(0, 3), mlp_layers=(0, 3), uniform=True)
+    one = prune_model(make(heads=8, kv=4), batch(), "taylor", cfg, progress=False).report
+    model = make(heads=8, kv=4)
+    rep = prune_model(model, batch(), "taylor", cfg, rounds=2, progress=False).report
+    assert rep.params_after == one.params_after and rep.uniform == one.uniform is not None
+    assert len({(l["num_attention_heads"], l["intermediate_size"]) for l in rep.layers}) == 1
+    assert model.config.intermediate_size == rep.layers[0]["intermediate_size"]

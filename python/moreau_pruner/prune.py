@@ -10,6 +10,13 @@ LLaMA-7B holds 4·128·4096 weights, an MLP channel 3·4096), so scores are divi
 of weights in the unit before ranking (score per weight); units are removed in that order until
 r of the weights of all prunable units in the layer ranges are gone.
 
+``uniform``: every layer keeps the same number of KV groups / query heads per group and MLP
+channels, so the result is a stock LlamaConfig / MistralConfig / Qwen2Config model (see
+:mod:`.export`). Each layer still keeps its own highest-scoring units; only the counts are shared.
+It applies the local rule to *all* layers: a layer range that leaves some layers at full width is
+refused (the model would not be uniform), as are global scope and per-layer ratios (they vary the
+count by design), and a model whose layers already differ in width.
+
 ``round_to`` m keeps MLP widths at multiples of m (the kept count is rounded to the nearest
 multiple, at least m), which keeps the pruned matmuls on fast tensor-core shapes; attention
 widths are already whole heads.
@@ -40,6 +47,7 @@ class PruneConfig:
     granularity: str = "kv-group"
     round_to: int | None = None
     layer_ratios: dict[int, float] | None = None  # per-layer r (local scope), e.g. from allocation.allocate
+    uniform: bool = False  # same widths in every layer: a stock config (module docstring)
 
     def ratio_of(self, layer: int) -> float:
         return (self.layer_ratios or {}).get(layer, self.ratio)
@@ -59,9 +67,29 @@ class PruneConfig:
             for layer, r in self.layer_ratios.items():
                 if not 0.0 <= r < 1.0:
                     raise ValueError(f"layer {layer}: ratio must be in [0, 1), got {r}")
+        if self.uniform:
+            return self._validate_uniform(num_layers)
         a = parse_layer_range(self.attn_layers, num_layers, "attention layer range")
         m = parse_layer_range(self.mlp_layers, num_layers, "MLP layer range")
         return range(*a), range(*m)
+
+    def _validate_uniform(self, num_layers: int) -> tuple[range, range]:
+        """Uniform pruning prunes every layer by the local rule (module docstring)."""
+        if self.scope != "local":
+            raise ValueError("uniform pruning keeps the same unit counts in every layer (the local rule); "
+                             f"scope {self.scope!r} varies them per layer: use scope='local'")
+        if self.layer_ratios:
+            raise ValueError("uniform pruning uses one ratio for every layer; per-layer ratios (an allocation "
+                             "such as owl/alpha/farms) would give layers different widths")
+        for spec, what in ((self.attn_layers, "attention layer range"), (self.mlp_layers, "MLP layer range")):
+            if spec is None:
+                continue
+            start, end = parse_layer_range(spec, num_layers, what)
+            if (start, end) != (0, num_layers):
+                raise ValueError(f"uniform pruning prunes all {num_layers} layers so that every layer has the "
+                                 f"same width; the {what} {start}:{end} would leave the other layers at full width "
+                                 f"(give 0:{num_layers} or no range)")
+        return range(num_layers), range(num_layers)
 
 
 @dataclass
@@ -83,6 +111,7 @@ class PruneReport:
     mlp_layers: list[int]
     layers: list[dict] = field(default_factory=list)
     rounds: int = 1  # iterative pruning: scoring rounds that led to this model
+    uniform: dict | None = None  # uniform pruning: what it costs against the per-layer plan (uniform_cost)
 
     @property
     def kept_fraction(self) -> float:
@@ -280,6 +309,73 @@ def apply_plan(structure: ModelStructure, plans: list[LayerPlan]) -> None:
             ls.mlp.intermediate_size = ls.intermediate_size
 
 
+def check_uniform_structure(structure: ModelStructure) -> None:
+    """Uniform pruning starts from a model whose layers all have the same widths."""
+    widths = {(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in structure.widths()}
+    dims = {ls.head_dim for ls in structure.layers}
+    if len(widths) > 1 or len(dims) > 1:
+        seen = ", ".join(f"{h} heads/{kv} KV heads/{m} MLP channels" for h, kv, m in sorted(widths))
+        raise ValueError(f"uniform pruning needs a model whose layers all have the same widths; this one has "
+                         f"{seen} (an already per-layer pruned model cannot be made stock by pruning more)")
+
+
+def _removed_params(ls, plan: LayerPlan) -> int:
+    """Parameters ``plan`` removes from layer ``ls`` (what apply_plan would take away)."""
+    d = ls.head_dim
+
+    def rows(lin, n):  # n output rows (and their bias entries)
+        return n * (lin.in_features + (1 if lin.bias is not None else 0))
+
+    def cols(lin, n):  # n input columns
+        return n * lin.out_features
+
+    removed = 0
+    if plan.kv_keep is not None and len(plan.kv_keep) < ls.n_kv_heads:
+        groups = ls.n_kv_heads - len(plan.kv_keep)
+        q_heads = groups * ls.n_rep
+        removed += rows(ls.q, q_heads * d) + cols(ls.o, q_heads * d) + rows(ls.k, groups * d) + rows(ls.v, groups * d)
+    elif plan.q_keep is not None and len(plan.q_keep[0]) < ls.n_rep:
+        q_heads = ls.n_kv_heads * (ls.n_rep - len(plan.q_keep[0]))
+        removed += rows(ls.q, q_heads * d) + cols(ls.o, q_heads * d)
+    if plan.mlp_keep is not None:
+        ch = ls.intermediate_size - len(plan.mlp_keep)
+        removed += rows(ls.gate, ch) + rows(ls.up, ch) + cols(ls.down, ch)
+    return removed
+
+
+def planned_params_after(structure: ModelStructure, plans: list[LayerPlan]) -> int:
+    """The model's parameter count after ``plans`` would be applied (nothing is changed)."""
+    return count_parameters(structure.model) - sum(_removed_params(ls, p) for ls, p in zip(structure.layers, plans))
+
+
+def uniform_cost(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> dict:
+    """Parameters of the uniform plan against the per-layer plan at the same ratio.
+
+    The per-layer plan is what the same settings give without ``uniform``: the local rule in the
+    given layer ranges, or the published default range when none is given (layers outside it keep
+    full width, which a stock config cannot express). ``params_difference`` = uniform - per-layer:
+    positive when the uniform model is larger.
+    """
+    per_layer = PruneConfig(**{**asdict(cfg), "uniform": False})
+    a, m = per_layer.validate(structure.num_layers)
+    u_attn, u_mlp = cfg.validate(structure.num_layers)
+    after_pl = planned_params_after(structure, plan_local(structure, scores, per_layer, a, m))
+    after_u = planned_params_after(structure, plan_local(structure, scores, cfg, u_attn, u_mlp))
+    return {"uniform_params_after": after_u, "per_layer_params_after": after_pl,
+            "params_difference": after_u - after_pl,
+            "per_layer_attn_layers": [a.start, a.stop], "per_layer_mlp_layers": [m.start, m.stop]}
+
+
+def _set_stock_config(structure: ModelStructure) -> None:
+    """After uniform pruning the in-memory config describes the model (so save_pretrained is right too)."""
+    ls = structure.layers[0]
+    config = structure.model.config
+    config.num_attention_heads = ls.n_heads
+    config.num_key_value_heads = ls.n_kv_heads
+    config.intermediate_size = ls.intermediate_size
+    config.head_dim = ls.head_dim
+
+
 def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
                     counts: dict[int, tuple[int | None, int | None]] | None = None) -> PruneReport:
     """Plan and apply the pruning; returns the report (parameters before/after, widths).
@@ -300,6 +396,10 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
                                  f"(granularity {cfg.granularity!r} needs {n} {what} scores)")
             if not torch.isfinite(part).all():
                 raise ValueError(f"layer {ls.index}: {what} importance scores contain NaN or inf")
+    cost = None
+    if cfg.uniform:
+        check_uniform_structure(structure)
+        cost = uniform_cost(structure, scores, cfg)
     before = count_parameters(structure.model)
     if counts is not None and cfg.scope != "local":
         raise ValueError("explicit unit counts apply to local pruning (scope='local')")
@@ -310,6 +410,9 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
     old = structure.widths()
     apply_plan(structure, plans)
     new = structure.widths()
+    if cfg.uniform:
+        check_uniform_structure(structure)  # the local rule at one ratio gives every layer the same counts
+        _set_stock_config(structure)
     layers = []
     for o, n, plan in zip(old, new, plans):
         layers.append({**n, "ratio": cfg.ratio_of(n["layer"]), "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
@@ -318,5 +421,5 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
                        "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep,
                        "kept_channels": plan.mlp_keep})
     return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
-                       list(attn_range), list(mlp_range), layers)
+                       list(attn_range), list(mlp_range), layers, uniform=cost)
 

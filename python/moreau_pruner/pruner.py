@@ -16,8 +16,8 @@ from torch import nn
 
 from .estimator import MoreauConfig, MoreauResult
 from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
-from .prune import (PruneConfig, PruneReport, count_parameters, local_unit_counts, prunable_weights,
-                    prune_structure)
+from .prune import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
+                    prunable_weights, prune_structure)
 from .structure import ModelStructure, discover
 
 
@@ -95,12 +95,19 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     covers all rounds (kept indices refer to the original model); ``scores`` and ``estimate`` are
     those of the last round, ``timings`` their sums.
     ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
+    ``prune.uniform``: the same widths in every layer, a stock-config model (:mod:`.export` saves it);
+    refused, before any work, with a per-layer allocation or a model whose layers differ in width.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     structure = discover(model)
     prune = prune or PruneConfig()
     attn_range, mlp_range = prune.validate(structure.num_layers)
+    if prune.uniform:
+        if allocation != "uniform":
+            raise ValueError(f"uniform pruning keeps every layer at the same width; allocation {allocation!r} "
+                             "gives layers different ratios (use allocation='uniform')")
+        check_uniform_structure(structure)
     alloc = None
     timings: dict[str, float] = {}
     if allocation != "uniform":
@@ -187,4 +194,4 @@ def _combine_reports(reports: list[PruneReport], cfg: PruneConfig, before: int, 
                        "removed_channels": inter0 - z["intermediate_size"],
                        "kept_kv_groups": kv, "kept_query_heads": q, "kept_channels": mlp})
     return PruneReport(before, after, cfg.ratio, cfg.scope, cfg.granularity, first.attn_layers, first.mlp_layers,
-                       layers, rounds=rounds)
+                       layers, rounds=rounds, uniform=first.uniform)

@@ -1,0 +1,191 @@
+"""Stock-format export: a uniformly pruned model saved so that any Llama/Mistral/Qwen2 reader loads it.
+
+A model pruned with ``PruneConfig(uniform=True)`` (``moreau-prune --uniform``) has the same number
+of query heads, key/value heads and MLP channels in every layer. Those widths fit the stock
+``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` (``num_attention_heads``,
+``num_key_value_heads``, ``intermediate_size`` and an explicit ``head_dim``, since the heads no
+longer fill ``hidden_size``), so :func:`save_uniform` writes a plain Hugging Face directory:
+
+- ``model.safetensors``: the tensors under the stock names (a tied ``lm_head.weight`` is stored
+  once, as ``model.embed_tokens.weight``, as transformers itself does);
+- ``config.json``: the stock config with the new widths, stock ``model_type`` and
+  ``architectures``, no ``auto_map`` and no ``quantization_config`` (GGUF-loaded models);
+- ``generation_config.json``, the tokenizer files and ``pruning_info.json`` when present/given.
+
+It loads with ``AutoModelForCausalLM.from_pretrained(dir)`` (no ``trust_remote_code``), which is
+what vLLM, SGLang, TensorRT-LLM and llama.cpp's ``convert_hf_to_gguf.py`` read. Models with
+per-layer widths go through :func:`moreau_pruner.io.save_pruned` instead; :func:`save_uniform`
+refuses them and says so.
+
+Only tensors are written (no ``save_pretrained`` of the model), so models loaded from GGUF, which
+transformers refuses to save, export too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from .io import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
+                 WEIGHTS_FILE, _base_architecture, _dtype_name, _json_default, _model_dtype, layer_widths)
+
+__all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
+
+#: base causal-LM class -> the stock model_type its config carries
+STOCK_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+# keys a pruned or GGUF-loaded config carries that a stock config must not
+_DROP_KEYS = ("quantization_config", "auto_map", "architectures", "model_type", "transformers_version",
+              "_name_or_path", "base_model_type", BASE_ARCH_KEY, *PER_LAYER_KEYS)
+
+
+def uniform_widths(model) -> dict[str, int]:
+    """``{"num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim"}`` shared by
+    every layer; ValueError naming the layers that differ when the widths are per-layer."""
+    widths = layer_widths(model)  # checks each layer's shapes
+    dims = [block.self_attn.head_dim for block in model.model.layers]
+    rows = list(zip(widths["layer_num_attention_heads"], widths["layer_num_key_value_heads"],
+                    widths["layer_intermediate_size"], dims))
+    if not rows:
+        raise ValueError("the model has no decoder layers")
+    first = rows[0]
+    differ = [i for i, r in enumerate(rows) if r != first]
+    if differ:
+        shown = ", ".join(f"layer {i}: {rows[i][0]} heads/{rows[i][1]} KV heads/{rows[i][2]} MLP channels"
+                          for i in differ[:3])
+        raise ValueError(
+            f"a stock config needs the same widths in every layer; layer 0 has {first[0]} heads/{first[1]} KV "
+            f"heads/{first[2]} MLP channels but {len(differ)} layer(s) differ ({shown}{', ...' if len(differ) > 3 else ''}). "
+            "Prune with --uniform (PruneConfig(uniform=True)), or save per-layer widths with "
+            "moreau_pruner.save_pruned (trust_remote_code loaders only)")
+    heads, kv_heads, inter, head_dim = first
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": inter,
+            "head_dim": head_dim}
+
+
+def _tied(model) -> bool:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    shared = head is not None and head.weight is emb.weight
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and shared
+
+
+def stock_config(model):
+    """The stock ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` describing ``model``."""
+    import transformers
+
+    base_arch = _base_architecture(model)
+    config_cls = getattr(transformers, SUPPORTED_ARCHITECTURES[base_arch][0])
+    d = model.config.to_dict()
+    for key in _DROP_KEYS:
+        d.pop(key, None)
+    d.update(uniform_widths(model))
+    d["architectures"] = [base_arch]
+    d["tie_word_embeddings"] = _tied(model)
+    d["dtype"] = _dtype_name(_model_dtype(model))
+    cfg = config_cls.from_dict(d)
+    if cfg.model_type != STOCK_MODEL_TYPES[base_arch]:  # a broken transformers install, not user input
+        raise RuntimeError(f"{config_cls.__name__} has model_type {cfg.model_type!r}")
+    return cfg
+
+
+def _stock_tensors(model, cfg) -> dict[str, torch.Tensor]:
+    """The tensors a fresh stock model of ``cfg`` expects, taken from ``model`` and checked by shape."""
+    import transformers
+
+    model_cls = getattr(transformers, cfg.architectures[0])
+    with torch.device("meta"):
+        reference = model_cls(cfg)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"the model lacks tensors the stock architecture needs: {missing[:5]}")
+    out, storages = {}, set()
+    for key, shape in expected.items():
+        t = state[key]
+        if t.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device (no data to save)")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, the stock config gives {shape}")
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages:
+                t = t.clone()  # safetensors refuses tensors that share memory
+            storages.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """Saves a uniformly pruned (or unpruned) Llama/Mistral/Qwen2 causal LM as a stock directory.
+
+    Everything is checked first (same widths in every layer, tensor shapes against the stock
+    architecture, JSON-able ``extra``), then written to a temporary sibling directory that is
+    renamed into place; on any error nothing is left behind and an existing ``out_dir`` is kept.
+    A non-empty ``out_dir`` is replaced only with ``overwrite=True``. Returns the directory.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict (saved as {PRUNING_INFO_FILE}), got {type(extra).__name__}")
+
+    cfg = stock_config(model)
+    tensors = _stock_tensors(model, cfg)
+    config_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
+    info_json = None
+    if extra is not None:
+        try:
+            info_json = json.dumps(extra, indent=2, default=_json_default) + "\n"
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = parent / f".{out_dir.name}.tmp-{tag}", parent / f".{out_dir.name}.old-{tag}"
+    moved_old = False
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
+        back = AutoConfig.from_pretrained(str(tmp))  # what a stock reader will see
+        for key in ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim"):
+            if getattr(back, key) != getattr(cfg, key):
+                raise RuntimeError(f"{CONFIG_FILE} reads back {key}={getattr(back, key)!r}, "
+                                   f"expected {getattr(cfg, key)!r}")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and model.can_generate():
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if info_json is not None:
+            (tmp / PRUNING_INFO_FILE).write_text(info_json, encoding="utf-8")
+        if out_dir.exists():
+            if any(out_dir.iterdir()):
+                os.replace(out_dir, old)
+                moved_old = True
+            else:
+                out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_old and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
