@@ -80,7 +80,7 @@ def _worker(rank, world, port, jobs, out):
                 names = [n for n in dict(sm.model.named_parameters()) if n.endswith("proj.weight")]
                 grads = D.gradient_fsdp(sm.model, job["batch"], ctx, names)
             shards = {n: (D.shard_range(p.shape[0], world, rank), p.to_local().detach().clone())
-                      for n, p in sm.model.named_parameters()}
+                      for n, p in sm.model.named_parameters()} if job.get("shards", True) else {}
             torch.save({"grads": grads, "log": est.log if est else None, "scores": scores,
                         "shards": shards}, Path(out) / f"job{k}_rank{rank}.pt")
     finally:
@@ -108,32 +108,33 @@ def _full(per_rank, name):
 def _single_scores(model, batch, job, world):
     """The one-process run on the same batch, micro-batched like the ranks."""
     structure = discover(model)
-    names = scored_parameter_names(structure, set(range(3)))
+    names = scored_parameter_names(structure, set(range(3)))  # PRUNE's layers
     mbs = batch.shape[0] // world if batch.shape[0] % world == 0 else None
     if job["method"] == "moreau":
         cfg = job["moreau"]
         cfg = MoreauConfig(**{**cfg.__dict__, "micro_batch_size": mbs})
         est = moreau_estimate(model, batch, cfg, names, progress=False)
-        return model_scores(structure, "moreau", est.grads), est.grads, est.log
+        return model_scores(structure, "moreau", est.grads, layers=set(range(3))), est.grads, est.log
     if job["method"] == "taylor":
         variant = job.get("variant", "param_first")
         if variant == "param_first":
             g = gradient(model, batch, names, mbs)
-            return model_scores(structure, "taylor", g), g, None
+            return model_scores(structure, "taylor", g, layers=set(range(3))), g, None
         return taylor_scores(model, batch, variant, PRUNE)[0], None, None
-    return model_scores(structure, job["method"]), None, None
+    return model_scores(structure, job["method"], layers=set(range(3))), None, None
 
 
 def _assert_same_plan(model, got, want):
     s = discover(model)
-    rng = range(3)
+    rng = range(3)  # PRUNE's layers
     a = plan_local(s, got, PRUNE, rng, rng)
     b = plan_local(s, want, PRUNE, rng, rng)
     assert [(p.kv_keep, p.mlp_keep) for p in a] == [(p.kv_keep, p.mlp_keep) for p in b]
 
 
-def _check(model_dir, jobs, results, world, exact):
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def _check(model, jobs, results, world, exact):
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model).eval()
     full = dict(model.named_parameters())
     for job, per_rank in zip(jobs, results):
         torch.set_num_threads(1)
@@ -161,6 +162,9 @@ def _check(model_dir, jobs, results, world, exact):
                 assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
                 assert a["l2"] == pytest.approx(b["l2"], rel=1e-5, abs=1e-12)
         for a, b in zip(per_rank[0]["scores"], want_scores):
+            if b.attention is None:
+                assert a.attention is None and a.mlp is None
+                continue
             torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=0)
             torch.testing.assert_close(a.mlp, b.mlp, rtol=1e-5, atol=0)
         _assert_same_plan(model, per_rank[0]["scores"], want_scores)
@@ -211,6 +215,20 @@ def test_three_ranks_uneven_and_empty_shards(tmp_path):
     shard = results[0][2]["shards"]["model.layers.0.self_attn.k_proj.weight"]
     assert shard[1].shape[0] == 0  # the third rank really holds no k_proj rows
     _check(llama, jobs, results, 3, {"uneven": False})
+
+
+@pytest.mark.slow
+def test_two_ranks_smollm2(tmp_path, smollm2_shared):
+    """The embedded SmolLM2 (GGUF: every rank loads it whole, then keeps its rows), reference mode:
+    Ĝ of the scored layers bit-identical to the one-process run, the same kept units."""
+    from moreau_pruner.data import calibration_batch, calibration_text
+
+    model, tok = smollm2_shared
+    batch = calibration_batch(tok, calibration_text("pydoc"), 2, 32, 0)
+    jobs = [dict(tag="smollm2", model=None, batch=batch, method="moreau", shards=False,
+                 moreau=MoreauConfig(iters=2, avg_last=2, seed=0))]
+    results = _spawn(2, jobs, tmp_path, timeout=600)
+    _check(model, jobs, results, 2, {"smollm2": True})
 
 
 # ----------------------------------------------------------------------------- launch errors
