@@ -308,3 +308,20 @@ def test_cli_torchrun_rejects_bad_device(tmp_path):
     proc = _torchrun(2, ["--device", "cuda:1", "--no-eval"], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "not a numbered device" in proc.stderr
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("shape,offset", [((7, 5), 10), ((3,), 5), ((2, 3, 2), 13), ((4, 4), 0)])
+def test_shard_noise_is_the_full_tensors_slice(monkeypatch, shape, offset, native):
+    from moreau_kernels import _native
+    from moreau_kernels.reference import normal_noise
+    from moreau_pruner.distributed import shard_noise
+
+    if not native:  # the pure-PyTorch words
+        monkeypatch.setattr(_native, "has_op", lambda op, device_type: False)
+    elif not _native.has_op("philox_bits", "cpu"):
+        pytest.skip("the native library is not built")
+
+    n = torch.Size(shape).numel()
+    full = normal_noise((offset + n + 3,), 11, 4, 6)
+    assert torch.equal(shard_noise(shape, 11, 4, 6, offset, "cpu"), full[offset:offset + n].reshape(shape))
