@@ -85,7 +85,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--name", help="result file stem (default: <model>-<N>rank-<backend>)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown of an existing result file")
     args = p.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(C.read_results(path)))
+        return 0
 
     import torch.distributed as dist
 
@@ -217,6 +222,10 @@ def render(doc: dict) -> str:
               "perturb includes making the Philox noise of the shard apart (`distributed.shard_noise`: native "
               "Philox words at the shard's counter offset, Box-Muller in PyTorch; the fused perturb kernels take no "
               "element offset yet), the perturb op and the clean copy.", ""]
+    if "CPU" in doc["device"]:
+        lines += ["On a CPU the ranks share the machine's cores (and here with whatever else ran: see the load "
+                  "average), while the one-process row ran with the other rank idle at a barrier; read the ratio "
+                  "as an upper bound of what distribution costs, not a GPU figure.", ""]
     return "\n".join(lines)
 
 

@@ -133,6 +133,10 @@ def init(device: str = "cpu") -> Context:
                                f"every rank must use the same device type")
     if types[0] == "cuda":
         torch.cuda.set_device(torch.device(dev))
+    if rank != 0:  # only rank 0 shows progress (the loaders' bars included)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     mesh = init_device_mesh(types[0], (world,))
     return Context(rank, world, local_rank, torch.device(dev), mesh)
 
