@@ -137,6 +137,7 @@ def init(device: str = "cpu") -> Context:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # plain tqdm bars (the GGUF converter's)
     mesh = init_device_mesh(types[0], (world,))
     return Context(rank, world, local_rank, torch.device(dev), mesh)
 
