@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     sm = D.load_sharded(args.model, "float32", ctx)
     load_s = time.perf_counter() - t0
-    batch = calibration_batch(sm.tokenizer, calibration_text("pydoc"), args.num_examples, args.seq_len, 0).to(ctx.device)
+    text = calibration_text("pydoc")
+    batch = calibration_batch(sm.tokenizer, text, args.num_examples, args.seq_len, 0).to(ctx.device)
     names = scored_parameter_names(discover(sm.model))
     cfg = E.MoreauConfig(iters=args.iters, avg_last=min(5, args.iters))
     n_params = sum(p.numel() for p in sm.model.parameters())

@@ -71,6 +71,7 @@ def _worker(rank, world, port, jobs, out):
     ctx = D.init("cpu")
     try:
         for k, job in enumerate(jobs):
+            mk.set_backend(job.get("backend", "reference"))
             sm = D.load_sharded(job["model"], "float32", ctx)
             scores, est, _ = D.compute_scores_fsdp(sm.model, job["batch"], ctx, job["method"], PRUNE,
                                                    job.get("moreau"), progress=False,
@@ -138,12 +139,16 @@ def _check(model, jobs, results, world, exact):
     full = dict(model.named_parameters())
     for job, per_rank in zip(jobs, results):
         torch.set_num_threads(1)
-        want_scores, want_grads, want_log = _single_scores(model, job["batch"], job, world)
+        with mk.use_backend(job.get("backend", "reference")):
+            want_scores, want_grads, want_log = _single_scores(model, job["batch"], job, world)
         torch.set_num_threads(2)
         # every rank holds the same scores
         for res in per_rank[1:]:
             for a, b in zip(res["scores"], per_rank[0]["scores"]):
-                assert torch.equal(a.attention, b.attention) and torch.equal(a.mlp, b.mlp)
+                if b.attention is None:
+                    assert a.attention is None and a.mlp is None
+                else:
+                    assert torch.equal(a.attention, b.attention) and torch.equal(a.mlp, b.mlp)
         # sharded loading put the right rows on each rank (uneven and empty shards included)
         for name, p in full.items():
             if name in per_rank[0]["shards"]:
@@ -153,7 +158,9 @@ def _check(model, jobs, results, world, exact):
         if want_grads is not None:
             for name, g in want_grads.items():
                 got = _full(per_rank, name)
-                if exact[job["tag"]]:
+                if exact[job["tag"]] == "norm":  # noise differs by ulps between backends' log/sin/cos
+                    assert (got - g).norm() <= 1e-3 * g.norm(), name
+                elif exact[job["tag"]]:
                     assert torch.equal(got, g), f"{job['tag']}: Ĝ of {name} differs"
                 else:
                     torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-9)
@@ -219,16 +226,21 @@ def test_three_ranks_uneven_and_empty_shards(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_smollm2(tmp_path, smollm2_shared):
-    """The embedded SmolLM2 (GGUF: every rank loads it whole, then keeps its rows), reference mode:
-    Ĝ of the scored layers bit-identical to the one-process run, the same kept units."""
+    """The embedded SmolLM2 (GGUF: every rank loads it whole, then keeps its rows) on the native
+    ``cpu`` backend (the pure-PyTorch one takes minutes per step at this size): the one-process run
+    regenerates the noise natively while the ranks use the reference Box-Muller on the same Philox
+    words, so Ĝ agrees to 1e-3 in norm, the scores closely and the kept units exactly."""
+    from moreau_kernels import _native
     from moreau_pruner.data import calibration_batch, calibration_text
 
+    if not _native.has_op("perturb_out", "cpu"):
+        pytest.skip("needs the native cpu backend (moreau_kernels/_C.so)")
     model, tok = smollm2_shared
     batch = calibration_batch(tok, calibration_text("pydoc"), 2, 32, 0)
-    jobs = [dict(tag="smollm2", model=None, batch=batch, method="moreau", shards=False,
-                 moreau=MoreauConfig(iters=2, avg_last=2, seed=0))]
-    results = _spawn(2, jobs, tmp_path, timeout=600)
-    _check(model, jobs, results, 2, {"smollm2": True})
+    jobs = [dict(tag="smollm2", model=None, batch=batch, method="moreau", shards=False, backend="cpu",
+                 moreau=MoreauConfig(iters=2, avg_last=1, seed=0))]
+    results = _spawn(2, jobs, tmp_path, timeout=900)
+    _check(model, jobs, results, 2, {"smollm2": "norm"})
 
 
 # ----------------------------------------------------------------------------- launch errors

@@ -44,7 +44,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -129,8 +129,8 @@ def init(device: str = "cpu") -> Context:
         raise DistributedError("; ".join(problems))
     types = sorted({torch.device(d).type for d, _ in seen})
     if len(types) > 1:
-        raise DistributedError(f"mixed devices across ranks ({', '.join(f'rank {r}: {d}' for r, (d, _) in enumerate(seen))}); "
-                               f"every rank must use the same device type")
+        where = ", ".join(f"rank {r}: {d}" for r, (d, _) in enumerate(seen))
+        raise DistributedError(f"mixed devices across ranks ({where}); every rank must use the same device type")
     if types[0] == "cuda":
         torch.cuda.set_device(torch.device(dev))
     if rank != 0:  # only rank 0 shows progress (the loaders' bars included)
