@@ -172,8 +172,9 @@ def _check(model, jobs, results, world, exact):
             if b.attention is None:
                 assert a.attention is None and a.mlp is None
                 continue
-            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=0)
-            torch.testing.assert_close(a.mlp, b.mlp, rtol=1e-5, atol=0)
+            rtol = 1e-4 if exact.get(job["tag"]) == "norm" else 1e-5
+            torch.testing.assert_close(a.attention, b.attention, rtol=rtol, atol=0)
+            torch.testing.assert_close(a.mlp, b.mlp, rtol=rtol, atol=0)
         _assert_same_plan(model, per_rank[0]["scores"], want_scores)
 
 
@@ -229,7 +230,7 @@ def test_two_ranks_smollm2(tmp_path, smollm2_shared):
     """The embedded SmolLM2 (GGUF: every rank loads it whole, then keeps its rows) on the native
     ``cpu`` backend (the pure-PyTorch one takes minutes per step at this size): the one-process run
     regenerates the noise natively while the ranks use the reference Box-Muller on the same Philox
-    words, so Ĝ agrees to 1e-3 in norm, the scores closely and the kept units exactly."""
+    words, so Ĝ agrees to 1e-3 in norm, the scores to 1e-4 and the kept units exactly."""
     from moreau_kernels import _native
     from moreau_pruner.data import calibration_batch, calibration_text
 
