@@ -71,11 +71,11 @@ def _check_key(seed: int, step: int, index: int) -> None:
             raise ValueError(f"{name} must be in [0, 2**32), got {v}")
 
 
-def philox_bits(numel: int, seed: int, step: int, index: int, device=None) -> torch.Tensor:
-    """The raw uint32 words (as int64) for counters q = 0 .. ceil(numel/4)-1, shape [Q, 4]."""
+def philox_bits(numel: int, seed: int, step: int, index: int, device=None, first_q: int = 0) -> torch.Tensor:
+    """The raw uint32 words (as int64) for counters q = first_q .. first_q+ceil(numel/4)-1, shape [Q, 4]."""
     _check_key(seed, step, index)
     nq = (numel + 3) // 4
-    q = torch.arange(nq, dtype=torch.int64, device=device)
+    q = torch.arange(first_q, first_q + nq, dtype=torch.int64, device=device)
     c0 = q & _MASK32
     c1 = q >> 32
     c2 = torch.full_like(q, step)
@@ -97,12 +97,19 @@ def bits_to_normal(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return z.reshape(-1)[:numel]
 
 
-def normal_noise(shape, seed: int, step: int, index: int, device=None) -> torch.Tensor:
-    """Standard normal float32 noise of ``shape`` for the key (seed, step, index)."""
+def normal_noise(shape, seed: int, step: int, index: int, device=None, offset: int = 0) -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` for the key (seed, step, index).
+
+    ``offset``: flat index, in the full parameter, of this tensor's first element, so that a slice
+    of rows (a rank's shard) gets exactly the noise of those elements in the full tensor.
+    """
     shape = tuple(shape)
     numel = math.prod(shape)
-    bits = philox_bits(numel, seed, step, index, device=device)
-    return bits_to_normal(bits, numel).reshape(shape)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    lane = offset % 4
+    bits = philox_bits(numel + lane, seed, step, index, device=device, first_q=offset // 4)
+    return bits_to_normal(bits, numel + lane)[lane:].reshape(shape)
 
 
 def philox_normal(like: torch.Tensor, seed: int, step: int, index: int) -> torch.Tensor:

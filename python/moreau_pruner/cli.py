@@ -32,6 +32,8 @@ examples:
   moreau-prune --granularity query-heads --attn-layers 4:28 --mlp-layers 4:28
   moreau-prune --uniform --round-to 64 --out smollm2-stock   # same widths in all layers: a stock config
   moreau-prune --model ./Llama-3-8B --device cuda --dtype bfloat16 --backend auto --out llama3-pruned
+  torchrun --nproc-per-node 8 -m moreau_pruner.cli --distributed fsdp --model ./Llama-3-70B --device cuda \
+      --dtype bfloat16 --no-eval --out llama3-70b-pruned      # FSDP2 over 8 GPUs (CPU: --device cpu, gloo)
 
 Units: with GQA the default attention unit is a whole KV group (a KV head and its n_rep query
 heads); --granularity query-heads removes the same number of query heads from every KV group
@@ -144,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate", default="The Python interpreter", metavar="PROMPT",
                    help="prompt for a short greedy sample from the pruned model ('' to skip)")
 
+    g = p.add_argument_group("several ranks (FSDP2)")
+    g.add_argument("--distributed", choices=("fsdp",),
+                   help="fsdp: shard the model over the ranks of a torchrun job with PyTorch FSDP2 and split the "
+                        "calibration batch across them (launch: torchrun --nproc-per-node N -m moreau_pruner.cli "
+                        "--distributed fsdp ...; --device cpu uses gloo, --device cuda uses nccl with rank r on "
+                        "cuda:LOCAL_RANK). A Hugging Face safetensors directory is read in slices (no rank holds "
+                        "the whole model); a .gguf file (the embedded model) or a pruned directory is read whole by "
+                        "every rank first. Rank 0 gathers the full model on its CPU to prune, evaluate and save it "
+                        "(--no-eval when the dense model does not fit one device). Structured methods only, "
+                        "--allocation uniform, --noise philox")
+
     g = p.add_argument_group("output")
     g.add_argument("--out", help="save the pruned model here (safetensors, tokenizer, config, report)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -167,7 +180,12 @@ def _check_out(args) -> None:
         raise FileExistsError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
 
 
-def run(args) -> dict:
+def run(args) -> dict | None:
+    """The whole pipeline; returns the report (None on ranks other than 0 with --distributed)."""
+    if getattr(args, "distributed", None):
+        from .distributed import run as run_distributed
+
+        return run_distributed(args)
     import torch
 
     import moreau_kernels as mk
@@ -278,7 +296,11 @@ def _half_gemm(args) -> str | None:
     return args.half_gemm
 
 
-def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half):
+def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half,
+                      structured=None):
+    """Dense perplexity, pruning, pruned perplexity and the report. ``structured(model) -> (PruneReport,
+    extra report fields)`` replaces the one-process structured pruning (the FSDP2 path prunes with
+    scores computed on the ranks)."""
     import torch
 
     import moreau_kernels as mk
@@ -289,6 +311,8 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
     dense = ppl("dense")
     if args.unstructured:
         rep, extra = _unstructured(model, batch, args, moreau_cfg, nm, times)
+    elif structured is not None:
+        rep, extra = structured(model)
     else:
         result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
                              args.seed, args.micro_batch_size, progress, allocation=args.allocation, rounds=args.rounds,
@@ -430,7 +454,8 @@ def main(argv=None) -> int:
             EstimatorError, BackendUnavailable, FloatingPointError) as e:
         print(f"moreau-prune: error: {e}", file=sys.stderr)
         return 2
-    print(format_report(report))
+    if report is not None:  # None: a rank other than 0 of a distributed run
+        print(format_report(report))
     return 0
 
 

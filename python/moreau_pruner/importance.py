@@ -64,33 +64,39 @@ def _saliency(lin, grads, names, vectorize) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def layer_scores(ls: LayerStructure, grads: dict[str, torch.Tensor] | None, names: dict[int, str],
-                 reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group") -> LayerScores:
-    """Scores of one layer's attention units and MLP channels; ``grads=None`` is the magnitude baseline."""
+                 reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group",
+                 saliency=None) -> LayerScores:
+    """Scores of one layer's attention units and MLP channels; ``grads=None`` is the magnitude baseline.
+
+    ``saliency(lin, grads, names, vectorize) -> (row sums, column sums)`` replaces the one-process
+    computation (the sharded path of :mod:`.distributed` passes its own, with cross-rank sums).
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    sal = saliency or _saliency
     d, h, hkv = ls.head_dim, ls.n_heads, ls.n_kv_heads
-    q = _saliency(ls.q, grads, names, vectorize)[0]
-    k = _saliency(ls.k, grads, names, vectorize)[0]
-    v = _saliency(ls.v, grads, names, vectorize)[0]
-    o = _saliency(ls.o, grads, names, vectorize)[1]
+    q = sal(ls.q, grads, names, vectorize)[0]
+    k = sal(ls.k, grads, names, vectorize)[0]
+    v = sal(ls.v, grads, names, vectorize)[0]
+    o = sal(ls.o, grads, names, vectorize)[1]
     if granularity == "kv-group":
         parts = [q.view(hkv, -1).sum(1), k.view(hkv, d).sum(1), v.view(hkv, d).sum(1), o.view(hkv, -1).sum(1)]
     else:
         parts = [q.view(h, d).sum(1), o.view(h, d).sum(1)]
     attention = reduce_parts(parts, reduction)
-    gate = _saliency(ls.gate, grads, names, vectorize)[0]
-    up = _saliency(ls.up, grads, names, vectorize)[0]
-    down = _saliency(ls.down, grads, names, vectorize)[1]
+    gate = sal(ls.gate, grads, names, vectorize)[0]
+    up = sal(ls.up, grads, names, vectorize)[0]
+    down = sal(ls.down, grads, names, vectorize)[1]
     mlp = reduce_parts([gate, up, down], reduction)
     return LayerScores(ls.index, attention, mlp)
 
 
 def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.Tensor] | None = None,
                  reduction: str = "sum", vectorize: bool = False, granularity: str = "kv-group",
-                 seed: int = 0, layers: set[int] | None = None) -> list[LayerScores]:
+                 seed: int = 0, layers: set[int] | None = None, saliency=None) -> list[LayerScores]:
     """Scores for every layer in ``layers`` (None: all; the others get ``None`` scores).
 
-    ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``."""
+    ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``; ``saliency``: see :func:`layer_scores`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "random":
@@ -108,7 +114,7 @@ def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.
         raise ValueError(f"method {method!r} needs gradient estimates")
     names = {id(p): n for n, p in structure.model.named_parameters()}
     use = None if method == "magnitude" else grads
-    return [layer_scores(ls, use, names, reduction, vectorize, granularity)
+    return [layer_scores(ls, use, names, reduction, vectorize, granularity, saliency)
             if layers is None or ls.index in layers else LayerScores(ls.index, None, None)
             for ls in structure.layers]
 
