@@ -261,7 +261,9 @@ def test_cli_needs_torchrun(monkeypatch, capsys):
 
 @pytest.mark.parametrize("extra,words", [(["--unstructured"], "--unstructured has no distributed path"),
                                          (["--allocation", "owl"], "--allocation owl has no distributed path"),
-                                         (["--noise", "torch"], "--noise torch has no distributed path")])
+                                         (["--noise", "torch"], "--noise torch has no distributed path"),
+                                         (["--rounds", "2"], "--rounds 2 has no distributed path"),
+                                         (["--uniform", "--scope", "global"], "--uniform")])
 def test_cli_refuses_options_without_a_distributed_path(capsys, extra, words):
     assert _cli(["--distributed", "fsdp", "--no-eval"] + extra) == 2
     assert words in capsys.readouterr().err
@@ -291,14 +293,17 @@ def _torchrun(nproc, args, cwd, timeout=300):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_torchrun_saves_a_model_that_reloads(tmp_path):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_cli_torchrun_saves_a_model_that_reloads(tmp_path, uniform):
     """torchrun, 2 ranks: the saved model reloads through both loaders with the logits of the
-    one-process pruned model; only rank 0 prints the report."""
+    one-process pruned model; only rank 0 prints the report. With --uniform the directory is a
+    stock one that loads without trust_remote_code."""
     from moreau_pruner.cli import main
 
     model_dir = _tiny_dir(tmp_path / "llama", "llama")
     common = ["--model", str(model_dir), "--iters", "3", "--ratio", "0.5", "--attn-layers", "0:3", "--num-examples",
               "4", "--seq-len", "16", "--no-eval", "--generate", "", "--backend", "reference", "--quiet"]
+    common += ["--uniform"] if uniform else []
     proc = _torchrun(2, common + ["--out", str(tmp_path / "dist"), "--json", str(tmp_path / "dist.json")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("parameters") == 1  # one report, from rank 0
@@ -308,9 +313,15 @@ def test_cli_torchrun_saves_a_model_that_reloads(tmp_path):
     rep = json.loads((tmp_path / "dist.json").read_text())
     assert rep["distributed"]["world_size"] == 2 and rep["estimator_path"] == "fsdp"
     x = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    want = load_pruned(tmp_path / "one")[0]
-    a = load_pruned(tmp_path / "dist")[0]
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "dist", trust_remote_code=True).eval()
+    if uniform:
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "dist").eval()
+        b = a
+        assert rep["uniform"] is not None
+    else:
+        want = load_pruned(tmp_path / "one")[0]
+        a = load_pruned(tmp_path / "dist")[0]
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "dist", trust_remote_code=True).eval()
     with torch.no_grad():
         ref = want(x).logits
         assert torch.equal(a(x).logits, ref)

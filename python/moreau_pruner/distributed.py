@@ -726,6 +726,7 @@ UNSUPPORTED = (
      "--allocation {value} has no distributed path yet (only uniform)"),
     ("noise", lambda a: a.noise != "philox", "--noise torch has no distributed path yet (use philox)"),
     ("method", lambda a: a.method in ("wanda", "gblm"), "--method {value} is unstructured; no distributed path yet"),
+    ("rounds", lambda a: a.rounds != 1, "--rounds {value} has no distributed path yet (one-shot only)"),
 )
 
 
@@ -743,19 +744,18 @@ def run(args) -> dict | None:
     prunes it with the common plan, evaluates and saves. An error on rank 0 after the gather is
     sent to every rank so none is left waiting.
     """
-    from . import data
-    from .cli import _check_out, _eval_lens, _half_gemm
-    from .precision import fp32_accumulate_gemms
+    from .cli import _check_out, _check_uniform_args, _eval_lens
     from .prune import PruneConfig
-    from .structure import discover
 
     check_options(args)
+    if args.uniform:
+        _check_uniform_args(args)
     check_environment()
     lens = _eval_lens(args.eval_seq_lens) if args.eval else []
     _check_out(args)
     prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
                             mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,
-                            granularity=args.granularity, round_to=args.round_to)
+                            granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
     moreau_cfg = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.lr, soft=args.soft,
                               iters=args.iters, avg_last=args.avg_last, group=args.group,
                               n_samples=args.noise_samples, noise=args.noise, seed=args.seed,
@@ -854,8 +854,11 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
         report = _prune_and_report(args, plain, tok, batch.cpu(), eval_ids, ppl, prune_cfg, moreau_cfg, None,
                                    times, progress, half, structured=structured)
     if args.out:
+        from .export import save_uniform
+
         t = time.perf_counter()
-        save_pruned(plain, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
+        save = save_uniform if args.uniform else save_pruned
+        save(plain, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
         times["save_s"] = time.perf_counter() - t
         report["out"] = str(Path(args.out).resolve())
     if args.json:
