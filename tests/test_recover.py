@@ -18,6 +18,7 @@ from moreau_pruner.recover import (  # noqa: E402
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     RecoverConfig,
+    RecoveryData,
     alpaca_prompt,
     load_recovery_data,
     main,
@@ -151,9 +152,8 @@ def test_peft_wraps_every_pruned_linear_and_loss_decreases_on_a_fixed_batch():
     widths = mio.layer_widths(model)
     assert len(set(widths["layer_intermediate_size"])) > 1  # the layers really differ
     text = " ".join(WORDS[:20]) + " "
-    data = load_recovery_data("pydoc", tok, cutoff_len=16)
-    data.examples = [(ids, list(ids)) for ids in (tok((text * 2))["input_ids"][:16],
-                                                  tok((text * 3))["input_ids"][5:21])]
+    batch = [tok(text * 2)["input_ids"][:16], tok(text * 3)["input_ids"][5:21]]
+    data = RecoveryData([(ids, list(ids)) for ids in batch], "text", "fixed batch")
     seen = {}
 
     def callback(step, loss):
@@ -294,3 +294,14 @@ def test_cli_help_teaches():
     assert proc.returncode == 0, proc.stderr
     for needle in ("--model", "--data", "--out", "--max-steps", "--resume", "--adapter", "examples:", "alpha 16"):
         assert needle in proc.stdout
+
+
+def test_missing_peft_names_the_extra(monkeypatch, tmp_path):
+    import moreau_pruner.recover as R
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(R.MissingExtraError, match=r"moreau-kernels\[recover\]"):
+        R._peft()
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path), "--data", "pydoc", "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()

@@ -174,8 +174,10 @@ class RecoverConfig:
         return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
 
     def training_fingerprint(self) -> dict:
-        """The settings a checkpoint must agree with to be resumed (evaluation and saving excluded)."""
-        skip = {"save_every", "keep_checkpoints", "eval_seq_len", "eval_windows", "device"}
+        """The settings a checkpoint must agree with to be resumed. The length of the run
+        (``epochs``, ``max_steps``) is not among them: the data order and the learning rate of a step
+        do not depend on it, so a run can be resumed to stop earlier or go on longer."""
+        skip = {"save_every", "keep_checkpoints", "eval_seq_len", "eval_windows", "device", "epochs", "max_steps"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["target_modules"] = list(self.target_modules)
         d["dtype"] = str(self.resolved_dtype()).removeprefix("torch.")
@@ -712,11 +714,15 @@ def recover(
         optimizer.load_state_dict(saved_trainer["optimizer"])
         _set_rng_state(saved_trainer["rng"])
         start_step = int(saved_state["step"])
+        if start_step > total_steps:
+            raise ValueError(f"checkpoint {path} is at step {start_step}, past the {total_steps} steps asked for")
         losses = list(saved_state["losses"])
         train_time = float(saved_state.get("train_time_s", 0.0))
     else:
         torch.manual_seed(cfg.seed + 1)  # LoRA dropout stream
 
+    if overwrite and out_path is not None:  # checkpoints of the replaced run must not mix with this run's
+        shutil.rmtree(out_path / CHECKPOINTS_DIR, ignore_errors=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     micro = cfg.micro_batch_size or cfg.batch_size
     from tqdm.auto import tqdm
