@@ -206,11 +206,12 @@ class RecoveryData:
 
     def fingerprint(self) -> dict:
         import hashlib
+        from array import array
 
         h = hashlib.sha256()
         for ids, labels in self.examples:
-            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-            h.update(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
+            h.update(array("q", ids).tobytes())
+            h.update(array("q", labels).tobytes())
         return {"kind": self.kind, "n_examples": len(self.examples), "sha256": h.hexdigest()}
 
 
@@ -447,10 +448,8 @@ def _wrap(model, lora_config):
     peft_model = peft.get_peft_model(model, lora_config)
     from peft.tuners.lora import LoraLayer
 
-    for name, module in peft_model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and ".layers." in name and not isinstance(module, LoraLayer):
-            if any(isinstance(m, LoraLayer) for m in module.modules()):
-                continue
+    for name, module in peft_model.named_modules():  # a LoraLayer's own child is named base_layer
+        if name.rsplit(".", 1)[-1] in targets and not isinstance(module, LoraLayer):
             raise RuntimeError(f"peft did not wrap {name} ({type(module).__name__})")
     return peft_model
 
@@ -589,6 +588,10 @@ class RecoverResult:
     adapter_state: dict = field(default_factory=dict, repr=False)
 
 
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _lr_at(cfg: RecoverConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -663,7 +666,9 @@ def recover(
 
     dtype = cfg.resolved_dtype()
     device = torch.device(cfg.device)
-    model.to(device=device, dtype=dtype)
+    model.to(device)
+    if _param_dtype(model) != dtype:  # (a model loaded in ``dtype`` keeps its fp32 rotary buffers)
+        model.to(dtype)
     model.config.use_cache = False
 
     adapter_cfg = adapter_state = None
