@@ -306,3 +306,33 @@ def test_missing_peft_names_the_extra(monkeypatch, tmp_path):
     out = tmp_path / "out"
     assert main(["--model", str(tmp_path), "--data", "pydoc", "--out", str(out), "--quiet"]) == 2
     assert not out.exists()
+
+
+def _render_quality():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "render_quality.py"
+    spec = importlib.util.spec_from_file_location("render_quality_for_recover", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_report_renders_recovery_records(tmp_path):
+    rq = _render_quality()
+    rec = {"model": "tiny", "command": "moreau-recover ...", "device": "2-core CPU", "date": "2026-01-01",
+           "data": {"source": "pydoc"}, "steps": 10, "losses": [4.0] * 5 + [3.0] * 5, "train_time_s": 60.0,
+           "config": {"batch_size": 2, "cutoff_len": 64, "rank": 8, "alpha": 16.0, "lr": 3e-4},
+           "ppl_before": {"ppl": 41.0, "n_windows": 4, "seq_len": 128},
+           "ppl_after": {"ppl": 30.0, "n_windows": 4, "seq_len": 128}}
+    (tmp_path / "recovery").mkdir()
+    (tmp_path / "recovery" / "tiny.json").write_text(json.dumps(rec))
+    text = rq.render(tmp_path / "quality", tmp_path / "Q.md", plots=False)
+    assert "## Recovery (LoRA after pruning)" in text
+    assert "| tiny | pydoc | 10 | 2 x 64 | 8 / 16 / 0.0003 | 4.000 → 3.000 | 41.00 → 30.00 | 4 x 128 | 1.0 |" in text
+
+    # the committed quality report carries the section of every committed recovery record
+    committed = rq.ROOT / "results" / "recovery"
+    section = "\n".join(rq.recovery_markdown(committed))
+    if section:
+        assert section in (rq.ROOT / "results" / "QUALITY.md").read_text()
