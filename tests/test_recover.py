@@ -329,7 +329,7 @@ def test_quality_report_renders_recovery_records(tmp_path):
     (tmp_path / "recovery" / "tiny.json").write_text(json.dumps(rec))
     text = rq.render(tmp_path / "quality", tmp_path / "Q.md", plots=False)
     assert "## Recovery (LoRA after pruning)" in text
-    assert "| tiny | pydoc | 10 | 2 x 64 | 8 / 16 / 0.0003 | 4.000 → 3.000 | 41.00 → 30.00 | 4 x 128 | 1.0 |" in text
+    assert "| tiny | pydoc | 10 | 2 x 64 | 8 / 16 / 0.0003 | 4.000 → 3.000 | 41.00 → 30.00 | – | 4 x 128 | 1.0 |" in text
 
     # the committed quality report carries the section of every committed recovery record
     committed = rq.ROOT / "results" / "recovery"
