@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Render ``benchmarks/results/QUALITY.md`` and its PNG plots from the records of
-``benchmarks/quality.py`` (every ``<in>/<model-tag>/records.jsonl``). Never edit the output by hand::
+``benchmarks/quality.py`` (every ``<in>/<model-tag>/records.jsonl``) and of ``moreau-recover`` runs
+(``results/recovery/*.json``). Never edit the output by hand::
 
     python benchmarks/render_quality.py
 """
@@ -509,8 +510,48 @@ class ModelReport:
         return "\n".join(out)
 
 
-def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = True) -> str:
+def recovery_markdown(recovery_dir: Path) -> list[str]:
+    """The "Recovery" section from the records of ``moreau-recover`` runs (``<recovery_dir>/*.json``:
+    the run's ``recovery.json`` plus ``model``, ``prune_command``, ``command``, ``device`` and ``date``)."""
+    records = []
+    for path in sorted(Path(recovery_dir).glob("*.json")):
+        r = json.loads(path.read_text())
+        if isinstance(r, dict) and "ppl_before" in r and "ppl_after" in r:
+            records.append((path.name, r))
+    if not records:
+        return []
+    rows = []
+    for name, r in records:
+        before, after, cfg = r["ppl_before"], r["ppl_after"], r["config"]
+        losses = r["losses"]
+        head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+        rows.append([r.get("model", name), r["data"]["source"], str(r["steps"]),
+                     f"{cfg['batch_size']} x {cfg['cutoff_len']}", f"{cfg['rank']} / {cfg['alpha']:g} / {cfg['lr']:g}",
+                     f"{statistics.fmean(head):.3f} → {statistics.fmean(tail):.3f}",
+                     f"{before['ppl']:.2f} → {after['ppl']:.2f}",
+                     f"{r['dense_ppl']['ppl']:.2f}" if r.get("dense_ppl") else "–",
+                     f"{before['n_windows']} x {before['seq_len']}",
+                     f"{r['train_time_s'] / 60:.1f}", r.get("device", "?"), r.get("date", "?")])
+    out = ["## Recovery (LoRA after pruning)", "",
+           "Short LoRA fine-tunes of pruned models with `moreau-recover` (peft on q/k/v/o/gate/up/down of every "
+           "layer), trained on the calibration side of the text and scored on its held-out side (128-token windows as above; "
+           "the dense model on the same windows). Loss: mean training loss of the first and last "
+           "tenth of the steps. Training on the corpus's own calibration side also adapts the model to its style, "
+           "so the recovered perplexity can fall below the dense model's: it measures recovery plus domain "
+           "adaptation. Records and exact commands: `benchmarks/results/recovery/`.", "",
+           table(["model", "data", "steps", "batch x tokens", "rank / alpha / lr", "train loss",
+                  "held-out PPL before → after", "dense PPL", "eval windows", "train min", "device", "date"], rows), ""]
+    for name, r in records:
+        if r.get("prune_command") or r.get("command"):
+            out += [f"`{name}`: pruned with `{r.get('prune_command', '?')}`, recovered with "
+                    f"`{r.get('command', '?')}`.", ""]
+    return out
+
+
+def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = True,
+           recovery_dir: Path | None = None) -> str:
     in_dir, out_md = Path(in_dir), Path(out_md)
+    recovery_dir = in_dir.parent / "recovery" if recovery_dir is None else Path(recovery_dir)
     reports = []
     for rec_file in sorted(in_dir.glob("*/records.jsonl")):
         records = read_records(rec_file)
@@ -529,6 +570,7 @@ def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = 
         if plots:
             rep.plot(out_md.parent)
         out.append(rep.markdown(out_md.parent, plots))
+    out += recovery_markdown(recovery_dir)
     text = "\n".join(out).rstrip() + "\n"
     out_md.write_text(text)
     return text
