@@ -178,6 +178,7 @@ def est_index(doc: dict):
         k = (r["shape"], r["dtype"], r.get("tokens"), r["provider"])
         idx[k][r["metric"]] = r["value"] if r["metric"] != "error" else r.get("message", "error")
         meta.setdefault(k, r)
+        meta.setdefault("_all", {}).setdefault(k, []).append(r)  # every record of k (render_tracked)
     return idx, meta
 
 
@@ -185,7 +186,8 @@ def render_estimate(doc: dict) -> list[str]:
     lines = ["### End-to-end Moreau estimate", "", _provenance(doc), "",
              "`pure` = the published loop (pure-PyTorch reference backend, noise from the CPU torch generator); "
              "`fused` = `moreau_estimate` on the auto-selected backend with Philox noise; `lean` = "
-             "`moreau_estimate_lean`. fwd+bwd = plain forward+backward on the same batch in the same process; "
+             "`moreau_estimate_lean`; `regen` = `moreau_estimate_regen` (lean without perturbed copies of the "
+             "linear weights). fwd+bwd = plain forward+backward on the same batch in the same process; "
              "overhead = median step − fwd+bwd; floor = minimum elementwise bytes per step ÷ copy bandwidth; "
              "peak = peak memory during the estimate (CPU: peak RSS of a fresh process, reset after loading the "
              "model; GPU: max_memory_allocated).", ""]
@@ -196,9 +198,10 @@ def render_estimate(doc: dict) -> list[str]:
     lines += ["| model | tokens | path | backend | fwd+bwd ms | step ms | overhead ms | overhead % | estimate s "
               "(T) | peak MiB | peak vs pure | step vs pure | floor ms | overhead ÷ floor |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(idx, key=lambda k: (k[0], k[1], k[2] or 0, ["pure", "fused", "lean"].index(k[3])
-                                           if k[3] in ("pure", "fused", "lean") else 9)):
+    for k in sorted(idx, key=lambda k: (k[0], k[1], k[2] or 0, _path_order(k[3]))):
         m, r = idx[k], meta[k]
+        if "fwd_bwd" not in m and "error" not in m:  # measured for memory only
+            continue
         if "error" in m:
             lines.append(f"| {k[0]} {k[1]} | {k[2]} | {k[3]} | FAILED: {str(m['error'])[:150]} |||||||||||")
             continue
@@ -209,9 +212,47 @@ def render_estimate(doc: dict) -> list[str]:
             f"{_fmt(m.get('peak_mem_vs_pure'))} | {_fmt(m.get('step_vs_pure'))} | {_fmt(m.get('elementwise_floor'))} | "
             f"{_fmt(m.get('overhead_over_floor'))} |")
     lines.append("")
+    lines += render_tracked(idx, meta)
     if doc.get("notes"):
         lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     return lines
+
+
+PATH_ORDER = ("published", "pure", "fused", "lean", "regen")
+
+
+def _path_order(p: str) -> int:
+    return PATH_ORDER.index(p) if p in PATH_ORDER else 9
+
+
+def render_tracked(idx: dict, meta: dict) -> list[str]:
+    """Tracked live-tensor peaks next to RSS and the memory plan."""
+    keys = [k for k in idx if "tracked_peak" in idx[k]]
+    if not keys:
+        return []
+    lines = ["#### Live tensor memory (tracked) vs RSS and the plan", "",
+             "tracked = peak live tensor bytes under `moreau_pruner.memtrack.LiveTensorTracker` (weights "
+             "included, each storage once, sampled at op boundaries) over a short estimate; fwd+bwd = the same for "
+             "a plain forward+backward; floor = that fwd+bwd peak + δ + acc (weights, activations, estimator "
+             "state: what any path must hold); RSS = the process peak RSS of the timed run; plan = "
+             "`moreau_pruner.lean.plan_memory` for the same configuration (upper bound; lower bound in "
+             "brackets).", "",
+             "| model | tokens | path | RSS peak MiB | tracked MiB | tracked ÷ floor | floor MiB | fwd+bwd MiB | "
+             "tracked vs pure | plan MiB (lower) | plan ÷ tracked | at the peak (largest, MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0, _path_order(k[3]))):
+        m = idx[k]
+        rec = next((r for r in meta.get("_all", {}).get(k, []) if r["metric"] == "tracked_peak"), None)
+        top = ""
+        if rec is not None:
+            bd = rec.get("breakdown_mib", {})
+            top = ", ".join(f"{name} {v:.0f}" for name, v in list(bd.items())[:4]) + f" (after {rec.get('peak_op')})"
+        lines.append(f"| {k[0]} {k[1]} | {k[2]} | {k[3]} | {_fmt(m.get('peak_mem'))} | {_fmt(m.get('tracked_peak'))} | "
+                     f"{_fmt(m.get('tracked_vs_floor'))} | {_fmt(m.get('tracked_floor'))} | "
+                     f"{_fmt(m.get('tracked_fwd_bwd_peak'))} | {_fmt(m.get('tracked_vs_pure'))} | "
+                     f"{_fmt(m.get('plan_total'))} ({_fmt(m.get('plan_lower'))}) | {_fmt(m.get('plan_vs_tracked'))} | "
+                     f"{top} |")
+    return lines + [""]
 
 
 def plot_estimate(doc: dict, out: Path) -> Path | None:
@@ -292,6 +333,12 @@ def goals(device: str, ops: dict | None, est: dict | None) -> list[tuple[str, st
                 v = idx[k]["peak_mem_vs_pure"]
                 rows.append((f"peak memory ≤ 50 % of the pure path ({k[0]}, {k[2]} tokens, {k[3]})",
                              f"{100 * v:.0f} %", status(v, lambda x: x <= 0.5)))
+        for k in sorted(idx, key=lambda k: (k[0], k[2] or 0, _path_order(k[3]))):
+            if "tracked_vs_floor" in idx[k]:
+                v = idx[k]["tracked_vs_floor"]
+                rows.append((f"tracked peak ≤ 1.1 × floor ({k[0]} {k[1]}, {k[2]} tokens, {k[3]}; floor "
+                             f"{idx[k]['tracked_floor']:.0f} MiB)", f"{idx[k]['tracked_peak']:.0f} MiB = {v:.2f}×",
+                             status(v, lambda x: x <= 1.1)))
         if not device.startswith("cpu"):
             for k in sorted(idx, key=lambda k: (k[0], k[2] or 0, k[3])):
                 if k[3] in ("fused", "lean") and "overhead_over_floor" in idx[k]:
