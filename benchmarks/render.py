@@ -355,6 +355,61 @@ def goals(device: str, ops: dict | None, est: dict | None) -> list[tuple[str, st
 
 
 # ============================================================================ main
+def render_plans(doc: dict) -> list[str]:
+    """The 7B / 70B plans of ``python -m moreau_pruner.plans`` and the meta-device tracked steps."""
+    gib = 2 ** 30
+    lines = ["### Memory plans for the sizes people prune (`python -m moreau_pruner.plans`)", "",
+             f"Per GPU, {doc['tokens']} calibration tokens, {doc['dtype']} weights, fp32 δ and acc; budget "
+             f"{doc['budget_gib']:g} GiB per 80 GB GPU including a 1.5 GiB CUDA reserve. Shapes only (planned, "
+             "not measured on a GPU); the first configuration that fits, in order of cost, is advised.", "",
+             "| model | GPUs | configuration | per-GPU GiB | fits | host GiB per node |", "|---|---|---|---|---|---|"]
+    for sc in doc["scenarios"]:
+        for p in sc["plans"]:
+            chosen = " **(advised)**" if p["label"] == sc.get("chosen") else ""
+            host = f"{p['host_per_node_bytes'] / gib:.0f}" if p["host_items"] else "–"
+            lines.append(f"| {sc['shape']} | {sc['gpus']} | {p['label']}{chosen} | {p['total_bytes'] / gib:.2f} | "
+                         f"{'yes' if p['fits'] else 'no'} | {host} |")
+    lines.append("")
+    tracked = [(sc["shape"], k, v) for sc in doc["scenarios"] for k, v in sc.get("tracked", {}).items()]
+    if tracked:
+        lines += ["One estimate step of the single-GPU paths run on the `meta` device under the live-tensor tracker "
+                  "(exact shapes and dtypes, no arithmetic) against the plan without its CUDA reserve:", "",
+                  "| model | configuration | tracked peak GB (GiB) | plan GiB | plan ÷ tracked | peak after |",
+                  "|---|---|---|---|---|---|"]
+        for shape, label, v in tracked:
+            lines.append(f"| {shape} | {label} | {v['tracked_peak_bytes'] / 1e9:.2f} "
+                         f"({v['tracked_peak_bytes'] / gib:.2f}) | {v['plan_bytes_without_reserve'] / gib:.2f} | "
+                         f"{v['plan_over_tracked']:.3f} | {v['peak_op']} |")
+        lines.append("")
+    return lines
+
+
+def render_fsdp_rank(doc: dict) -> list[str]:
+    """Per-rank tracked peak of the scaled-down FSDP2 step against the rank plan."""
+    recs = doc["records"]
+    ranks = [r for r in recs if r["metric"] == "tracked_peak"]
+    plan = next((r for r in recs if r["metric"] == "plan_without_reserve"), None)
+    ratio = next((r for r in recs if r["metric"] == "plan_over_tracked"), None)
+    if not ranks or plan is None:
+        return []
+    sh = doc.get("shape", {})
+    lines = ["### FSDP2 per-rank memory, scaled-down LLaMA-3-70B shape (`benchmarks/fsdp_rank_memory.py`)", "",
+             f"{doc.get('ranks')} ranks (gloo, CPU), fp32, hidden {sh.get('hidden_size')}, intermediate "
+             f"{sh.get('intermediate_size')}, {sh.get('num_hidden_layers')} layers, vocab {sh.get('vocab_size')}, "
+             f"{doc.get('rows')}×{doc.get('seq')} tokens split across ranks; real `fully_shard` per layer and root, "
+             "estimator state on local shards, prox in post-accumulate-grad hooks; the forward runs on the clean "
+             f"weights (a memory measurement). Date {doc.get('date')}, commit `{doc.get('commit')}`, torch "
+             f"{doc.get('torch')}; command `python benchmarks/fsdp_rank_memory.py {' '.join(doc.get('argv', []))}`.", "",
+             "| rank | rows | tracked peak MiB | plan MiB (no CUDA reserve) | plan ÷ tracked | peak after |",
+             "|---|---|---|---|---|---|"]
+    for r in ranks:
+        lines.append(f"| {r['rank']} | {r['rows']} | {r['value']:.1f} | {plan['value']:.1f} | "
+                     f"{plan['value'] / r['value']:.3f} | {r.get('peak_op')} |")
+    if ratio is not None:
+        lines += ["", f"Plan ÷ largest rank peak: {ratio['value']:.3f} (target: within 10 %)."]
+    return lines + [""]
+
+
 def render(results: Path, out: Path) -> Path:
     results = Path(results)
     devices = sorted(d for d in results.iterdir() if d.is_dir() and d.name != "quality"
@@ -385,6 +440,10 @@ def render(results: Path, out: Path) -> Path:
             png = plot_estimate(est, d / "estimate.png")
             if png:
                 lines += [f"![fwd+bwd and overhead per step]({png.relative_to(out.parent).as_posix()})", ""]
+        if (d / "plans.json").exists():
+            lines += render_plans(C.read_results(d / "plans.json"))
+        if (d / "fsdp_rank_memory.json").exists():
+            lines += render_fsdp_rank(C.read_results(d / "fsdp_rank_memory.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out
