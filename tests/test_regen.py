@@ -12,7 +12,7 @@ import moreau_kernels as mk
 from moreau_pruner import MoreauConfig
 from moreau_pruner.lean import estimate, moreau_estimate_lean, plan_memory
 from moreau_pruner.memtrack import LiveTensorTracker
-from moreau_pruner.regen import moreau_estimate_regen, regen_linears
+from moreau_pruner.regen import moreau_estimate_regen, regen_modules
 
 
 def qwen2(seed=0):
@@ -68,12 +68,13 @@ class _Null:
 
 def test_which_linears_regenerate():
     tied = tiny("llama", tied=True)
-    lin = regen_linears(tied)
+    lin = regen_modules(tied)
     names = {n for n, p in tied.named_parameters() if id(p) in lin}
     # every projection of every layer; not the tied lm_head / embeddings, not the norms
     assert len(names) == 2 * 7 and all(n.endswith("_proj.weight") for n in names)
     untied = tiny("mistral", tied=False)
-    assert "lm_head.weight" in {n for n, p in untied.named_parameters() if id(p) in regen_linears(untied)}
+    names = {n for n, p in untied.named_parameters() if id(p) in regen_modules(untied)}
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= names and len(names) == 2 * 7 + 2
 
 
 def test_gradient_checkpointing_same_result():
@@ -113,13 +114,13 @@ def test_regen_holds_less_than_lean_and_the_plan_says_so():
             estimate(m, batch(), cfg, path=path, progress=False)
         peaks[path] = tr.peak_bytes
     m = qwen2()
-    linear_bytes = sum(mod.weight.numel() * 4 for mod in regen_linears(m).values())
-    largest = max(mod.weight.numel() * 4 for mod in regen_linears(m).values())
+    linear_bytes = sum(mod.weight.numel() * 4 for mod in regen_modules(m).values())
+    largest = max(mod.weight.numel() * 4 for mod in regen_modules(m).values())
     saved = peaks["lean"] - peaks["regen"]
     # the lean work buffers of the linear weights go; a transient w̃ and gradient of one linear remain
     assert linear_bytes - 2 * largest <= saved <= linear_bytes
     lean_plan = plan_memory(m, tuple(batch().shape), cfg, "lean", "cpu", fused=True)
     regen_plan = plan_memory(m, tuple(batch().shape), cfg, "regen", "cpu", fused=True)
     assert regen_plan.total < lean_plan.total
-    assert regen_plan.items["work buffers (parameters outside the linear layers)"] == \
+    assert regen_plan.items["work buffers (parameters not regenerated)"] == \
         lean_plan.items["work buffers"] - linear_bytes

@@ -458,27 +458,27 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
         notes.append("published code: 5 fp32 copies of every parameter (SPEC §8)")
         act_dtype = torch.float32
     elif path == "regen":
-        from .regen import regen_linears
+        from .regen import regen_modules
 
-        lin = regen_linears(model, named)
+        lin = regen_modules(model, named)
         small = [b for (_, p), b in zip(named, wbytes) if id(p) not in lin]
         big = [b for (_, p), b in zip(named, wbytes) if id(p) in lin]
         items["weights"] = W
-        items["work buffers (parameters outside the linear layers)"] = sum(small)
+        items["work buffers (parameters not regenerated)"] = sum(small)
         items["delta (fp32)"] = 4 * n_params
         items["acc (fp32, scored)"] = 4 * n_scored
-        items["transient perturbed weight + its gradient (largest linear)"] = 2 * max(big, default=0)
+        items["transient perturbed weight + its gradient (largest regenerated)"] = 2 * max(big, default=0)
         if n_backward > 1:
             items["gradient partial sums (all)"] = W
             notes.append(f"{n_backward} backward passes per step (micro-batches x samples): the partial "
                          "gradients are held until the last one")
         else:
-            items[f"gradients outside the linear layers (largest {GRAD_LIVE_TENSORS})"] = \
+            items[f"gradients of parameters not regenerated (largest {GRAD_LIVE_TENSORS})"] = \
                 sum(sorted(small)[-GRAD_LIVE_TENSORS:])
         if not fused:
             items["op temporaries (fp32, largest tensor)"] = 4 * 4 * largest
             notes.append("pure-PyTorch ops: ~4 fp32 temporaries of the largest tensor")
-        notes.append(f"regen: {len(lin)} linear weights regenerated in forward and backward, never stored")
+        notes.append(f"regen: {len(lin)} linear / embedding weights regenerated in forward and backward, never stored")
     else:
         items["weights"] = W
         items["perturbed weights" if path == "reference" else "work buffers"] = W

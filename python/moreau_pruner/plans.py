@@ -252,14 +252,14 @@ def tracked_step(model: nn.Module, batch_shape: tuple[int, int], config: MoreauC
     """
     from .lean import _Control, _LeanState, _make_hook, _perturb_all, activation_checkpointing
     from .memtrack import LiveTensorTracker
-    from .regen import _RegenState, _regen_forward, _Run, regen_linears
+    from .regen import _RegenState, _regen_forward, _Run, regen_modules
 
     cfg = (config or MoreauConfig()).validate()
     if path not in ("lean", "regen"):
         raise ValueError(f"path must be lean or regen, got {path!r}")
     named = unique_named_parameters(model)
     wanted = _score_predicate(score, named)
-    lin = regen_linears(model, named) if path == "regen" else {}
+    lin = regen_modules(model, named) if path == "regen" else {}
     dev = named[0][1].device
     ids = torch.zeros(batch_shape, dtype=torch.long, device=dev)
     flags = [p.requires_grad for _, p in named]

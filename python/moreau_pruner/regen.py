@@ -1,4 +1,4 @@
-"""The ``regen`` memory strategy of the Moreau estimate: no perturbed copy of the linear weights.
+"""The ``regen`` memory strategy of the Moreau estimate: no perturbed copy of the large weights.
 
 The lean path (:mod:`moreau_pruner.lean`) keeps one work buffer per parameter holding the
 perturbed weight w̃ = w + ξ|c·w| + δ for the whole forward and backward. Since w̃ is a pure
@@ -14,9 +14,11 @@ function of (w, δ, seed, step, index) (Philox noise, SPEC §2), it need not be 
   weight never gets a ``.grad``; with micro-batches or several noise samples per step the partial
   gradients are summed in one buffer until the step's last backward, as ``.grad`` would).
 
-The peak then holds weights + δ + acc + activations + one layer's transient w̃ and gradient:
-the floor of SPEC §8, up to the small parameters (embeddings, norms, biases, a tied lm_head),
-which keep the lean path's work buffers and post-accumulate-grad hooks. The arithmetic is that of
+Untied ``nn.Embedding`` weights get the same treatment (:class:`RegenEmbedding`: w̃ in the
+forward only, the backward needs just the ids). The peak then holds weights + δ + acc +
+activations + one layer's transient w̃ and gradient: the floor of SPEC §8, up to the parameters
+that are neither (norms, biases, a tied embedding / lm_head), which keep the lean path's work
+buffers and post-accumulate-grad hooks. The arithmetic is that of
 the autograd of ``F.linear`` (same ``mm`` calls in the same layouts), so δ, Ĝ and the log are
 bit-identical to the lean path on the same backend; the price is one more perturb of every linear
 weight per backward.
@@ -41,15 +43,15 @@ from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, c
 from .lean import (_Control, _LeanState, _make_hook, _perturb_all, _score_predicate, _sums_to_cpu,
                    activation_checkpointing)
 
-__all__ = ["RegenLinear", "moreau_estimate_regen", "regen_linears"]
+__all__ = ["RegenEmbedding", "RegenLinear", "moreau_estimate_regen", "regen_modules"]
 
 
 class _RegenState:
-    """A linear weight whose perturbed copy is regenerated, never stored."""
+    """A linear or embedding weight whose perturbed copy is regenerated, never stored."""
 
     __slots__ = ("name", "param", "index", "clean", "delta", "acc", "module", "k", "gbuf")
 
-    def __init__(self, name: str, param: nn.Parameter, index: int, scored: bool, module: nn.Linear, k: int):
+    def __init__(self, name: str, param: nn.Parameter, index: int, scored: bool, module: nn.Module, k: int):
         self.name, self.param, self.index, self.module, self.k = name, param, index, module, k
         self.clean = param.data
         self.delta = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
@@ -64,7 +66,7 @@ class _RegenState:
 
 
 class _Run:
-    """What the regenerating linears read: the configuration, the noise key of this forward/backward,
+    """What the regenerating modules read: the configuration, the noise key of this forward/backward,
     and the shared update control (whether this backward is the step's last, per-tensor Σδ²)."""
 
     def __init__(self, cfg: MoreauConfig, ctl: _Control):
@@ -127,13 +129,43 @@ class RegenLinear(torch.autograd.Function):
         return gx, gb, None, None
 
 
-def _regen_forward(module: nn.Linear, st: _RegenState, run: _Run, input: torch.Tensor) -> torch.Tensor:
+class RegenEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, w̃)`` with w̃ regenerated in the forward; the backward needs only the ids."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, anchor: torch.Tensor, st: _RegenState, run: _Run, padding_idx: int,
+                scale_grad_by_freq: bool):
+        # ``anchor`` (an empty tensor that requires grad) puts this node on the graph: nothing else
+        # it receives is differentiable
+        wt = st.perturbed(run.cfg, run.key)
+        y = F.embedding(ids, wt, padding_idx, None, 2.0, scale_grad_by_freq, False)
+        del wt
+        ctx.save_for_backward(ids)
+        ctx.st, ctx.run = st, run
+        ctx.args = (st.clean.shape[0], padding_idx, scale_grad_by_freq)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        n, padding_idx, scale = ctx.args
+        # what autograd computes for nn.Embedding's weight (dense)
+        ctx.run.consume(ctx.st, torch.ops.aten.embedding_backward(gy, ids, n, padding_idx, scale, False))
+        return None, None, None, None, None, None
+
+
+def _regen_forward(module: nn.Module, st: _RegenState, run: _Run, input: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        pad = module.padding_idx if module.padding_idx is not None else -1
+        anchor = torch.empty(0, device=st.clean.device, requires_grad=True)
+        return RegenEmbedding.apply(input, anchor, st, run, pad, module.scale_grad_by_freq)
     return RegenLinear.apply(input, module.bias, st, run)
 
 
-def regen_linears(model: nn.Module, named: list[tuple[str, nn.Parameter]] | None = None) -> dict[int, nn.Linear]:
-    """``id(weight) -> module`` for every plain ``nn.Linear`` whose weight belongs to that module
-    alone (tied weights, such as an lm_head tied to the embeddings, are left to the lean path)."""
+def regen_modules(model: nn.Module, named: list[tuple[str, nn.Parameter]] | None = None) -> dict[int, nn.Module]:
+    """``id(weight) -> module`` for every plain ``nn.Linear`` and dense ``nn.Embedding`` (no
+    ``max_norm``, not sparse) whose weight belongs to that module alone (tied weights, such as an
+    lm_head tied to the embeddings, are left to the lean path)."""
     named = named if named is not None else unique_named_parameters(model)
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
@@ -143,8 +175,9 @@ def regen_linears(model: nn.Module, named: list[tuple[str, nn.Parameter]] | None
     ids = {id(p) for _, p in named}
     out = {}
     for m in model.modules():
-        if type(m) is nn.Linear and id(m.weight) in ids and owners.get(id(m.weight)) == 1 \
-                and "forward" not in m.__dict__ and m.weight.dim() == 2:
+        ok = (type(m) is nn.Linear) or (type(m) is nn.Embedding and m.max_norm is None and not m.sparse)
+        if ok and id(m.weight) in ids and owners.get(id(m.weight)) == 1 and "forward" not in m.__dict__ \
+                and m.weight.dim() == 2:
             out[id(m.weight)] = m
     return out
 
@@ -170,7 +203,7 @@ def moreau_estimate_regen(model: nn.Module, batch: torch.Tensor, config: MoreauC
         raise EstimatorError("the model has no parameters")
     check_finite_weights(named)
     wanted = _score_predicate(score, named)
-    linears = regen_linears(model, named)
+    linears = regen_modules(model, named)
     grad_flags = [p.requires_grad for _, p in named]
     was_training = model.training
     log: list[dict] = []
