@@ -11,6 +11,12 @@ configuration alone), on the same calibration batch:
 * peak memory during the estimate: GPU ``torch.cuda.max_memory_allocated``; CPU the peak RSS
   (VmHWM, reset through /proc/self/clear_refs after the model is loaded; ``ru_maxrss`` of the
   whole process is recorded too);
+* tracked peak live tensor bytes (:class:`moreau_pruner.memtrack.LiveTensorTracker`, weights
+  counted as the baseline) of a short estimate (``--track-iters`` steps: the peak is reached in the
+  first) and of a plain forward+backward, the memory floor (that forward+backward's tracked peak
+  + δ + acc: weights, activations, estimator state and nothing else) and the memory plan of
+  ``moreau_pruner.lean.plan_memory`` for the same configuration, so the plan is checked against a
+  measurement;
 * the bandwidth floor of the elementwise work: minimum bytes per step (perturb: read w and δ,
   write w̃; update: read g and δ, write δ; acc read+write on averaged steps) ÷ the copy bandwidth
   measured in the same run, and overhead ÷ floor.
@@ -18,11 +24,17 @@ configuration alone), on the same calibration batch:
 Paths: ``pure`` = the published loop: ``moreau_kernels.use_backend("reference")`` with
 ``moreau_estimate`` and ``noise="torch"`` (noise drawn from the CPU torch generator, as the
 published code does); ``fused`` = ``moreau_estimate`` on the auto-selected backend with Philox
-noise; ``lean`` = ``moreau_pruner.lean.moreau_estimate_lean`` (auto backend) when it exists.
+noise; ``lean`` = ``moreau_pruner.lean.moreau_estimate_lean`` (auto backend); ``regen`` =
+``moreau_pruner.regen.moreau_estimate_regen`` (lean without perturbed copies of the linear
+weights); ``published`` (memory only, ``--memory-only``) = the memory pattern of the published
+code: weights perturbed in place, the noise of every parameter held until the weights are restored
+by subtraction, every gradient in ``.grad``, pure-PyTorch updates.
 
     python benchmarks/bench_estimate.py                    # CPU: SmolLM2 + 1-layer LLaMA shapes
     python benchmarks/bench_estimate.py --models smollm2   # one model
     python benchmarks/bench_estimate.py                    # on a GPU: bf16, 640 and 8192 tokens
+    python benchmarks/bench_estimate.py --models smollm2 --memory-only --paths published,pure,fused,lean,regen
+                                                           # tracked peaks only, merged into estimate.json
 """
 from __future__ import annotations
 
@@ -48,7 +60,8 @@ LLAMA = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
-PATHS = ("pure", "fused", "lean")
+PATHS = ("pure", "fused", "lean", "regen", "published")
+MEMORY_ONLY_PATHS = ("published",)
 
 
 # ============================================================================ worker (one config)
@@ -124,12 +137,125 @@ def elementwise_bytes(model, iters: int, avg_last: int) -> dict:
             "per_step_mean": perturb + update + acc * K / iters}
 
 
+def run_path(path: str, model, batch, cfg):
+    """One estimate on a benchmark path (the result, or None for ``published``)."""
+    import moreau_kernels as mk
+    from moreau_pruner.estimator import moreau_estimate
+
+    if path == "pure":
+        with mk.use_backend("reference"):
+            return moreau_estimate(model, batch, cfg, progress=False)
+    if path == "fused":
+        return moreau_estimate(model, batch, cfg, progress=False)
+    if path == "lean":
+        from moreau_pruner.lean import moreau_estimate_lean
+
+        return moreau_estimate_lean(model, batch, cfg, progress=False)
+    if path == "regen":
+        from moreau_pruner.regen import moreau_estimate_regen
+
+        return moreau_estimate_regen(model, batch, cfg, progress=False)
+    if path == "published":
+        return published_loop(model, batch, cfg)
+    raise ValueError(path)
+
+
+@torch.no_grad()
+def _published_update(p, d, a, cfg, accumulate):
+    u = d - cfg.lr * p.grad.float()
+    rows = u.reshape(u.shape[0], -1) if u.dim() >= 2 else u.reshape(-1, 1)
+    r = torch.sqrt((rows * rows).mean(dim=1, keepdim=True))
+    coeff = torch.where(r <= cfg.lr * cfg.soft, torch.zeros_like(r), 1.0 - cfg.soft / r)
+    d.copy_((rows * coeff).reshape(d.shape))
+    if accumulate:
+        a.add_(d)
+
+
+def published_loop(model, batch, cfg) -> None:
+    """The memory pattern of the published estimate (reference mode, all parameters scored):
+    noise drawn per parameter from the CPU generator, weights perturbed in place, the noise kept
+    until they are restored by subtraction after the backward, every gradient in ``.grad``, the
+    prox step in plain PyTorch. For memory measurement only: the weights drift by ulps (the
+    caller restores them)."""
+    from moreau_pruner.estimator import forward_backward
+
+    params = list(model.parameters())
+    deltas = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    accs = [torch.zeros_like(d) for d in deltas]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    K = min(cfg.avg_last, cfg.iters)
+    model.eval()
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    for t in range(cfg.iters):
+        noises = []
+        with torch.no_grad():
+            for p, d in zip(params, deltas):
+                n = torch.randn(p.shape, generator=gen).to(p.device) * torch.abs(cfg.std * p)
+                noises.append(n)
+                p.add_(n + d)
+        forward_backward(model, batch, cfg.micro_batch_size)
+        with torch.no_grad():
+            for p, d, n in zip(params, deltas, noises):
+                p.sub_(n + d)
+            del noises
+            for p, d, a in zip(params, deltas, accs):
+                _published_update(p, d, a, cfg, t >= cfg.iters - K)
+                p.grad = None
+    return None
+
+
+def tracked(spec: dict, model, batch, out: dict) -> None:
+    """Tracked live-tensor peaks of a plain forward+backward and of a short estimate, and the plan."""
+    from moreau_pruner.estimator import MoreauConfig, forward_backward
+    from moreau_pruner.lean import plan_memory
+    from moreau_pruner.memtrack import LiveTensorTracker
+
+    path = spec["path"]
+    params = list(model.parameters())
+    mbs = spec.get("micro_batch")
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    with LiveTensorTracker(baseline=model) as tr:
+        forward_backward(model, batch, mbs)
+    for p in params:
+        p.grad = None
+    out["tracked_fwd_bwd_peak"] = tr.peak_bytes
+    it = spec.get("track_iters", 2)
+    cfg = MoreauConfig(iters=it, avg_last=1, seed=0, noise="torch" if path in ("pure", "published") else "philox",
+                       micro_batch_size=mbs)
+    saved = [p.detach().clone() for p in params] if path == "published" else None
+    t0 = time.perf_counter()
+    with LiveTensorTracker(baseline=model) as tr:
+        run_path(path, model, batch, cfg)
+    out["tracked_seconds"] = time.perf_counter() - t0
+    if saved is not None:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        del saved
+    out["tracked_peak"] = tr.peak_bytes
+    out["tracked_baseline"] = tr.baseline_bytes
+    out["tracked_peak_op"] = tr.peak_op
+    out["tracked_breakdown"] = dict(sorted(tr.peak_breakdown.items(), key=lambda kv: -kv[1])[:8])
+    n = sum(p.numel() for p in params)
+    out["state_bytes"] = 8 * n  # δ + acc, fp32, every parameter scored
+    plan_path = {"pure": "reference", "fused": "reference", "lean": "lean", "regen": "regen",
+                 "published": "published"}[path]
+    plan = plan_memory(model, tuple(batch.shape), cfg, plan_path, spec["device"],
+                       fused=None if path in ("fused", "lean", "regen") else False)
+    out["plan_total"] = plan.total
+    out["plan_lower"] = plan.lower_total
+    out["plan_items"] = plan.items
+
+
 def worker(spec: dict) -> dict:
     device = spec["device"]
     if device == "cpu":
         C.set_threads()
-    import moreau_kernels as mk
-    from moreau_pruner.estimator import MoreauConfig, forward_backward, moreau_estimate
+    from moreau_pruner.estimator import MoreauConfig, forward_backward
 
     out: dict = {"spec": spec}
     model, batch, desc = build(spec, device)
@@ -138,6 +264,9 @@ def worker(spec: dict) -> dict:
     out["tokens"] = int(batch.numel())
     out["rss_after_load"] = _mem_now(device)
     params = list(model.parameters())
+    if spec.get("memory_only"):
+        tracked(spec, model, batch, out)
+        return out
 
     def fwd_bwd_once() -> float:
         C.sync(device)
@@ -161,15 +290,7 @@ def worker(spec: dict) -> dict:
     reset_ok = _reset_peak(device)
     C.sync(device)
     t0 = time.perf_counter()
-    if path == "pure":
-        with mk.use_backend("reference"):
-            res = moreau_estimate(model, batch, cfg, progress=False)
-    elif path == "fused":
-        res = moreau_estimate(model, batch, cfg, progress=False)
-    else:
-        from moreau_pruner.lean import moreau_estimate_lean
-
-        res = moreau_estimate_lean(model, batch, cfg, progress=False)
+    res = run_path(path, model, batch, cfg)
     C.sync(device)
     total = time.perf_counter() - t0
     peak = _mem_peak(device)
@@ -185,6 +306,8 @@ def worker(spec: dict) -> dict:
     out["fwd_bwd"] = fb
     out["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["bytes"] = elementwise_bytes(model, spec["iters"], spec["avg_last"])
+    if spec.get("track"):
+        tracked(spec, model, batch, out)
     return out
 
 
@@ -246,6 +369,31 @@ def label_of(c: dict) -> str:
     return f"{c['model']}-{c['layers']}L{v}"
 
 
+TRACKED_METRICS = ("tracked_peak", "tracked_fwd_bwd_peak", "tracked_floor", "tracked_vs_floor", "plan_total",
+                   "plan_lower", "plan_vs_tracked", "tracked_vs_pure")
+
+
+def tracked_records(meta: C.Meta, r: dict, common: dict) -> list[dict]:
+    """Records of the tracked peaks (MiB) and the plan, when the worker measured them."""
+    if "tracked_peak" not in r:
+        return []
+    spec = r["spec"]
+    label, dt, prov = label_of(spec), spec["dtype"], spec["path"]
+    floor = r["tracked_fwd_bwd_peak"] + r["state_bytes"]
+    common = dict(common, track_iters=spec.get("track_iters", 2))
+    recs = [("tracked_fwd_bwd_peak", "MiB", r["tracked_fwd_bwd_peak"] / 2**20, {}),
+            ("tracked_peak", "MiB", r["tracked_peak"] / 2**20,
+             dict(peak_op=r["tracked_peak_op"], baseline_mib=r["tracked_baseline"] / 2**20,
+                  breakdown_mib={k: round(v / 2**20, 1) for k, v in r["tracked_breakdown"].items()})),
+            ("tracked_floor", "MiB", floor / 2**20, {}),
+            ("tracked_vs_floor", "x", r["tracked_peak"] / floor, {}),
+            ("plan_total", "MiB", r["plan_total"] / 2**20,
+             dict(plan_items_mib={k: round(v / 2**20, 1) for k, v in r["plan_items"].items()})),
+            ("plan_lower", "MiB", r["plan_lower"] / 2**20, {}),
+            ("plan_vs_tracked", "x", r["plan_total"] / r["tracked_peak"], {})]
+    return [meta.record("estimate", prov, label, dt, m, u, v, **common, **extra) for m, u, v, extra in recs]
+
+
 def summarize(meta: C.Meta, r: dict, copy_bw: float) -> list[dict]:
     spec = r["spec"]
     label, dt, prov = label_of(spec), spec["dtype"], spec["path"]
@@ -254,6 +402,8 @@ def summarize(meta: C.Meta, r: dict, copy_bw: float) -> list[dict]:
                   iters=spec["iters"], avg_last=spec["avg_last"])
     if "error" in r:
         return [meta.record("estimate", prov, label, dt, "error", "", None, message=r["error"], **common)]
+    if spec.get("memory_only"):
+        return tracked_records(meta, r, dict(common, params=r["params"], vocab=r["vocab"]))
     steps = r["steps"]
     later = steps[1:] if len(steps) >= 3 else steps
     step = statistics.median(later)
@@ -277,7 +427,8 @@ def summarize(meta: C.Meta, r: dict, copy_bw: float) -> list[dict]:
     ]
     if spec["device"] == "cpu":
         recs.append(("ru_maxrss", "MiB", r["ru_maxrss_bytes"] / 2**20))
-    return [meta.record("estimate", prov, label, dt, m, u, v, **common) for m, u, v in recs]
+    return [meta.record("estimate", prov, label, dt, m, u, v, **common) for m, u, v in recs] + \
+        tracked_records(meta, r, common)
 
 
 def ratios(meta: C.Meta, records: list[dict]) -> list[dict]:
@@ -286,14 +437,14 @@ def ratios(meta: C.Meta, records: list[dict]) -> list[dict]:
     key = lambda r: (r["shape"], r["dtype"], r["tokens"])  # noqa: E731
     vals = {}
     for r in records:
-        if r["op"] == "estimate" and r["metric"] in ("peak_mem", "overhead", "estimate", "step"):
+        if r["op"] == "estimate" and r["metric"] in ("peak_mem", "overhead", "estimate", "step", "tracked_peak"):
             vals[(key(r), r["provider"], r["metric"])] = r
     for (k, prov, metric), r in vals.items():
         base = vals.get((k, "pure", metric))
         if prov == "pure" or base is None or not r["value"]:
             continue
         name = {"peak_mem": "peak_mem_vs_pure", "overhead": "overhead_vs_pure", "estimate": "estimate_vs_pure",
-                "step": "step_vs_pure"}[metric]
+                "step": "step_vs_pure", "tracked_peak": "tracked_vs_pure"}[metric]
         out.append(meta.record("estimate", prov, r["shape"], r["dtype"], name, "x", r["value"] / base["value"],
                                tokens=r["tokens"], layers=r["layers"]))
     return out
@@ -315,24 +466,34 @@ def main(argv=None) -> Path:
     avail = mk.availability()
     paths = [p for p in args.paths.split(",") if p in PATHS]
     notes = []
+    if not args.memory_only and any(p in MEMORY_ONLY_PATHS for p in paths):
+        notes.append(f"paths {[p for p in paths if p in MEMORY_ONLY_PATHS]} are measured with --memory-only only")
+        paths = [p for p in paths if p not in MEMORY_ONLY_PATHS]
     if "lean" in paths and not lean_exists():
         paths.remove("lean")
         notes.append("lean path not run: moreau_pruner.lean.moreau_estimate_lean is not importable")
     copy_bytes = (256 if device == "cpu" else 1024) * 2**20
-    bw = C.copy_bandwidth(device, copy_bytes)
+    out_dir = Path(args.out) if args.out else C.RESULTS / C.device_name(device)
+    old = C.read_results(out_dir / "estimate.json") if (out_dir / "estimate.json").exists() else None
+    if args.memory_only and old is not None and old.get("copy_bandwidth"):
+        bw = old["copy_bandwidth"]  # the timing records kept from that run were computed against it
+    else:
+        bw = C.copy_bandwidth(device, copy_bytes)
     copy_bw = bw["best"]
     print(f"# {meta.base['device_name']} load {C.loadavg()} copy {copy_bw/1e9:.1f} GB/s; paths {paths}", flush=True)
     iters = args.iters or (4 if device == "cpu" else 10)
     avg_last = args.avg_last or (2 if device == "cpu" else 5)
     fb_reps = args.fb_reps or (2 if device == "cpu" else 5)
-    records = [meta.record("copy", name, [copy_bytes // 4], "fp32", "gbps", "GB/s", bw[name]["bytes_per_s"] / 1e9)
-               for name in ("clone", "copy_")]
+    records = [] if args.memory_only else [
+        meta.record("copy", name, [copy_bytes // 4], "fp32", "gbps", "GB/s", bw[name]["bytes_per_s"] / 1e9)
+        for name in ("clone", "copy_")]
     for cfg in configs(args, device):
         for path in paths:
             layers = cfg["layers"]
             while True:
                 spec = dict(cfg, layers=layers, path=path, device=device, iters=iters, avg_last=avg_last,
-                            fb_reps=fb_reps)
+                            fb_reps=fb_reps, track=args.track, track_iters=args.track_iters,
+                            memory_only=args.memory_only)
                 t0 = time.perf_counter()
                 r = run_worker(spec, args.timeout)
                 # on a GPU out of memory: halve the layer count and say so (the record keeps it)
@@ -347,15 +508,25 @@ def main(argv=None) -> Path:
             v = {x["metric"]: x["value"] for x in recs}
             if "error" in r:
                 print(f"{label_of(spec):22s} {path:6s} ERROR {r['error']}", flush=True)
+            elif args.memory_only:
+                print(f"{label_of(spec):22s} {path:9s} {spec['rows']}x{spec['seq']} tracked peak "
+                      f"{v['tracked_peak']:8.0f} MiB = {v['tracked_vs_floor']:.3f} x floor {v['tracked_floor']:.0f} MiB; "
+                      f"plan {v['plan_total']:.0f} MiB ({v['plan_vs_tracked']:.3f} x)  [{time.perf_counter()-t0:.0f} s, "
+                      f"load {C.loadavg()[0]}]", flush=True)
             else:
                 print(f"{label_of(spec):22s} {path:6s} {spec['rows']}x{spec['seq']} fwd+bwd {v['fwd_bwd']:9.1f} ms  "
                       f"step {v['step']:9.1f} ms  overhead {v['overhead_pct']:6.1f}%  peak {v['peak_mem']:8.0f} MiB  "
                       f"floor {v['elementwise_floor']:.1f} ms  [{time.perf_counter()-t0:.0f} s, load "
                       f"{C.loadavg()[0]}] backend {r['backend']}", flush=True)
     records += ratios(meta, records)
-    out_dir = Path(args.out) if args.out else C.RESULTS / C.device_name(device)
-    if args.merge and (out_dir / "estimate.json").exists():  # keep the other models of an earlier run
-        old = C.read_results(out_dir / "estimate.json")
+    if args.memory_only and old is not None:  # replace only the memory records
+        done = {(r["shape"], r["provider"]) for r in records if r["op"] == "estimate"}
+        kept = [r for r in old["records"] if not (r["op"] == "estimate" and r["metric"] in TRACKED_METRICS
+                                                 and (r["shape"], r["provider"]) in done)]
+        records += kept
+        notes += old.get("notes", []) + [f"tracked memory records of {sorted(done)} from a --memory-only run "
+                                         f"({meta.base['date']}); the other records from {old.get('date')}"]
+    elif args.merge and old is not None:  # keep the other models of an earlier run
         done = {r["shape"] for r in records if r["op"] == "estimate"}
         kept = [r for r in old["records"] if r["op"] == "estimate" and r["shape"] not in done]
         records += kept
@@ -384,6 +555,12 @@ def parse(argv=None):
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device-name>)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' records of an earlier estimate.json")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the tracked live-tensor peaks and the plan (no timing); replaces those records "
+                         "in an existing estimate.json and keeps the rest")
+    ap.add_argument("--no-track", dest="track", action="store_false",
+                    help="skip the tracked-memory measurement after the timed runs")
+    ap.add_argument("--track-iters", type=int, default=2, help="steps of the tracked estimate (default 2)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)

@@ -178,6 +178,7 @@ def est_index(doc: dict):
         k = (r["shape"], r["dtype"], r.get("tokens"), r["provider"])
         idx[k][r["metric"]] = r["value"] if r["metric"] != "error" else r.get("message", "error")
         meta.setdefault(k, r)
+        meta.setdefault("_all", {}).setdefault(k, []).append(r)  # every record of k (render_tracked)
     return idx, meta
 
 
@@ -185,7 +186,8 @@ def render_estimate(doc: dict) -> list[str]:
     lines = ["### End-to-end Moreau estimate", "", _provenance(doc), "",
              "`pure` = the published loop (pure-PyTorch reference backend, noise from the CPU torch generator); "
              "`fused` = `moreau_estimate` on the auto-selected backend with Philox noise; `lean` = "
-             "`moreau_estimate_lean`. fwd+bwd = plain forward+backward on the same batch in the same process; "
+             "`moreau_estimate_lean`; `regen` = `moreau_estimate_regen` (lean without perturbed copies of the "
+             "linear weights). fwd+bwd = plain forward+backward on the same batch in the same process; "
              "overhead = median step − fwd+bwd; floor = minimum elementwise bytes per step ÷ copy bandwidth; "
              "peak = peak memory during the estimate (CPU: peak RSS of a fresh process, reset after loading the "
              "model; GPU: max_memory_allocated).", ""]
@@ -196,9 +198,10 @@ def render_estimate(doc: dict) -> list[str]:
     lines += ["| model | tokens | path | backend | fwd+bwd ms | step ms | overhead ms | overhead % | estimate s "
               "(T) | peak MiB | peak vs pure | step vs pure | floor ms | overhead ÷ floor |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(idx, key=lambda k: (k[0], k[1], k[2] or 0, ["pure", "fused", "lean"].index(k[3])
-                                           if k[3] in ("pure", "fused", "lean") else 9)):
+    for k in sorted(idx, key=lambda k: (k[0], k[1], k[2] or 0, _path_order(k[3]))):
         m, r = idx[k], meta[k]
+        if "fwd_bwd" not in m and "error" not in m:  # measured for memory only
+            continue
         if "error" in m:
             lines.append(f"| {k[0]} {k[1]} | {k[2]} | {k[3]} | FAILED: {str(m['error'])[:150]} |||||||||||")
             continue
@@ -209,9 +212,47 @@ def render_estimate(doc: dict) -> list[str]:
             f"{_fmt(m.get('peak_mem_vs_pure'))} | {_fmt(m.get('step_vs_pure'))} | {_fmt(m.get('elementwise_floor'))} | "
             f"{_fmt(m.get('overhead_over_floor'))} |")
     lines.append("")
+    lines += render_tracked(idx, meta)
     if doc.get("notes"):
         lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     return lines
+
+
+PATH_ORDER = ("published", "pure", "fused", "lean", "regen")
+
+
+def _path_order(p: str) -> int:
+    return PATH_ORDER.index(p) if p in PATH_ORDER else 9
+
+
+def render_tracked(idx: dict, meta: dict) -> list[str]:
+    """Tracked live-tensor peaks next to RSS and the memory plan."""
+    keys = [k for k in idx if "tracked_peak" in idx[k]]
+    if not keys:
+        return []
+    lines = ["#### Live tensor memory (tracked) vs RSS and the plan", "",
+             "tracked = peak live tensor bytes under `moreau_pruner.memtrack.LiveTensorTracker` (weights "
+             "included, each storage once, sampled at op boundaries) over a short estimate; fwd+bwd = the same for "
+             "a plain forward+backward; floor = that fwd+bwd peak + δ + acc (weights, activations, estimator "
+             "state: what any path must hold); RSS = the process peak RSS of the timed run; plan = "
+             "`moreau_pruner.lean.plan_memory` for the same configuration (upper bound; lower bound in "
+             "brackets).", "",
+             "| model | tokens | path | RSS peak MiB | tracked MiB | tracked ÷ floor | floor MiB | fwd+bwd MiB | "
+             "tracked vs pure | plan MiB (lower) | plan ÷ tracked | at the peak (largest, MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0, _path_order(k[3]))):
+        m = idx[k]
+        rec = next((r for r in meta.get("_all", {}).get(k, []) if r["metric"] == "tracked_peak"), None)
+        top = ""
+        if rec is not None:
+            bd = rec.get("breakdown_mib", {})
+            top = ", ".join(f"{name} {v:.0f}" for name, v in list(bd.items())[:4]) + f" (after {rec.get('peak_op')})"
+        lines.append(f"| {k[0]} {k[1]} | {k[2]} | {k[3]} | {_fmt(m.get('peak_mem'))} | {_fmt(m.get('tracked_peak'))} | "
+                     f"{_fmt(m.get('tracked_vs_floor'))} | {_fmt(m.get('tracked_floor'))} | "
+                     f"{_fmt(m.get('tracked_fwd_bwd_peak'))} | {_fmt(m.get('tracked_vs_pure'))} | "
+                     f"{_fmt(m.get('plan_total'))} ({_fmt(m.get('plan_lower'))}) | {_fmt(m.get('plan_vs_tracked'))} | "
+                     f"{top} |")
+    return lines + [""]
 
 
 def plot_estimate(doc: dict, out: Path) -> Path | None:
@@ -292,6 +333,12 @@ def goals(device: str, ops: dict | None, est: dict | None) -> list[tuple[str, st
                 v = idx[k]["peak_mem_vs_pure"]
                 rows.append((f"peak memory ≤ 50 % of the pure path ({k[0]}, {k[2]} tokens, {k[3]})",
                              f"{100 * v:.0f} %", status(v, lambda x: x <= 0.5)))
+        for k in sorted(idx, key=lambda k: (k[0], k[2] or 0, _path_order(k[3]))):
+            if "tracked_vs_floor" in idx[k]:
+                v = idx[k]["tracked_vs_floor"]
+                rows.append((f"tracked peak ≤ 1.1 × floor ({k[0]} {k[1]}, {k[2]} tokens, {k[3]}; floor "
+                             f"{idx[k]['tracked_floor']:.0f} MiB)", f"{idx[k]['tracked_peak']:.0f} MiB = {v:.2f}×",
+                             status(v, lambda x: x <= 1.1)))
         if not device.startswith("cpu"):
             for k in sorted(idx, key=lambda k: (k[0], k[2] or 0, k[3])):
                 if k[3] in ("fused", "lean") and "overhead_over_floor" in idx[k]:
@@ -308,6 +355,61 @@ def goals(device: str, ops: dict | None, est: dict | None) -> list[tuple[str, st
 
 
 # ============================================================================ main
+def render_plans(doc: dict) -> list[str]:
+    """The 7B / 70B plans of ``python -m moreau_pruner.plans`` and the meta-device tracked steps."""
+    gib = 2 ** 30
+    lines = ["### Memory plans for the sizes people prune (`python -m moreau_pruner.plans`)", "",
+             f"Per GPU, {doc['tokens']} calibration tokens, {doc['dtype']} weights, fp32 δ and acc; budget "
+             f"{doc['budget_gib']:g} GiB per 80 GB GPU including a 1.5 GiB CUDA reserve. Shapes only (planned, "
+             "not measured on a GPU); the first configuration that fits, in order of cost, is advised.", "",
+             "| model | GPUs | configuration | per-GPU GiB | fits | host GiB per node |", "|---|---|---|---|---|---|"]
+    for sc in doc["scenarios"]:
+        for p in sc["plans"]:
+            chosen = " **(advised)**" if p["label"] == sc.get("chosen") else ""
+            host = f"{p['host_per_node_bytes'] / gib:.0f}" if p["host_items"] else "–"
+            lines.append(f"| {sc['shape']} | {sc['gpus']} | {p['label']}{chosen} | {p['total_bytes'] / gib:.2f} | "
+                         f"{'yes' if p['fits'] else 'no'} | {host} |")
+    lines.append("")
+    tracked = [(sc["shape"], k, v) for sc in doc["scenarios"] for k, v in sc.get("tracked", {}).items()]
+    if tracked:
+        lines += ["One estimate step of the single-GPU paths run on the `meta` device under the live-tensor tracker "
+                  "(exact shapes and dtypes, no arithmetic) against the plan without its CUDA reserve:", "",
+                  "| model | configuration | tracked peak GB (GiB) | plan GiB | plan ÷ tracked | peak after |",
+                  "|---|---|---|---|---|---|"]
+        for shape, label, v in tracked:
+            lines.append(f"| {shape} | {label} | {v['tracked_peak_bytes'] / 1e9:.2f} "
+                         f"({v['tracked_peak_bytes'] / gib:.2f}) | {v['plan_bytes_without_reserve'] / gib:.2f} | "
+                         f"{v['plan_over_tracked']:.3f} | {v['peak_op']} |")
+        lines.append("")
+    return lines
+
+
+def render_fsdp_rank(doc: dict) -> list[str]:
+    """Per-rank tracked peak of the scaled-down FSDP2 step against the rank plan."""
+    recs = doc["records"]
+    ranks = [r for r in recs if r["metric"] == "tracked_peak"]
+    plan = next((r for r in recs if r["metric"] == "plan_without_reserve"), None)
+    ratio = next((r for r in recs if r["metric"] == "plan_over_tracked"), None)
+    if not ranks or plan is None:
+        return []
+    sh = doc.get("shape", {})
+    lines = ["### FSDP2 per-rank memory, scaled-down LLaMA-3-70B shape (`benchmarks/fsdp_rank_memory.py`)", "",
+             f"{doc.get('ranks')} ranks (gloo, CPU), fp32, hidden {sh.get('hidden_size')}, intermediate "
+             f"{sh.get('intermediate_size')}, {sh.get('num_hidden_layers')} layers, vocab {sh.get('vocab_size')}, "
+             f"{doc.get('rows')}×{doc.get('seq')} tokens split across ranks; real `fully_shard` per layer and root, "
+             "estimator state on local shards, prox in post-accumulate-grad hooks; the forward runs on the clean "
+             f"weights (a memory measurement). Date {doc.get('date')}, commit `{doc.get('commit')}`, torch "
+             f"{doc.get('torch')}; command `python benchmarks/fsdp_rank_memory.py {' '.join(doc.get('argv', []))}`.", "",
+             "| rank | rows | tracked peak MiB | plan MiB (no CUDA reserve) | plan ÷ tracked | peak after |",
+             "|---|---|---|---|---|---|"]
+    for r in ranks:
+        lines.append(f"| {r['rank']} | {r['rows']} | {r['value']:.1f} | {plan['value']:.1f} | "
+                     f"{plan['value'] / r['value']:.3f} | {r.get('peak_op')} |")
+    if ratio is not None:
+        lines += ["", f"Plan ÷ largest rank peak: {ratio['value']:.3f} (target: within 10 %)."]
+    return lines + [""]
+
+
 def render(results: Path, out: Path) -> Path:
     results = Path(results)
     devices = sorted(d for d in results.iterdir() if d.is_dir() and d.name != "quality"
@@ -338,6 +440,10 @@ def render(results: Path, out: Path) -> Path:
             png = plot_estimate(est, d / "estimate.png")
             if png:
                 lines += [f"![fwd+bwd and overhead per step]({png.relative_to(out.parent).as_posix()})", ""]
+        if (d / "plans.json").exists():
+            lines += render_plans(C.read_results(d / "plans.json"))
+        if (d / "fsdp_rank_memory.json").exists():
+            lines += render_fsdp_rank(C.read_results(d / "fsdp_rank_memory.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out

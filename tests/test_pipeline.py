@@ -142,9 +142,10 @@ def test_cli_half_precision_products(model_dir, tmp_path, capsys, flags, half, m
     assert all(v > 0 for v in rep["ppl_pruned"].values())
 
 
-@pytest.mark.parametrize("flag,path", [([], "lean"), (["--estimator-path", "reference"], "reference")])
+@pytest.mark.parametrize("flag,path", [([], "lean"), (["--estimator-path", "reference"], "reference"),
+                                       (["--estimator-path", "regen"], "regen")])
 def test_cli_estimator_path(model_dir, tmp_path, capsys, flag, path):
-    """The lean path runs by default when it applies; the plain loop on request."""
+    """The lean path runs by default when it applies; the plain loop or the regen path on request."""
     rc = cli(model_dir, tmp_path, "--no-eval", "--json", str(tmp_path / "r.json"), *flag)
     assert rc == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["estimator_path"] == path

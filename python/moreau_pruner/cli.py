@@ -123,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="kernel backend (default: the fastest available; `python -m moreau_kernels.info` explains)")
     g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (gradients accumulate)")
-    g.add_argument("--estimator-path", default="auto", choices=["auto", "lean", "reference"],
+    g.add_argument("--estimator-path", default="auto", choices=["auto", "lean", "regen", "reference"],
                    help="lean: reused work buffers, gradients consumed by hooks as they arrive (no gradient "
-                        "buffer); reference: the plain loop; auto: lean when it applies (row groups, philox)")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (lean path)")
+                        "buffer); regen: lean without the perturbed copy of the linear weights (regenerated "
+                        "in their forward and backward: least memory, same result); reference: the plain "
+                        "loop; auto: lean when it applies (row groups, philox)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations (lean and regen paths)")
     g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                    help="skip the peak-memory plan that stops early when the estimate would not fit")
 

@@ -41,7 +41,7 @@ import moreau_kernels as mk
 from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
                         lm_loss, moreau_estimate, unique_named_parameters)
 
-PATHS = ("auto", "reference", "lean")
+PATHS = ("auto", "reference", "lean", "regen")
 GiB = 1024 ** 3
 
 
@@ -283,6 +283,10 @@ def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None 
     """The Moreau estimate on the lean path when it applies (``group='row'``, Philox noise), else
     the reference path; ``path`` forces one. ``result.path`` says which ran.
 
+    ``path="regen"`` (:mod:`moreau_pruner.regen`) is the lean path without the perturbed copy of the
+    linear weights (regenerated inside their forward and backward): the least memory, the same
+    δ and Ĝ, one more perturb of each linear weight per backward.
+
     ``check_memory=True`` plans the peak memory first and raises :class:`MemoryPlanError` with
     advice when it does not fit the free memory of the model's device.
     """
@@ -292,16 +296,21 @@ def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None 
     why = lean_applies(cfg)
     if path == "auto":
         path = "reference" if why else "lean"
-    elif path == "lean" and why:
-        raise ValueError(f"the lean path cannot run this configuration: {'; '.join(why)}; use path='reference'")
+    elif path in ("lean", "regen") and why:
+        raise ValueError(f"the {path} path cannot run this configuration: {'; '.join(why)}; use path='reference'")
     if path == "reference" and gradient_checkpointing:
-        raise ValueError("gradient_checkpointing is offered on the lean path only (the reference path runs the "
-                         "model in eval mode, where HF layers do not checkpoint)")
+        raise ValueError("gradient_checkpointing is offered on the lean and regen paths only (the reference path "
+                         "runs the model in eval mode, where HF layers do not checkpoint)")
     if check_memory:
         dev = next(model.parameters()).device
         plan = plan_memory(model, tuple(batch.shape), cfg, path, dev, score=score,
                            gradient_checkpointing=gradient_checkpointing)
         check_fits(plan, dev, weights_loaded=True)
+    if path == "regen":
+        from .regen import moreau_estimate_regen
+
+        return moreau_estimate_regen(model, batch, cfg, score=score, progress=progress, loss_fn=loss_fn,
+                                     on_step=on_step, gradient_checkpointing=gradient_checkpointing)
     if path == "lean":
         return moreau_estimate_lean(model, batch, cfg, score=score, progress=progress, loss_fn=loss_fn,
                                     on_step=on_step, gradient_checkpointing=gradient_checkpointing)
@@ -407,16 +416,17 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
                 fused: bool | None = None) -> MemoryPlan:
     """Planned peak bytes of an estimate of ``model`` (may live on the ``meta`` device).
 
-    ``path``: ``lean``, ``reference`` (this package's reference path), ``published`` (the
-    original code: w, grad, δ, noise, acc for every parameter in fp32) or ``auto``. ``fused``: the
+    ``path``: ``lean``, ``regen`` (lean without the perturbed copy of the linear weights),
+    ``reference`` (this package's reference path), ``published`` (the original code: w, grad, δ,
+    noise, acc for every parameter in fp32) or ``auto``. ``fused``: the
     ops run on a fused backend (no per-tensor fp32 temporaries); default: True on CUDA, else
     whether the native CPU extension is loaded.
     """
     cfg = (config or MoreauConfig()).validate()
     if path == "auto":
         path = "reference" if lean_applies(cfg) else "lean"
-    if path not in ("lean", "reference", "published"):
-        raise ValueError(f"path must be lean, reference, published or auto, got {path!r}")
+    if path not in ("lean", "regen", "reference", "published"):
+        raise ValueError(f"path must be lean, regen, reference, published or auto, got {path!r}")
     named = unique_named_parameters(model)
     wanted = _score_predicate(score, named)
     dev = torch.device(device) if device is not None else (named[0][1].device if named else torch.device("cpu"))
@@ -447,6 +457,28 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
         items["acc (fp32)"] = 4 * n_params
         notes.append("published code: 5 fp32 copies of every parameter (SPEC §8)")
         act_dtype = torch.float32
+    elif path == "regen":
+        from .regen import regen_modules
+
+        lin = regen_modules(model, named)
+        small = [b for (_, p), b in zip(named, wbytes) if id(p) not in lin]
+        big = [b for (_, p), b in zip(named, wbytes) if id(p) in lin]
+        items["weights"] = W
+        items["work buffers (parameters not regenerated)"] = sum(small)
+        items["delta (fp32)"] = 4 * n_params
+        items["acc (fp32, scored)"] = 4 * n_scored
+        items["transient perturbed weight + its gradient (largest regenerated)"] = 2 * max(big, default=0)
+        if n_backward > 1:
+            items["gradient partial sums (all)"] = W
+            notes.append(f"{n_backward} backward passes per step (micro-batches x samples): the partial "
+                         "gradients are held until the last one")
+        else:
+            items[f"gradients of parameters not regenerated (largest {GRAD_LIVE_TENSORS})"] = \
+                sum(sorted(small)[-GRAD_LIVE_TENSORS:])
+        if not fused:
+            items["op temporaries (fp32, largest tensor)"] = 4 * 4 * largest
+            notes.append("pure-PyTorch ops: ~4 fp32 temporaries of the largest tensor")
+        notes.append(f"regen: {len(lin)} linear / embedding weights regenerated in forward and backward, never stored")
     else:
         items["weights"] = W
         items["perturbed weights" if path == "reference" else "work buffers"] = W
@@ -464,13 +496,13 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
         if not fused:
             items["op temporaries (fp32, largest tensor)"] = 4 * 4 * largest
             notes.append("pure-PyTorch ops: ~4 fp32 temporaries of the largest tensor")
-    act, how = activation_bytes(model, mrows, seq, act_dtype, gradient_checkpointing and path == "lean")
+    act, how = activation_bytes(model, mrows, seq, act_dtype, gradient_checkpointing and path in ("lean", "regen"))
     items["activations"] = act
     notes.append(f"activations: {how}")
     if dev.type == "cuda":
         items["CUDA context + allocator reserve"] = CUDA_RESERVE
     overlap = 0
-    grads_all = items.get("gradients (all)", items.get("grad (fp32)", 0))
+    grads_all = items.get("gradients (all)", items.get("grad (fp32)", items.get("gradient partial sums (all)", 0)))
     if grads_all:
         overlap = min(grads_all, act)
         notes.append(f"the backward frees activations while the gradients grow: the peak lies between "
