@@ -143,7 +143,7 @@ if [ "$DRY" = 0 ]; then
   stage pytest-gpu 120 env MOREAU_REQUIRE_NATIVE=1 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml" $GPU_TESTS
 else
-  stage pytest-gpu 60 "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider $GPU_TESTS
+  stage pytest-gpu 120 "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider $GPU_TESTS
 fi
 
 # ------------------------------------------------------------------ benchmarks
@@ -159,10 +159,10 @@ if [ "$DRY" = 0 ]; then
     --timeout 60 --out "$RES/$SLUG"
   stage pytest-triton 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton.py
 else
-  stage bench-ops 60 "$PY" benchmarks/bench_ops.py --device cpu --smoke --no-compile --min-run-time 0.02 \
-    --copy-mib 8 --out "$RES/$SLUG"
-  stage bench-est 90 "$PY" benchmarks/bench_estimate.py --device cpu --models llama-tiny --layers 2 --vocab 256 \
-    --dtype fp32 --paths fused,lean --token-shapes 2x32 --iters 2 --avg-last 1 --fb-reps 1 --timeout 60 \
+  stage bench-ops 120 "$PY" benchmarks/bench_ops.py --device cpu --smoke --ops perturb,prox --dtypes fp32 --models "" \
+    --no-compile --min-run-time 0.01 --copy-mib 4 --out "$RES/$SLUG"
+  stage bench-est 120 "$PY" benchmarks/bench_estimate.py --device cpu --models llama-tiny --layers 2 --vocab 256 \
+    --dtype fp32 --paths fused --token-shapes 2x32 --iters 2 --avg-last 1 --fb-reps 1 --timeout 100 \
     --out "$RES/$SLUG"
 fi
 

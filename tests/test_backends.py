@@ -84,7 +84,7 @@ def test_prox_elementwise_is_bit_identical(backend, device, dtype, mode):
     u = d0 - LR * g.float() if mode == mk.MODE_REFERENCE else d0 - LR * (g.float() + d0 / LAMB)
     thresh = LR * SOFT
     assert (u.abs() <= thresh).any() and (u.abs() > thresh).any()  # both branches are hit
-    d_b, a_b = d0.to(device), acc0.to(device)
+    d_b, a_b = d0.to(device, copy=True), acc0.to(device, copy=True)
     with mk.use_backend(backend):
         s_b = mk.prox_update_(g.to(device), d_b, a_b, LR, SOFT, LAMB, mode, True)
     assert torch.equal(d_b.cpu(), d_r)
@@ -110,10 +110,10 @@ def test_prox_rows_are_bit_identical(backend, device, dtype, mode):
     r = torch.sqrt(ss / cols) if mode == mk.MODE_REFERENCE else torch.sqrt(ss)
     s = torch.tensor(SOFT if mode == mk.MODE_REFERENCE else LR * SOFT, dtype=torch.float32)
     assert (s / r != r.reciprocal() * s).any()
-    d_b = d0.to(device)
+    d_b = d0.to(device, copy=True)
     with mk.use_backend(backend):
         mk.prox_update_(g.to(device), d_b, None, LR, SOFT, LAMB, mode, False)
-        d_m = d0.to(device)
+        d_m = d0.to(device, copy=True)
         mk.prox_update_multi_([g.to(device)], [d_m], [], LR, SOFT, LAMB, mode, False)
     assert torch.equal(d_b.cpu(), d_r)
     assert torch.equal(d_m.cpu(), d_r)

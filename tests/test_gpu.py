@@ -88,7 +88,7 @@ def test_multi_tensor_ops_mixed_rank_dtype_size(backend):
     for mode in (mk.MODE_REFERENCE, mk.MODE_PAPER):
         d_r, a_r = [d.clone() * 30 for d in ds], [a.clone() for a in accs]
         s_r = ref.prox_update_multi_(gs, d_r, a_r, LR, SOFT, LAMB, mode, True)
-        d_b, a_b = [d.to(DEV) * 30 for d in ds], [a.to(DEV) for a in accs]
+        d_b, a_b = [d.to(DEV) * 30 for d in ds], [a.to(DEV, copy=True) for a in accs]
         with mk.use_backend(backend):
             s_b = mk.prox_update_multi_([g.to(DEV) for g in gs], d_b, a_b, LR, SOFT, LAMB, mode, True)
         for x, y in zip(d_b + a_b, d_r + a_r):
@@ -149,7 +149,7 @@ def test_more_rows_than_one_grid_dimension(backend):
     for mode in (mk.MODE_REFERENCE, mk.MODE_PAPER):
         d_r, a_r = d0.clone(), a0.clone()
         s_r = ref.prox_update_(g, d_r, a_r, LR, SOFT, LAMB, mode, True)
-        d_b, a_b = d0.to(DEV), a0.to(DEV)
+        d_b, a_b = d0.to(DEV, copy=True), a0.to(DEV, copy=True)
         with mk.use_backend(backend):
             s_b = mk.prox_update_(g.to(DEV), d_b, a_b, LR, SOFT, LAMB, mode, True)
         torch.testing.assert_close(d_b.cpu(), d_r, **STATE_TOL)

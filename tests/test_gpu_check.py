@@ -38,7 +38,7 @@ def test_without_a_gpu_the_real_run_refuses_and_writes_nothing(tmp_path):
 
 def test_dry_run_writes_every_output(tmp_path):
     out = tmp_path / "dry"
-    res = _run("--dry-run", str(out), env={"GPU_CHECK_BUDGET_S": "200"})
+    res = _run("--dry-run", str(out), env={"GPU_CHECK_BUDGET_S": "400"}, timeout=450)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()[1:])
     assert set(stages) >= {"build", "pytest-gpu", "bench-ops", "bench-est", "render"}, stages
@@ -53,7 +53,7 @@ def test_dry_run_writes_every_output(tmp_path):
     assert {r["op"] for r in ops["records"]} >= {"perturb", "prox"}
     est = json.loads((dev / "estimate.json").read_text())
     peaks = [r for r in est["records"] if r["metric"] == "peak_mem"]
-    assert {r["provider"] for r in peaks} == {"fused", "lean"} and all(r["value"] > 0 for r in peaks)
+    assert {r["provider"] for r in peaks} == {"fused"} and all(r["value"] > 0 for r in peaks)
     assert (out / "results" / "RESULTS.md").read_text().startswith("# Benchmark results")
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary and "| bench-est | ok |" in summary and "Peak memory" in summary
