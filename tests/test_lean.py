@@ -5,8 +5,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import moreau_kernels as mk
 from moreau_pruner import EstimatorError, MoreauConfig, moreau_estimate
-from moreau_pruner.lean import (GiB, MemoryPlanError, activation_bytes, auto_path, check_fits, estimate, layer_score,
-                                main, meta_model, moreau_estimate_lean, plan_memory)
+from moreau_pruner.lean import (GiB, MemoryPlanError, activation_bytes, check_fits, estimate, layer_score, main,
+                                meta_model, moreau_estimate_lean, plan_memory)
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -163,10 +163,7 @@ def test_gradient_checkpointing_same_result_and_restored():
 def test_estimate_picks_the_path():
     m = tiny("llama", tied=True)
     b = batch()
-    assert estimate(m, b, MoreauConfig(iters=1), progress=False).path == "reference"  # CPU: the faster path
-    assert estimate(m, b, MoreauConfig(iters=1), path="lean", progress=False).path == "lean"
-    assert auto_path(MoreauConfig(), "cuda") == "lean" and auto_path(MoreauConfig(), "cpu") == "reference"
-    assert auto_path(MoreauConfig(noise="torch"), "cuda") == "reference"
+    assert estimate(m, b, MoreauConfig(iters=1), progress=False).path == "lean"
     assert estimate(m, b, MoreauConfig(iters=1, noise="torch"), progress=False).path == "reference"
     assert estimate(m, b, MoreauConfig(iters=1, mode="paper", group="structure"), progress=False).path == "reference"
     assert estimate(m, b, MoreauConfig(iters=1), path="reference", progress=False).path == "reference"

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (gradients accumulate)")
     g.add_argument("--estimator-path", default="auto", choices=["auto", "lean", "reference"],
                    help="lean: reused work buffers, gradients consumed by hooks as they arrive (no gradient "
-                        "buffer); reference: the plain loop; auto: lean on a GPU when it applies (row groups, philox), reference on a CPU (faster there)")
+                        "buffer); reference: the plain loop; auto: lean when it applies (row groups, philox)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (lean path)")
     g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                    help="skip the peak-memory plan that stops early when the estimate would not fit")

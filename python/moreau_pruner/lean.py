@@ -263,28 +263,13 @@ def lean_applies(config: MoreauConfig) -> list[str]:
     return out
 
 
-def auto_path(config: MoreauConfig, device: torch.device | str) -> str:
-    """The path ``path='auto'`` runs: ``lean`` on accelerators when it applies, else ``reference``.
-
-    On a CPU the reference path is the faster one (SmolLM2-135M, 10x64 tokens, 2 cores:
-    7.5 % overhead over forward+backward against the lean path's 22.8 %; benchmarks/results) and
-    its peak RSS is no larger (4320 against 4544 MiB: the lean path's perturbed-weight buffers
-    cost what the freed gradients save at this size), so the lean path is chosen there only
-    explicitly (``path='lean'``).
-    """
-    if lean_applies(config):
-        return "reference"
-    return "reference" if torch.device(device).type == "cpu" else "lean"
-
-
 def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None = None, path: str = "auto",
              score: Callable[[str], bool] | Iterable[str] | None = None, progress: bool = True,
              loss_fn: Callable = lm_loss, structure=None,
              on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
              gradient_checkpointing: bool = False, check_memory: bool = False) -> MoreauResult:
-    """The Moreau estimate on the path :func:`auto_path` picks (lean on a GPU when it applies:
-    ``group='row'``, Philox noise; reference on a CPU, where it is faster); ``path`` forces one.
-    ``result.path`` says which ran.
+    """The Moreau estimate on the lean path when it applies (``group='row'``, Philox noise), else
+    the reference path; ``path`` forces one. ``result.path`` says which ran.
 
     ``check_memory=True`` plans the peak memory first and raises :class:`MemoryPlanError` with
     advice when it does not fit the free memory of the model's device.
@@ -294,8 +279,7 @@ def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None 
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     why = lean_applies(cfg)
     if path == "auto":
-        first = next(model.parameters(), None)
-        path = auto_path(cfg, first.device if first is not None else "cpu")
+        path = "reference" if why else "lean"
     elif path == "lean" and why:
         raise ValueError(f"the lean path cannot run this configuration: {'; '.join(why)}; use path='reference'")
     if path == "reference" and gradient_checkpointing:
@@ -417,13 +401,13 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
     whether the native CPU extension is loaded.
     """
     cfg = (config or MoreauConfig()).validate()
-    named = unique_named_parameters(model)
-    dev = torch.device(device) if device is not None else (named[0][1].device if named else torch.device("cpu"))
     if path == "auto":
-        path = auto_path(cfg, dev)
+        path = "reference" if lean_applies(cfg) else "lean"
     if path not in ("lean", "reference", "published"):
         raise ValueError(f"path must be lean, reference, published or auto, got {path!r}")
+    named = unique_named_parameters(model)
     wanted = _score_predicate(score, named)
+    dev = torch.device(device) if device is not None else (named[0][1].device if named else torch.device("cpu"))
     if fused is None:
         if dev.type == "cuda":
             fused = True

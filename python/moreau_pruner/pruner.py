@@ -41,8 +41,7 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
 
     ``taylor_variant`` (method ``taylor``): LLM-Pruner's ``param_first`` (default), ``param_second``,
     ``param_mix`` or ``vectorize`` (see :mod:`.taylor`). ``estimator_path`` (method ``moreau``):
-    ``auto`` (:func:`~moreau_pruner.lean.auto_path`: lean on a GPU when it applies, reference on a
-    CPU), ``lean`` or ``reference`` (see :mod:`.lean`).
+    ``auto`` (the lean path when it applies), ``lean`` or ``reference`` (see :mod:`.lean`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
