@@ -35,6 +35,7 @@ by subtraction, every gradient in ``.grad``, pure-PyTorch updates.
     python benchmarks/bench_estimate.py                    # on a GPU: bf16, 640 and 8192 tokens
     python benchmarks/bench_estimate.py --models smollm2 --memory-only --paths published,pure,fused,lean,regen
                                                            # tracked peaks only, merged into estimate.json
+    python benchmarks/bench_estimate.py --models llama7b --layers 4 --token-shapes 10x64   # a quick GPU run
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ LLAMA = {
                     num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # a LLaMA-shaped toy for checking the benchmark itself (scripts/gpu_check.sh --dry-run, tests)
+    "llama-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
 }
 PATHS = ("pure", "fused", "lean", "regen", "published")
 MEMORY_ONLY_PATHS = ("published",)
@@ -341,8 +345,27 @@ def lean_exists() -> bool:
 def configs(args, device: str) -> list[dict]:
     """Model configurations: (model, layers, vocab, dtype, rows, seq)."""
     models = args.models.split(",")
+    unknown = [m for m in models if m != "smollm2" and m not in LLAMA]
+    if unknown:
+        raise SystemExit(f"unknown --models {', '.join(unknown)}; choose from smollm2, {', '.join(LLAMA)}")
     out = []
-    if device == "cpu":
+    if args.token_shapes:
+        try:
+            shapes = [tuple(int(x) for x in s.split("x")) for s in args.token_shapes.split(",")]
+            if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--token-shapes wants ROWSxSEQ[,ROWSxSEQ...], e.g. 10x64,8x1024; got {args.token_shapes!r}")
+        dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+        for m in models:
+            for rows, seq in shapes:
+                if m == "smollm2":
+                    out.append(dict(model=m, layers=30, vocab=None, dtype=dtype, rows=rows, seq=seq))
+                else:
+                    out.append(dict(model=m, layers=args.layers or (1 if device == "cpu" else 32),
+                                    vocab=args.vocab or (8192 if device == "cpu" else None), dtype=dtype,
+                                    rows=rows, seq=seq))
+    elif device == "cpu":
         dtype = args.dtype or "fp32"
         for m in models:
             if m == "smollm2":
@@ -549,6 +572,8 @@ def parse(argv=None):
     ap.add_argument("--layers", type=int, help="decoder layers of the LLaMA-shaped models (CPU 1, GPU 32)")
     ap.add_argument("--vocab", type=int, help="vocabulary of the LLaMA-shaped models (CPU 8192, GPU full)")
     ap.add_argument("--rows-big", type=int, help="CPU: calibration rows (of 64 tokens) for the LLaMA shapes")
+    ap.add_argument("--token-shapes", help="calibration batches ROWSxSEQ, comma-separated, for every model "
+                                           "(default: CPU 10x64; GPU 10x64,8x1024)")
     ap.add_argument("--iters", type=int, help="estimate steps T (CPU 4, GPU 10)")
     ap.add_argument("--avg-last", type=int, help="K (CPU 2, GPU 5)")
     ap.add_argument("--fb-reps", type=int, help="fwd+bwd timings before and after the estimate (CPU 2, GPU 5)")

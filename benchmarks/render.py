@@ -133,8 +133,10 @@ def render_ops(doc: dict) -> list[str]:
 
 
 def plot_ops(doc: dict, out: Path) -> Path | None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional (e.g. a GPU machine without it): the tables stay
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -256,8 +258,10 @@ def render_tracked(idx: dict, meta: dict) -> list[str]:
 
 
 def plot_estimate(doc: dict, out: Path) -> Path | None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional (e.g. a GPU machine without it): the tables stay
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,10 +13,9 @@
 #include <optional>
 #include <string>
 
-namespace moreau {
+#include "prox_math.h"
 
-constexpr int64_t kModeReference = 0;  // SPEC §2 (reference.MODE_REFERENCE)
-constexpr int64_t kModePaper = 1;      // SPEC §3 (reference.MODE_PAPER)
+namespace moreau {
 
 inline bool is_weight_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -178,21 +177,6 @@ struct RowShape {
 inline RowShape row_shape(const at::Tensor& t) {
   if (t.dim() >= 2) return RowShape{t.size(0), t.numel() / t.size(0), false};
   return RowShape{t.numel(), 1, true};
-}
-
-// Scalars of the prox update, rounded to float the way the fp32 reference rounds them.
-struct ProxParams {
-  float lr;       // (float)lr
-  float soft;     // (float)soft
-  float lamb;     // (float)lamb
-  float thresh;   // (float)(lr*soft): the zero threshold (both modes) and paper-mode tau
-  int64_t mode;
-  bool accumulate;
-};
-
-inline ProxParams prox_params(double lr, double soft, double lamb, int64_t mode, bool accumulate) {
-  return ProxParams{static_cast<float>(lr), static_cast<float>(soft), static_cast<float>(lamb),
-                    static_cast<float>(lr * soft), mode, accumulate};
 }
 
 }  // namespace moreau

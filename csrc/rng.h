@@ -18,10 +18,12 @@
 #include <cmath>
 #include <cstdint>
 
+#ifndef MOREAU_HD  // also defined by prox_math.h
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MOREAU_HD __host__ __device__ __forceinline__
 #else
 #define MOREAU_HD inline
+#endif
 #endif
 
 namespace moreau {

@@ -7,14 +7,15 @@ Ops (all in the ``moreau`` torch.library namespace, see :mod:`moreau_kernels.ops
 which are available here and why not.
 """
 from . import reference
-from .dispatch import (BACKENDS, BackendUnavailable, availability, explain, get_backend, select,
-                       set_backend, use_backend)
+from .dispatch import (BACKENDS, BackendFallbackWarning, BackendUnavailable, availability, clear_cache, explain,
+                       get_backend, select, set_backend, use_backend)
 from .ops import (channel_saliency, perturb, perturb_multi, perturb_out, philox_normal, prox_update_,
                   prox_update_multi_)
 from .reference import MODE_PAPER, MODE_REFERENCE
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "MODE_PAPER", "MODE_REFERENCE", "availability", "channel_saliency",
+    "BACKENDS", "BackendFallbackWarning", "BackendUnavailable", "MODE_PAPER", "MODE_REFERENCE", "availability",
+    "channel_saliency", "clear_cache",
     "explain", "get_backend", "perturb", "perturb_multi", "perturb_out", "philox_normal", "prox_update_",
     "prox_update_multi_", "reference", "select", "set_backend", "use_backend",
 ]

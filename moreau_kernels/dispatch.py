@@ -4,6 +4,16 @@ Each backend answers ``reasons(op, tensors) -> list[str]``; an empty list means 
 this call". In ``auto`` mode the first backend of ``AUTO_ORDER`` without reasons runs. A backend
 chosen explicitly (``set_backend``, ``use_backend`` or ``MOREAU_BACKEND``) that cannot run the
 call raises :class:`BackendUnavailable` listing what is missing and how to get it.
+
+No silent fallbacks: when CUDA tensors do not reach the ``cuda`` backend in auto mode, a
+:class:`BackendFallbackWarning` says once (per op and reason) which backend ran instead and
+why. With ``MOREAU_REQUIRE_NATIVE=1`` (for installs that must have the native build, e.g. a
+GPU server) a native library that is missing, failed to load or lacks the kernels of the
+tensors' device is an error at the first op call instead of a fallback.
+
+The choice is cached per (op, backend choice, device types and dtypes of the arguments): the
+estimator calls the ops hundreds of times a step with the same kinds of tensors. The cache is
+cleared by :func:`set_backend`, :func:`use_backend` and :func:`clear_cache`.
 """
 from __future__ import annotations
 
@@ -11,6 +21,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -36,7 +47,26 @@ _choice: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend was asked for explicitly but cannot run this call."""
+    """A backend was asked for explicitly (or required by MOREAU_REQUIRE_NATIVE) but cannot run this call."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """CUDA tensors ran on a slower backend than ``cuda`` in auto mode; the message says why."""
+
+
+def require_native() -> bool:
+    """True when ``MOREAU_REQUIRE_NATIVE=1``: a missing native build is an error, not a fallback."""
+    return os.environ.get("MOREAU_REQUIRE_NATIVE") == "1"
+
+
+# (op, choice, interpreter on, kinds of tensors) -> backend name; see select()
+_cache: dict[tuple, str] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def clear_cache() -> None:
+    """Forget the cached backend choices (after changing the environment the backends look at)."""
+    _cache.clear()
 
 
 def _check_name(name: str) -> str:
@@ -48,6 +78,7 @@ def _check_name(name: str) -> str:
 def set_backend(name: str) -> None:
     """Select the backend for every later op call in this context ('auto' picks the fastest)."""
     _choice.set(_check_name(name))
+    clear_cache()
 
 
 def get_backend() -> str:
@@ -58,10 +89,12 @@ def get_backend() -> str:
 def use_backend(name: str):
     """``with use_backend("cpu"): ...`` runs the ops inside on that backend."""
     token = _choice.set(_check_name(name))
+    clear_cache()
     try:
         yield
     finally:
         _choice.reset(token)
+        clear_cache()
 
 
 class _Backend:
@@ -199,6 +232,16 @@ def select(op: str, *args) -> str:
         raise ValueError(f"unknown op {op!r}")
     tensors = _flatten(args)
     choice = get_backend()
+    key = (op, choice, os.environ.get("TRITON_INTERPRET") == "1", require_native(),
+           frozenset((t.device.type, t.dtype) for t in tensors))
+    name = _cache.get(key)
+    if name is None:
+        name = _select(op, tensors, choice)
+        _cache[key] = name
+    return name
+
+
+def _select(op: str, tensors: list[torch.Tensor], choice: str) -> str:
     if choice != "auto":
         backend = _REGISTRY[choice]
         why = backend.reasons(op, tensors)
@@ -206,10 +249,33 @@ def select(op: str, *args) -> str:
             hint = f" To enable it: {backend.build_hint}." if backend.build_hint else ""
             raise BackendUnavailable(f"backend {choice!r} cannot run moreau::{op}: {'; '.join(why)}.{hint}")
         return choice
+    device_types = {t.device.type for t in tensors}
+    if require_native():
+        for dt in sorted(device_types & {"cpu", "cuda"}):
+            native = _REGISTRY[dt]
+            why = native.availability() or native.call_reasons(op, [t for t in tensors if t.device.type == dt])
+            if why:
+                raise BackendUnavailable(
+                    f"MOREAU_REQUIRE_NATIVE=1 but the {dt} backend cannot run moreau::{op}: {'; '.join(why)}. "
+                    f"To enable it: {native.build_hint}; or unset MOREAU_REQUIRE_NATIVE to fall back.")
     for name in AUTO_ORDER:
         if not _REGISTRY[name].reasons(op, tensors):
-            return name
-    raise AssertionError("the reference backend always runs")  # pragma: no cover
+            break
+    else:  # pragma: no cover
+        raise AssertionError("the reference backend always runs")
+    if "cuda" in device_types and name != "cuda":
+        _warn_fallback(op, name, _REGISTRY["cuda"].reasons(op, tensors))
+    return name
+
+
+def _warn_fallback(op: str, used: str, why: list[str]) -> None:
+    reason = "; ".join(why)
+    if (op, reason) in _warned:
+        return
+    _warned.add((op, reason))
+    warnings.warn(f"moreau::{op} on CUDA tensors runs on the {used!r} backend, not 'cuda': {reason}. "
+                  "`python -m moreau_kernels.info` shows what was built; set MOREAU_REQUIRE_NATIVE=1 to make "
+                  "this an error.", BackendFallbackWarning, stacklevel=4)
 
 
 def run(op: str, *args):

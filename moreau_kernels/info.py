@@ -53,6 +53,7 @@ def report() -> str:
             lines.append(f"              {op:<20} {cpu:<5} {cuda}")
 
     lines.append(f"backend       selected: {dispatch.get_backend()} (auto order: {', '.join(dispatch.AUTO_ORDER)})")
+    lines.append(f"  MOREAU_REQUIRE_NATIVE={'1: a missing native build is an error' if dispatch.require_native() else 'unset: missing native kernels fall back (with a warning for CUDA tensors)'}")
     for name, reasons in dispatch.availability().items():
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         lines.append(f"  {name:<11} {state}")

@@ -135,6 +135,17 @@ def row_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
 
 
+def _f32(x: float, like: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded once to fp32, as a 0-d tensor on ``like``'s device."""
+    return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt (as sqrtf, __fsqrt_rn, tl.sqrt_rn): torch's vectorized CPU
+    sqrt is accurate to ~0.5001 ulp only; in fp64 and rounded once it is exact for fp32 inputs."""
+    return torch.sqrt(x.double()).float()
+
+
 def prox_update_(g: torch.Tensor, delta: torch.Tensor, acc: torch.Tensor | None, lr: float,
                  soft: float, lamb: float, prox_mode: int, accumulate: bool) -> torch.Tensor:
     """One proximal step, in place on ``delta`` (and ``acc`` when ``accumulate``).
@@ -153,15 +164,21 @@ def prox_update_(g: torch.Tensor, delta: torch.Tensor, acc: torch.Tensor | None,
 
     delta <- u * coeff; if accumulate: acc += delta. Returns sum(delta**2) (fp32 scalar).
     """
-    u = delta - lr * g.float() if prox_mode == MODE_REFERENCE else delta - lr * (g.float() + delta / lamb)
+    # Every quotient is one correctly rounded fp32 division, as in the fused kernels: a Python
+    # scalar divided by a tensor is r.reciprocal() * s in torch (two roundings), and on CUDA a
+    # tensor divided by a Python scalar is t * (1/s); fp32 0-d tensors avoid both.
+    if prox_mode == MODE_REFERENCE:
+        u = delta - lr * g.float()
+    else:
+        u = delta - lr * (g.float() + torch.div(delta, _f32(lamb, delta)))
     rows = row_view(u)
     if prox_mode == MODE_REFERENCE:
-        r = torch.sqrt((rows * rows).mean(dim=1, keepdim=True))
-        coeff = torch.where(r <= lr * soft, torch.zeros_like(r), 1.0 - soft / r)
+        r = _sqrt_rn((rows * rows).mean(dim=1, keepdim=True))
+        coeff = torch.where(r <= lr * soft, torch.zeros_like(r), 1.0 - torch.div(_f32(soft, r), r))
     elif prox_mode == MODE_PAPER:
-        r = torch.sqrt((rows * rows).sum(dim=1, keepdim=True))
+        r = _sqrt_rn((rows * rows).sum(dim=1, keepdim=True))
         tau = lr * soft
-        coeff = torch.where(r <= tau, torch.zeros_like(r), 1.0 - tau / r)
+        coeff = torch.where(r <= tau, torch.zeros_like(r), 1.0 - torch.div(_f32(tau, r), r))
     else:
         raise ValueError(f"mode must be {MODE_REFERENCE} (reference) or {MODE_PAPER} (paper), got {prox_mode}")
     new = (rows * coeff).reshape(delta.shape)

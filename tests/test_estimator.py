@@ -185,3 +185,35 @@ def test_nan_gradient_with_finite_loss_is_named():
 
     with pytest.raises(EstimatorError, match="down_proj"):
         moreau_estimate(m, batch(), MoreauConfig(iters=1), loss_fn=loss, progress=False)
+
+
+@pytest.mark.parametrize("group", ["row", "structure"])
+def test_sums_leave_the_device_once_per_step(monkeypatch, group):
+    """Σδ² stays on the device until the end of a step: one transfer per step, not one per parameter."""
+    from moreau_pruner import estimator
+
+    calls = []
+    real = estimator.sums_to_cpu
+
+    def spy(sums):
+        assert all(isinstance(s, torch.Tensor) and s.numel() == 1 for s in sums)
+        calls.append(len(sums))
+        return real(sums)
+
+    monkeypatch.setattr(estimator, "sums_to_cpu", spy)
+    m = tiny_llama()
+    cfg = MoreauConfig(iters=3, avg_last=2, group=group, mode="paper" if group == "structure" else "reference")
+    seen = []
+    res = moreau_estimate(m, batch(), cfg, progress=False,
+                          on_step=lambda t, deltas: seen.append(sum(float((d.double() ** 2).sum()) for d in deltas.values())))
+    n = len(list(m.parameters()))
+    assert calls == [n, n, n]
+    assert seen[-1] > 0
+    assert [r["delta_sq"] for r in res.log] == pytest.approx(seen, rel=1e-5)
+
+
+def test_sums_to_cpu_keeps_order_across_devices():
+    from moreau_pruner.estimator import sums_to_cpu
+
+    out = sums_to_cpu([torch.tensor(1.5), torch.tensor([2.5]), torch.tensor(-3.0, dtype=torch.float64)])
+    assert out.dtype == torch.float64 and out.tolist() == [1.5, 2.5, -3.0]

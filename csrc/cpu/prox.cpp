@@ -22,19 +22,7 @@ namespace {
 
 constexpr int64_t kItemElems = 16384;  // elements per work item (at least one row)
 
-// u of reference.prox_update_, rounded exactly as the fp32 reference rounds it.
-template <int64_t MODE>
-inline float prox_u(float d, float g, const ProxParams& p) {
-  if (MODE == kModeReference) return d - p.lr * g;
-  return d - p.lr * (g + d / p.lamb);
-}
-
-// coeff of a group from its statistic r (RMS in reference mode, l2 norm in paper mode).
-template <int64_t MODE>
-inline float prox_coeff(float r, const ProxParams& p) {
-  if (r <= p.thresh) return 0.0f;
-  return MODE == kModeReference ? 1.0f - p.soft / r : 1.0f - p.thresh / r;
-}
+// prox_u, prox_coeff and prox_elem_r: ../prox_math.h (shared with the CUDA kernels).
 
 // Rows [r0, r1) of a [R, C] group view; returns sum(delta_new^2) of those rows.
 template <typename g_t, int64_t MODE, bool ACC>
@@ -52,7 +40,7 @@ double prox_rows(const g_t* g, float* d, float* acc, int64_t r0, int64_t r1, int
     }
     const float stat = MODE == kModeReference ? static_cast<float>(ss / static_cast<double>(C))
                                               : static_cast<float>(ss);
-    const float coeff = prox_coeff<MODE>(std::sqrt(stat), p);
+    const float coeff = prox_coeff<MODE>(sqrt_rn(stat), p);
     double out = 0.0;
 #pragma omp simd reduction(+ : out)
     for (int64_t j = 0; j < C; ++j) {
@@ -73,9 +61,7 @@ double prox_elems(const g_t* g, float* d, float* acc, int64_t e0, int64_t e1, co
 #pragma omp simd reduction(+ : out)
   for (int64_t j = e0; j < e1; ++j) {
     const float u = prox_u<MODE>(d[j], to_f32(g[j]), p);
-    const float r = std::sqrt(u * u);  // the reference's sqrt(mean(u^2)) over one element
-    const float coeff = r <= p.thresh ? 0.0f : (MODE == kModeReference ? 1.0f - p.soft / r : 1.0f - p.thresh / r);
-    const float nd = u * coeff;
+    const float nd = u * prox_coeff<MODE>(prox_elem_r(u), p);
     d[j] = nd;
     if (ACC) acc[j] += nd;
     out += static_cast<double>(nd * nd);

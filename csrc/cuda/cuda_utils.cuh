@@ -16,6 +16,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "../common.h"
 
@@ -73,16 +74,22 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Multiprocessor count of the current device (cached per device).
+// Multiprocessor count of the current device, cached per device. Kernels launch from autograd
+// and user threads at once: each device's entry is written once under std::call_once, and
+// read only after its call_once returned (which orders the write before the read).
 inline int sm_count() {
-  static std::array<int, 64> cache{};
+  constexpr int kMaxCached = 64;
+  static std::array<std::once_flag, kMaxCached> once;
+  static std::array<int, kMaxCached> cache{};
   const int dev = c10::cuda::current_device();
-  if (dev >= static_cast<int>(cache.size())) {
+  auto query = [dev] {
     int n = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
     return n;
-  }
-  if (cache[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev));
+  };
+  if (dev < 0 || dev >= kMaxCached) return query();
+  // a throwing query leaves the flag unset, so the next call retries
+  std::call_once(once[dev], [&] { cache[dev] = query(); });
   return cache[dev];
 }
 

@@ -20,18 +20,7 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kElemThreads = 256;
 
-template <int64_t MODE>
-__device__ __forceinline__ float prox_u(float d, float g, const ProxParams& p) {
-  // explicit rounding: the fp32 reference rounds each product and sum
-  if (MODE == kModeReference) return __fsub_rn(d, __fmul_rn(p.lr, g));
-  return __fsub_rn(d, __fmul_rn(p.lr, __fadd_rn(g, __fdiv_rn(d, p.lamb))));
-}
-
-template <int64_t MODE>
-__device__ __forceinline__ float prox_coeff(float r, const ProxParams& p) {
-  if (r <= p.thresh) return 0.0f;
-  return MODE == kModeReference ? 1.0f - __fdiv_rn(p.soft, r) : 1.0f - __fdiv_rn(p.thresh, r);
-}
+// prox_u, prox_coeff and prox_elem_r: ../prox_math.h (shared with the CPU kernels).
 
 template <typename T, int64_t MODE, bool ACC>
 __global__ void prox_rows_kernel(const T* __restrict__ g, float* __restrict__ delta, float* __restrict__ acc,
@@ -49,7 +38,7 @@ __global__ void prox_rows_kernel(const T* __restrict__ g, float* __restrict__ de
     ss = block_sum(ss, scratch);
     if (threadIdx.x == 0) {
       const float stat = MODE == kModeReference ? __fdiv_rn(ss, static_cast<float>(C)) : ss;
-      coeff_s = prox_coeff<MODE>(sqrtf(stat), p);
+      coeff_s = prox_coeff<MODE>(sqrt_rn(stat), p);
     }
     __syncthreads();
     const float coeff = coeff_s;
@@ -73,8 +62,7 @@ __global__ void prox_elems_kernel(const T* __restrict__ g, float* __restrict__ d
   float out = 0.0f;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
     const float u = prox_u<MODE>(delta[j], to_f32(g[j]), p);
-    const float r = sqrtf(__fmul_rn(u, u));  // the reference's sqrt(mean(u^2)) over one element
-    const float nd = __fmul_rn(u, prox_coeff<MODE>(r, p));
+    const float nd = __fmul_rn(u, prox_coeff<MODE>(prox_elem_r(u), p));
     delta[j] = nd;
     if (ACC) acc[j] = __fadd_rn(acc[j], nd);
     out = __fadd_rn(out, __fmul_rn(nd, nd));

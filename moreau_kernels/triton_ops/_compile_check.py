@@ -3,11 +3,21 @@
 The tests on a CPU-only machine run the kernels through the interpreter, which shares Triton's
 type rules but not its code generation, and which never specializes integer arguments equal to 1
 as constants (the compiler does). This module compiles the kernels to PTX/cubin for sm_90 with the
-ptxas bundled with Triton, so typing or lowering errors of the compiled path show up anyway::
+ptxas bundled with Triton, with the launch options the ops use (``NO_FP_FUSION``), so typing or
+lowering errors of the compiled path show up anyway, and checks the PTX:
 
-    python -m moreau_kernels.triton_ops._compile_check          # a representative subset
+* no approximate ``sin.approx`` / ``lg2.approx`` in the precise (libdevice) noise kernels;
+* no ``fma.rn.f32`` in the prox kernels, the perturb kernels with a given noise tensor, and the
+  Philox perturb kernels compiled with PRECISE=False (libdevice's log/sin/cos use fma on purpose,
+  so the precise Philox variants are checked through their libdevice-free twin): w + xi*sigma and
+  delta - lr*g round twice, as in the C++/CUDA kernels and the reference.
+
+::
+
+    python -m moreau_kernels.triton_ops._compile_check          # reference and paper mode, fp32 and bf16
     python -m moreau_kernels.triton_ops._compile_check --full   # every dtype/flag combination
 
+Exit status 0: all compiled and clean; 1: a kernel failed to compile or its PTX is wrong.
 It must run in a process where ``TRITON_INTERPRET`` is unset (the kernels are then real
 ``JITFunction`` objects). Uses Triton internals (``ASTSource``, ``GPUTarget``).
 """
@@ -25,7 +35,7 @@ def _variants(full: bool):
     from . import saliency as sa
 
     ints = [True, False] if full else [True]  # True: ints equal to 1, specialized as constants
-    dts = ("fp32", "bf16", "fp16") if full else ("bf16",)
+    dts = ("fp32", "bf16", "fp16") if full else ("fp32", "bf16")
     flags = (False, True)
     for one in ints:
         i = (lambda t: 1) if one else (lambda t: t)
@@ -33,14 +43,14 @@ def _variants(full: bool):
                                              PRECISE=True, BLOCK=1024), 4
         yield ph._philox_bits_kernel, dict(out_ptr="*i32", nq=i("i32"), first_q="i64", seed="i32", step="i64",
                                            index="i32", BLOCK=256), 4
-        for dt, noise in itertools.product(dts, flags if full else (True,)):
+        for dt, noise, precise in itertools.product(dts, flags, flags):
             yield pt._perturb_kernel, dict(w_ptr="*" + dt, d_ptr="*fp32", noise_ptr="*fp32", out_ptr="*" + dt,
                                            numel=i("i32"), std="fp32", seed="i64", step="i32", index="i64",
-                                           HAS_NOISE=noise, PRECISE=True, BLOCK=4096), 8
-        for kind in (0, 1, 2) if full else (1,):
+                                           HAS_NOISE=noise, PRECISE=precise, BLOCK=4096), 8
+        for kind, precise in itertools.product((0, 1, 2) if full else (0, 1), flags):
             yield pt._perturb_multi_kernel, dict(tab_ptr="*i64", n=i("i32"), std="fp32", seed="i64", step="i32",
-                                                 KIND=kind, NT=16, PRECISE=True, BLOCK=4096), 8
-        modes = itertools.product(dts, (0, 1), flags) if full else [("bf16", 1, True)]
+                                                 KIND=kind, NT=16, PRECISE=precise, BLOCK=4096), 8
+        modes = itertools.product(dts, (0, 1), flags if full else (True,))
         for dt, mode, acc in modes:
             common = dict(lr="fp32", soft="fp32", thresh="fp32", lamb="fp32", MODE=mode, ACCUMULATE=acc)
             single = dict(common, g_ptr="*" + dt, d_ptr="*fp32", a_ptr="*fp32", part_ptr="*fp32", BLOCK=4096)
@@ -57,27 +67,68 @@ def _variants(full: bool):
                                             HAS_G=has_g, VECTORIZE=vec, BLOCK_R=32, BLOCK_C=128), 4
 
 
-def main(full: bool = False, arch: int = 90) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
+def uses_libdevice(args: dict) -> bool:
+    """Kernels whose PTX holds libdevice's own fma: the precise Philox noise."""
+    return args.get("PRECISE") is True and args.get("HAS_NOISE") is not True
+
+
+def ptx_problems(fn_name: str, args: dict, ptx: str) -> list[str]:
+    """What is wrong with a kernel's PTX (empty when nothing)."""
+    out = []
+    if args.get("PRECISE") is True and ("sin.approx" in ptx or "lg2.approx" in ptx):
+        out.append("approximate sin/log instructions in the PTX of a precise kernel")
+    if fn_name != "_philox_normal_kernel" and not uses_libdevice(args) and "fma.rn.f32" in ptx:
+        out.append("fma.rn.f32 in the PTX: a multiply-add was fused (launch with NO_FP_FUSION)")
+    return out
+
+
+def compile_variant(fn, args: dict, warps: int, arch: int = 90, options: dict | None = None):
+    """Compile one kernel variant for sm_<arch> with the ops' launch options; returns the kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    target = GPUTarget("cuda", arch, 32)
+    from ._utils import NO_FP_FUSION
+
+    sig = {k: v if isinstance(v, str) else "constexpr" for k, v in args.items()}
+    consts = {k: v for k, v in args.items() if not isinstance(v, str)}
+    missing = set(fn.arg_names) ^ set(args)
+    if missing:
+        raise ValueError(f"{fn.__name__}: argument list out of date ({sorted(missing)})")
+    opts = {"num_warps": warps, **NO_FP_FUSION, **(options or {})}
+    return compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def self_test(arch: int = 90) -> str:
+    """The fma check must see a fused multiply-add: compile a prox kernel with fusion on and
+    expect it flagged. Returns '' when the check works, else why not."""
+    from . import prox_update as pu
+
+    args = dict(g_ptr="*fp32", d_ptr="*fp32", a_ptr="*fp32", part_ptr="*fp32", ncols="i32", lr="fp32",
+                soft="fp32", thresh="fp32", lamb="fp32", MODE=0, ACCUMULATE=True, BLOCK=1024)
+    ptx = compile_variant(pu._prox_rows_kernel, args, 4, arch, {"enable_fp_fusion": True}).asm["ptx"]
+    if not ptx_problems("_prox_rows_kernel", args, ptx):
+        return "with enable_fp_fusion=True the prox kernel's PTX has no fma.rn.f32: the check would see nothing"
+    return ""
+
+
+def main(full: bool = False, arch: int = 90) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
+    why = self_test(arch)
+    if why:
+        print(f"FAILED self-test: {why}", file=sys.stderr)
+        return 1
     n = 0
     for fn, args, warps in _variants(full):
-        sig = {k: v if isinstance(v, str) else "constexpr" for k, v in args.items()}
         consts = {k: v for k, v in args.items() if not isinstance(v, str)}
-        missing = set(fn.arg_names) ^ set(args)
-        if missing:
-            raise SystemExit(f"{fn.__name__}: argument list out of date ({sorted(missing)})")
         try:
-            kernel = compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": warps})
+            kernel = compile_variant(fn, args, warps, arch)
         except Exception as e:  # noqa: BLE001 - report which kernel and variant failed
-            print(f"FAILED {fn.__name__} {consts}: {e}", file=sys.stderr)
+            print(f"FAILED {fn.__name__} {consts}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        if "PRECISE" in args and ("sin.approx" in kernel.asm["ptx"] or "lg2.approx" in kernel.asm["ptx"]):
-            print(f"FAILED {fn.__name__}: approximate sin/log instructions in the PTX", file=sys.stderr)
+        problems = ptx_problems(fn.__name__, args, kernel.asm["ptx"])
+        if problems:
+            print(f"FAILED {fn.__name__} {consts}: {'; '.join(problems)}", file=sys.stderr)
             return 1
         n += 1
     print(f"compiled {n} kernel variants for sm_{arch}")

@@ -25,6 +25,13 @@ if PRECISE:
 else:  # pragma: no cover - the name is only referenced in branches the interpreter skips
     libdevice = None
 
+# Launch/compile options of every kernel here. Triton lets LLVM and ptxas contract a*b + c into
+# one fma by default; the C++ kernels (-ffp-contract=off), the CUDA kernels (__fmul_rn/__fadd_rn)
+# and the fp32 reference round the product and the sum separately, so w + xi*sigma and
+# delta - lr*g would differ in the last bit. The compile check rejects fma.rn.f32 in the PTX of
+# the kernels that do not call libdevice (whose log/sin/cos use fma internally, on purpose).
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
 MAX_FUSED_TENSORS = 1024  # tensors per multi-tensor launch (the table is searched as one vector)
 
 

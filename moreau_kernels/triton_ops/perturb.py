@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._utils import (DTYPE_CODE, PRECISE, TABLES, _as_ptr, _find_segment, chunked, device_guard,
+from ._utils import (DTYPE_CODE, NO_FP_FUSION, PRECISE, TABLES, _as_ptr, _find_segment, chunked, device_guard,
                      next_pow2)
 from .philox import _philox_normal_tile, noise_block
 
@@ -67,7 +67,7 @@ def perturb_out(w, delta, noise, out, std, seed, step, index) -> None:
     with device_guard(out):
         _perturb_kernel[(triton.cdiv(n, block),)](
             w, delta, noise if has_noise else delta, out, n, float(std), int(seed), int(step), int(index),
-            HAS_NOISE=has_noise, PRECISE=PRECISE, BLOCK=block, num_warps=warps)
+            HAS_NOISE=has_noise, PRECISE=PRECISE, BLOCK=block, num_warps=warps, **NO_FP_FUSION)
 
 
 def perturb_multi(ws, deltas, outs, std, seed, step, indices) -> None:
@@ -89,4 +89,5 @@ def perturb_multi(ws, deltas, outs, std, seed, step, indices) -> None:
             with device_guard(outs[part[0]]):
                 _perturb_multi_kernel[(total,)](
                     tab, len(part), float(std), int(seed), int(step), KIND=DTYPE_CODE[dtype],
-                    NT=max(16, next_pow2(len(part))), PRECISE=PRECISE, BLOCK=block, num_warps=warps)
+                    NT=max(16, next_pow2(len(part))), PRECISE=PRECISE, BLOCK=block, num_warps=warps,
+                    **NO_FP_FUSION)

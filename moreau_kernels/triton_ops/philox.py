@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import PRECISE, _cos, _log, _sin, block_settings, device_guard
+from ._utils import NO_FP_FUSION, PRECISE, _cos, _log, _sin, block_settings, device_guard
 
 _M0 = tl.constexpr(0xD2511F53)
 _M1 = tl.constexpr(0xCD9E8D57)
@@ -113,7 +113,7 @@ def philox_normal(like: torch.Tensor, seed: int, step: int, index: int) -> torch
     block, warps = noise_block(n)
     with device_guard(out):
         _philox_normal_kernel[(triton.cdiv(n, block),)](out, n, int(seed), int(step), int(index),
-                                                       PRECISE=PRECISE, BLOCK=block, num_warps=warps)
+                                                       PRECISE=PRECISE, BLOCK=block, num_warps=warps, **NO_FP_FUSION)
     return out
 
 
@@ -126,5 +126,5 @@ def philox_bits(numel: int, seed: int, step: int, index: int, device=None, first
     block = min(max(16, 1 << max(0, nq - 1).bit_length()), 1024)
     with device_guard(out):
         _philox_bits_kernel[(triton.cdiv(nq, block),)](out, nq, int(first_q), int(seed), int(step), int(index),
-                                                      BLOCK=block)
+                                                      BLOCK=block, **NO_FP_FUSION)
     return out.to(torch.int64) & 0xFFFFFFFF

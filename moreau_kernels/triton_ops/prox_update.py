@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (DTYPE_CODE, TABLES, _as_ptr, _find_segment, block_settings, chunked, device_guard,
+from ._utils import (DTYPE_CODE, NO_FP_FUSION, TABLES, _as_ptr, _find_segment, block_settings, chunked, device_guard,
                      next_pow2)
 
 _MODE_REFERENCE = tl.constexpr(0)
@@ -184,14 +184,14 @@ def prox_update_(g, delta, acc, lr, soft, lamb, prox_mode, accumulate) -> torch.
             block, warps = block_settings(ncols, lo=16, hi=4096)
             part = torch.empty(rows, dtype=torch.float32, device=delta.device)
             _prox_rows_kernel[(rows,)](g, delta, acc_t, part, ncols, lr, soft, thresh, lamb, MODE=int(prox_mode),
-                                       ACCUMULATE=bool(accumulate), BLOCK=block, num_warps=warps)
+                                       ACCUMULATE=bool(accumulate), BLOCK=block, num_warps=warps, **NO_FP_FUSION)
         else:
             n = delta.numel()
             block, warps = block_settings(n, lo=16, hi=2048)
             part = torch.empty(triton.cdiv(n, block), dtype=torch.float32, device=delta.device)
             _prox_elems_kernel[(part.numel(),)](g, delta, acc_t, part, n, lr, soft, thresh, lamb,
                                                 MODE=int(prox_mode), ACCUMULATE=bool(accumulate), BLOCK=block,
-                                                num_warps=warps)
+                                                num_warps=warps, **NO_FP_FUSION)
     return part.sum()
 
 
@@ -237,7 +237,7 @@ def prox_update_multi_(gs, deltas, accs, lr, soft, lamb, prox_mode, accumulate) 
             kernel = _prox_rows_multi_kernel if is_rows else _prox_elems_multi_kernel
             kernel[(total,)](tab, len(part), partials[base:], lr, soft, thresh, lamb, KIND=DTYPE_CODE[dtype],
                              MODE=int(prox_mode), ACCUMULATE=bool(accumulate), NT=max(16, next_pow2(len(part))),
-                             BLOCK=block, num_warps=warps)
+                             BLOCK=block, num_warps=warps, **NO_FP_FUSION)
         seg = TABLES.get((tuple(seg_lo), tuple(seg_hi)), device)
-        _segment_sum_kernel[(len(deltas),)](partials, seg, out, len(deltas), BLOCK=256)
+        _segment_sum_kernel[(len(deltas),)](partials, seg, out, len(deltas), BLOCK=256, **NO_FP_FUSION)
     return out

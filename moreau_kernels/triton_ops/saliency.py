@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, next_pow2, num_sms
+from ._utils import NO_FP_FUSION, device_guard, next_pow2, num_sms
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def channel_saliency(w: torch.Tensor, g: torch.Tensor | None, vectorize: bool, s
     with device_guard(w):
         _saliency_kernel[(n_rb, splits)](w, g if g is not None else w, rows_part, cols_part, R, C, tiles_per_split,
                                          HAS_G=g is not None, VECTORIZE=bool(vectorize), BLOCK_R=block_r,
-                                         BLOCK_C=block_c, num_warps=warps)
+                                         BLOCK_C=block_c, num_warps=warps, **NO_FP_FUSION)
     rows = rows_part.sum(dim=0)
     cols = cols_part.sum(dim=0)
     if vectorize:

@@ -183,6 +183,31 @@ def _check_out(args) -> None:
         raise FileExistsError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
 
 
+def check_device(spec: str):
+    """``--device`` as a torch.device, or a ValueError that says why this machine cannot use it."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"--device {spec!r} is not a device name (use cpu, cuda or cuda:N): {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {spec!r}: moreau-prune runs on cpu or cuda[:N], not {dev.type}")
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"--device {spec}: this torch ({torch.__version__}) is a CPU-only build; install a "
+                             "CUDA build of torch, or use --device cpu")
+        if not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            extra = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            raise ValueError(f"--device {spec}: no CUDA device is visible on this machine{extra}; "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return dev
+
+
 def run(args) -> dict | None:
     """The whole pipeline; returns the report (None on ranks other than 0 with --distributed)."""
     if getattr(args, "distributed", None):
@@ -203,6 +228,7 @@ def run(args) -> dict | None:
 
     progress = not args.quiet
     lens = _eval_lens(args.eval_seq_lens) if args.eval else []
+    check_device(args.device)
     _check_out(args)
     prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
                             mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,

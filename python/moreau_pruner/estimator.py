@@ -220,15 +220,17 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
                 st0 = states[0]
                 backend = mk.select("prox_update_", st0.param.grad, st0.delta, st0.acc)
             if groups is None:
-                for k, st in enumerate(states):
+                sums = []
+                for st in states:
                     g = st.param.grad
                     if g is None:  # parameter not used by the loss: zero gradient
                         g = torch.zeros_like(st.param)
-                    sumsq[k] = float(mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb,
-                                                     cfg.prox_mode, accumulate and st.acc is not None))
+                    sums.append(mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb,
+                                                cfg.prox_mode, accumulate and st.acc is not None))
                     st.param.grad = None
             else:
-                _structure_prox(states, groups, cfg, accumulate, sumsq)
+                sums = _structure_prox(states, groups, cfg, accumulate)
+            sumsq = sums_to_cpu(sums)
             log.append(finish_step(t, states, sumsq, loss, l2, t0, on_step, bar))
     finally:
         for (_, p), flag in zip(named, grad_flags):
@@ -237,6 +239,18 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
         model.train(was_training)
     grads = {st.name: st.acc.div_(K) for st in states if st.acc is not None}
     return MoreauResult(grads=grads, log=log, config=cfg, backend=backend)
+
+
+def sums_to_cpu(sums: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor Σδ² (0-d device tensors) as float64 on the CPU: one transfer per device per
+    step, instead of a host sync per parameter."""
+    out = torch.empty(len(sums), dtype=torch.float64)
+    by_dev: dict[torch.device, list[int]] = {}
+    for k, s in enumerate(sums):
+        by_dev.setdefault(s.device, []).append(k)
+    for ks in by_dev.values():
+        out[ks] = torch.stack([sums[k].reshape(()).float() for k in ks]).cpu().double()
+    return out
 
 
 def finish_step(t: int, states, sumsq: torch.Tensor, loss: float, l2: float, t0: float, on_step, bar) -> dict:
@@ -283,11 +297,11 @@ def _structure_groups(structure, states):
     return out
 
 
-def _structure_prox(states, groups, cfg: MoreauConfig, accumulate: bool, sumsq: torch.Tensor) -> None:
+def _structure_prox(states, groups, cfg: MoreauConfig, accumulate: bool) -> list[torch.Tensor]:
     """Paper-mode group soft-threshold with heads / MLP channels as groups (pure PyTorch).
 
     Parameters not in any group (embeddings, norms, lm_head, layers outside the structure)
-    use the row groups of the fused op.
+    use the row groups of the fused op. Returns each state's Σδ² as a 0-d device tensor.
     """
     grouped = set()
     tau = cfg.lr * cfg.soft
@@ -311,14 +325,16 @@ def _structure_prox(states, groups, cfg: MoreauConfig, accumulate: bool, sumsq: 
             if accumulate and st.acc is not None:
                 st.acc.add_(new)
             grouped.add(id(st))
-    for k, st in enumerate(states):
+    sums = []
+    for st in states:
         if id(st) in grouped:
-            sumsq[k] = float((st.delta * st.delta).sum())
+            sums.append((st.delta * st.delta).sum())
         else:
             g = st.param.grad if st.param.grad is not None else torch.zeros_like(st.param)
-            sumsq[k] = float(mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb, cfg.prox_mode,
-                                             accumulate and st.acc is not None))
+            sums.append(mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb, cfg.prox_mode,
+                                        accumulate and st.acc is not None))
         st.param.grad = None
+    return sums
 
 
 def gradient(model: nn.Module, batch: torch.Tensor, score: Iterable[str] | None = None,

@@ -39,7 +39,7 @@ from torch import nn
 import moreau_kernels as mk
 
 from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
-                        lm_loss, moreau_estimate, unique_named_parameters)
+                        lm_loss, moreau_estimate, sums_to_cpu, unique_named_parameters)
 
 PATHS = ("auto", "reference", "lean", "regen")
 GiB = 1024 ** 3
@@ -119,18 +119,6 @@ def _perturb_all(states: list[_LeanState], cfg: MoreauConfig, key: int) -> None:
     for members in groups.values():
         mk.perturb_multi([st.clean for st in members], [st.delta for st in members], [st.work for st in members],
                          cfg.std, cfg.seed, key, [st.index for st in members])
-
-
-def _sums_to_cpu(sums: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor Σδ² as float64 on the CPU, one transfer per device."""
-    out = torch.empty(len(sums), dtype=torch.float64)
-    by_dev: dict[torch.device, list[int]] = {}
-    for k, s in enumerate(sums):
-        by_dev.setdefault(s.device, []).append(k)
-    for dev, ks in by_dev.items():
-        vals = torch.stack([sums[k].reshape(()).float() for k in ks]).cpu()
-        out[ks] = vals.double()
-    return out
 
 
 @contextlib.contextmanager
@@ -243,7 +231,7 @@ def moreau_estimate_lean(model: nn.Module, batch: torch.Tensor, config: MoreauCo
                         ctl.sums[k] = mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb,
                                                       cfg.prox_mode, ctl.accumulate and st.acc is not None)
                         st.param.grad = None
-                sumsq = _sums_to_cpu(ctl.sums)
+                sumsq = sums_to_cpu(ctl.sums)
                 log.append(finish_step(t, states, sumsq, loss, l2, t0, on_step, bar))
     finally:
         for h in handles:

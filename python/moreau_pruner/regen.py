@@ -39,9 +39,8 @@ from torch import nn
 import moreau_kernels as mk
 
 from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
-                        lm_loss, unique_named_parameters)
-from .lean import (_Control, _LeanState, _make_hook, _perturb_all, _score_predicate, _sums_to_cpu,
-                   activation_checkpointing)
+                        lm_loss, sums_to_cpu, unique_named_parameters)
+from .lean import _Control, _LeanState, _make_hook, _perturb_all, _score_predicate, activation_checkpointing
 
 __all__ = ["RegenEmbedding", "RegenLinear", "moreau_estimate_regen", "regen_modules"]
 
@@ -270,7 +269,7 @@ def moreau_estimate_regen(model: nn.Module, batch: torch.Tensor, config: MoreauC
                             st.param.grad = None
                         ctl.sums[k] = mk.prox_update_(g, st.delta, st.acc, cfg.lr, cfg.soft, cfg.lamb,
                                                       cfg.prox_mode, ctl.accumulate and st.acc is not None)
-                sumsq = _sums_to_cpu(ctl.sums)
+                sumsq = sums_to_cpu(ctl.sums)
                 log.append(finish_step(t, states, sumsq, loss, l2, t0, on_step, bar))
     finally:
         for h in handles:
