@@ -259,7 +259,7 @@ class ModelReport:
                 parts.append(f"{prec}: PyTorch's native {prec} kernels")
         return (" " + "; ".join(parts) + ".") if parts else ""
 
-    # -- issue-7 structured variants
+    # -- LLM-Pruner Taylor variants and per-layer allocations
     def variants_markdown(self) -> list[str]:
         known = {r["method"] for r in self.pruned}
         if not any(a in known and b in known for a, b in VARIANT_PAIRS):

@@ -1,4 +1,4 @@
-"""The lean Moreau estimate and memory planning (issue 5, parts 1-2).
+"""The lean Moreau estimate and memory planning.
 
 :func:`moreau_estimate_lean` computes exactly what :func:`moreau_pruner.estimator.moreau_estimate`
 computes for ``group="row"`` with Philox noise (SPEC §2 and §3), with less memory:
