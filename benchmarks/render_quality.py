@@ -545,6 +545,13 @@ def recovery_markdown(recovery_dir: Path) -> list[str]:
         if r.get("prune_command") or r.get("command"):
             out += [f"`{name}`: pruned with `{r.get('prune_command', '?')}`, recovered with "
                     f"`{r.get('command', '?')}`.", ""]
+    for path in sorted(Path(recovery_dir).glob("*.json")):  # benchmarks/ppl_compare.py records
+        r = json.loads(path.read_text())
+        if isinstance(r, dict) and "results" in r and "text" in r:
+            out += [f"Other text (`{path.name}`: held-out {r['text']}, {r['windows']} x {r['seq_len']} tokens, "
+                    f"{r.get('device', '?')}, `{r['command']}`):", "",
+                    table(["model", "parameters", "PPL"],
+                          [[x["model"], f"{x['params']:,}", f"{x['ppl']:.2f}"] for x in r["results"]]), ""]
     return out
 
 
