@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from .io import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
-                 WEIGHTS_FILE, _base_architecture, _dtype_name, _json_default, _model_dtype, layer_widths)
+                 WEIGHTS_FILE, _base_architecture, _dtype_name, _json_default, _model_dtype, layer_widths,
+                 staged_directory, write_extras)
 
 __all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
 
@@ -153,13 +152,7 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = parent / f".{out_dir.name}.tmp-{tag}", parent / f".{out_dir.name}.old-{tag}"
-    moved_old = False
-    try:
-        tmp.mkdir()
+    with staged_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
         back = AutoConfig.from_pretrained(str(tmp))  # what a stock reader will see
@@ -167,25 +160,5 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
             if getattr(back, key) != getattr(cfg, key):
                 raise RuntimeError(f"{CONFIG_FILE} reads back {key}={getattr(back, key)!r}, "
                                    f"expected {getattr(cfg, key)!r}")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and model.can_generate():
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if info_json is not None:
-            (tmp / PRUNING_INFO_FILE).write_text(info_json, encoding="utf-8")
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                os.replace(out_dir, old)
-                moved_old = True
-            else:
-                out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved_old and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    if moved_old:
-        shutil.rmtree(old, ignore_errors=True)
+        write_extras(tmp, model, tokenizer, info_json)
     return out_dir

@@ -19,6 +19,7 @@ template inside this package.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -333,6 +334,31 @@ def save_pruned(
 
     from safetensors.torch import save_file
 
+    with staged_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
+        (tmp / MODELING_FILE).write_text(render_modeling_file(base_arch), encoding="utf-8")
+        write_extras(tmp, model, tokenizer, info_json)
+    return out_dir
+
+
+def write_extras(directory: Path, model, tokenizer=None, info_json: str | None = None) -> None:
+    """The files every saved directory has next to its weights and config: generation_config.json
+    (when the model generates), the tokenizer (when given) and pruning_info.json (when given)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and model.can_generate():
+        gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if info_json is not None:
+        (directory / PRUNING_INFO_FILE).write_text(info_json, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path):
+    """Yields an empty temporary sibling of ``out_dir`` to write into; when the block ends without
+    an error it replaces ``out_dir`` (an existing one is moved aside first and removed last), and
+    on any error the temporary directory is removed and ``out_dir`` is left as it was."""
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -341,16 +367,7 @@ def save_pruned(
     moved_old = False
     try:
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
-        (tmp / MODELING_FILE).write_text(render_modeling_file(base_arch), encoding="utf-8")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and model.can_generate():
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if info_json is not None:
-            (tmp / PRUNING_INFO_FILE).write_text(info_json, encoding="utf-8")
+        yield tmp
         if out_dir.exists():
             if any(out_dir.iterdir()):
                 os.replace(out_dir, old)
@@ -365,7 +382,6 @@ def save_pruned(
         raise
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 # --------------------------------------------------------------------------- load

@@ -147,7 +147,6 @@ def plan_rank(model: nn.Module, rows: int, seq: int, option: Option, score: Call
               budget_gib: float = GPU_GIB_80GB) -> RankPlan:
     """The per-GPU plan of ``option`` for an estimate of ``model`` on ``rows x seq`` tokens."""
     budget = int(budget_gib * GiB)
-    mrows_total = option.micro_batch_rows or rows
     if option.gpus == 1:
         cfg = MoreauConfig(micro_batch_size=option.micro_batch_rows)
         if option.offload:

@@ -174,7 +174,7 @@ def _compose(outer: list | None, inner: list | None) -> list | None:
 def _combine_reports(reports: list[PruneReport], cfg: PruneConfig, before: int, after: int,
                      rounds: int) -> PruneReport:
     """One report for all rounds: widths of the last, removals and kept indices against the first."""
-    first, last = reports[0], reports[-1]
+    first = reports[0]
     layers = []
     for entries in zip(*(r.layers for r in reports)):
         a, z = entries[0], entries[-1]
