@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--name", help="result file stem (default: <model>-<N>rank-<backend>)")
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown of an existing result file")
+    p.add_argument("--track-memory", action="store_true",
+                   help="instead of timing: the peak live tensor bytes of each rank over the whole estimate "
+                        "(moreau_pruner.memtrack, the rank's local parameter shards and buffers as baseline)")
     args = p.parse_args(argv)
     if args.render:
         path = Path(args.render)
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
         totals["step_s"] = sum(r["seconds"] for r in est.log)
         return _per_step(totals, args.iters), [r["seconds"] for r in est.log]
 
+    if args.track_memory:
+        return _track_memory(args, ctx, sm, batch, cfg, names, n_params)
     dist.barrier()
     overlapped, steps = run_fsdp()
     totals_ser: dict = {}
@@ -155,6 +160,48 @@ def main(argv=None) -> int:
     dist.barrier()
     if ctx.is_main:
         _write(args, ctx, per_rank, one, load_s, n_params, batch.shape, sm)
+    dist.destroy_process_group()
+    return 0
+
+
+def _track_memory(args, ctx, sm, batch, cfg, names, n_params) -> int:
+    """Per-rank peak of live tensor bytes over the FSDP2 estimate, written as its own JSON + Markdown."""
+    import json
+
+    import torch.distributed as dist
+
+    from moreau_pruner import distributed as D
+    from moreau_pruner.memtrack import LiveTensorTracker
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in sm.model.parameters()]
+    dist.barrier()
+    with LiveTensorTracker(baseline=local + list(sm.model.buffers())) as tr:
+        D.moreau_estimate_fsdp(sm.model, batch, ctx, cfg, names, progress=False)
+    mine = {"rank": ctx.rank, "peak_bytes": tr.peak_bytes, "baseline_bytes": tr.baseline_bytes,
+            "peak_op": tr.peak_op, "peak_breakdown": tr.peak_breakdown}
+    per_rank = [None] * ctx.world
+    dist.all_gather_object(per_rank, mine)
+    if ctx.is_main:
+        meta = C.Meta(ctx.device.type)
+        stem = args.name or f"smollm2-{ctx.world}rank-memory"
+        command = f"torchrun --nproc-per-node {ctx.world} benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])
+        doc = {**meta.base, "command": command, "device": "2-core CPU, gloo" if ctx.device.type == "cpu" else "cuda, nccl",
+               "model": str(args.model or "embedded SmolLM2-135M-Instruct (fp32)"), "parameters": n_params,
+               "batch": list(batch.shape), "iters": args.iters, "world_size": ctx.world, "ranks": per_rank,
+               "loadavg": C.loadavg()}
+        (OUT / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+        mib = 2 ** 20
+        lines = [f"# Tracked memory of the FSDP2 estimate ({ctx.world} ranks)", "",
+                 f"- command: `{command}`", f"- device: {doc['device']}; torch {doc['torch']}; commit {doc['commit']}; date {doc['date']}; "
+                 f"load average {doc['loadavg']}",
+                 f"- model: {doc['model']}, {n_params:,} parameters; batch {doc['batch'][0]}x{doc['batch'][1]} "
+                 f"tokens; {args.iters} steps", "",
+                 "| rank | peak live tensors (MiB) | of which local parameter shards and buffers (MiB) | peak after op |",
+                 "|---:|---:|---:|---|"]
+        lines += [f"| {r['rank']} | {r['peak_bytes'] / mib:.0f} | {r['baseline_bytes'] / mib:.0f} | `{r['peak_op']}` |"
+                  for r in per_rank]
+        (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
     dist.destroy_process_group()
     return 0
 
