@@ -218,7 +218,7 @@ def run(args) -> dict | None:
 
     import moreau_kernels as mk
 
-    from . import data, evaluate
+    from . import data
     from .estimator import MoreauConfig
     from .models import load_model
     from .precision import fp32_accumulate_gemms
@@ -269,15 +269,7 @@ def run(args) -> dict | None:
     batch = data.calibration_batch(tok, calib_text, args.num_examples, args.seq_len, args.seed).to(args.device)
     eval_ids = data.tokenize_text(tok, eval_text) if lens else None
 
-    def ppl(tag):
-        out = {}
-        for n in lens:
-            t = time.perf_counter()
-            max_windows = max(1, args.eval_tokens // n) if args.eval_tokens else None
-            out[str(n)] = evaluate.perplexity(model, None, eval_ids, seq_len=n, max_windows=max_windows,
-                                              progress=progress)
-            times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
-        return out
+    ppl = perplexity_report(model, eval_ids, lens, args.eval_tokens, times, progress)
 
     half = _half_gemm(args)
     with (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
@@ -310,6 +302,24 @@ def _check_uniform_args(args) -> None:
     if args.allocation != "uniform":
         raise ValueError(f"--uniform keeps every layer at the same width; --allocation {args.allocation} gives "
                          "layers different ratios")
+
+
+def perplexity_report(model, eval_ids, lens: list[int], eval_tokens: int, times: dict, progress: bool):
+    """``ppl(tag)``: the model's perplexity at every window length in ``lens`` on the first
+    ``eval_tokens`` held-out tokens (0: all), ``{str(n): ppl}``; each evaluation's time goes into
+    ``times`` as ``eval_<tag>_<n>_s``."""
+    from . import evaluate
+
+    def ppl(tag):
+        out = {}
+        for n in lens:
+            t = time.perf_counter()
+            max_windows = max(1, eval_tokens // n) if eval_tokens else None
+            out[str(n)] = evaluate.perplexity(model, None, eval_ids, seq_len=n, max_windows=max_windows,
+                                              progress=progress)
+            times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
+        return out
+    return ppl
 
 
 def _half_gemm(args) -> str | None:

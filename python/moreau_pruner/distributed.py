@@ -56,6 +56,7 @@ import moreau_kernels as mk
 
 from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
                         lm_loss, unique_named_parameters)
+from .lean import _score_predicate
 
 MODES = ("fsdp",)
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -417,16 +418,7 @@ def moreau_estimate_fsdp(model: nn.Module, batch: torch.Tensor, ctx: Context, co
     if not named:
         raise EstimatorError("the model has no parameters")
     check_finite_weights((n, p.to_local()) for n, p in named)
-    if callable(score):
-        wanted = score
-    elif score is None:
-        wanted = lambda name: True  # noqa: E731
-    else:
-        names = set(score)
-        unknown = names - {n for n, _ in named}
-        if unknown:
-            raise ValueError(f"unknown parameter names to score: {sorted(unknown)[:5]}")
-        wanted = names.__contains__
+    wanted = _score_predicate(score, named)
     states = [_ShardState(n, p, i, wanted(n), ctx) for i, (n, p) in enumerate(named)]
     groups = None
     if cfg.group == "structure":
@@ -816,8 +808,8 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
                   sm, gemms):
     import json
 
-    from . import data, evaluate
-    from .cli import _prune_and_report
+    from . import data
+    from .cli import _prune_and_report, perplexity_report
     from .io import save_pruned
     from .prune import prune_structure
     from .structure import discover
@@ -828,15 +820,7 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
     eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
     eval_ids = data.tokenize_text(tok, eval_text) if lens else None
 
-    def ppl(tag):
-        out = {}
-        for n in lens:
-            t = time.perf_counter()
-            max_windows = max(1, args.eval_tokens // n) if args.eval_tokens else None
-            out[str(n)] = evaluate.perplexity(plain, None, eval_ids, seq_len=n, max_windows=max_windows,
-                                              progress=progress)
-            times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
-        return out
+    ppl = perplexity_report(plain, eval_ids, lens, args.eval_tokens, times, progress)
 
     def structured(model):
         t = time.perf_counter()
