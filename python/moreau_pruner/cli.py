@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .taylor import VARIANTS as TAYLOR_VARIANTS
     from .prune import SCOPES
     from .structure import GRANULARITIES
+    from .policy import BASELINES, INITS, PolicyConfig
 
     p = argparse.ArgumentParser(prog="moreau-prune", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
 
     g = p.add_argument_group("importance and pruning")
-    g.add_argument("--method", default="moreau", choices=METHODS + ("wanda", "gblm"),
+    g.add_argument("--method", default="moreau", choices=METHODS + ("policy-gradient", "wanda", "gblm"),
                    help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random; "
-                        "wanda and gblm: unstructured only")
+                        "policy-gradient: learn which units to remove from forward passes only (see its group "
+                        "below); wanda and gblm: unstructured only")
     g.add_argument("--taylor-variant", default="param_first", choices=TAYLOR_VARIANTS,
                    help="LLM-Pruner's Taylor importance: first order |W g| (default), second order with the "
                         "Fisher diagonal, their mix, or vector-wise")
@@ -132,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations (lean and regen paths)")
     g.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                    help="skip the peak-memory plan that stops early when the estimate would not fit")
+
+    g = p.add_argument_group(
+        "policy-gradient pruner (--method policy-gradient)",
+        "A keep-probability per attention unit and MLP channel, trained with the score-function (REINFORCE) "
+        "gradient of the calibration loss of sampled masked models: forward passes only, no backward through "
+        "the model. The budget is global (the parameters the local rule removes at --ratio in the layer ranges), "
+        "so layers end up with different widths; the final mask keeps the most probable units under it. Cost: "
+        "steps x samples x batch-size sequence forwards (defaults: 600 forwards of --seq-len tokens, about ten "
+        "minutes for SmolLM2 on a 2-core CPU) plus the initial scores.")
+    g.add_argument("--init", choices=INITS, default=None,
+                   help="start the probabilities from this method's unit scores (ranked within each layer, so "
+                        "the most likely mask is that method's one-shot plan) or from none (every unit alike); "
+                        "default: taylor")
+    g.add_argument("--pg-steps", type=int, default=PolicyConfig.steps, help="policy updates (default %(default)s)")
+    g.add_argument("--pg-lr", type=float, default=PolicyConfig.lr,
+                   help="Adam learning rate on the keep-probabilities (default %(default)s)")
+    g.add_argument("--pg-samples", type=int, default=PolicyConfig.samples,
+                   help="masks sampled per step, run as one batch (default %(default)s)")
+    g.add_argument("--pg-batch-size", type=int, default=PolicyConfig.batch_size,
+                   help="calibration sequences per step; the calibration batch is visited in turn (default "
+                        "%(default)s)")
+    g.add_argument("--pg-baseline", choices=BASELINES, default=PolicyConfig.baseline,
+                   help="variance reduction: moving (the paper's moving-average loss, kept per calibration "
+                        "mini-batch) or loo (mean loss of the step's other samples) (default %(default)s)")
 
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
@@ -252,6 +278,7 @@ def run(args) -> dict | None:
         raise ValueError("--rounds applies to structured pruning; --unstructured prunes in one shot")
     if args.uniform:
         _check_uniform_args(args)
+    policy_cfg = _policy_config(args)
     mk.set_backend(args.backend)
     times = {}
     t0 = time.perf_counter()
@@ -275,7 +302,7 @@ def run(args) -> dict | None:
     with (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
           else contextlib.nullcontext()):
         report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
-                                   progress, half)
+                                   progress, half, policy=policy_cfg)
     if args.out:
         from .export import save_uniform
         from .io import save_pruned
@@ -290,6 +317,29 @@ def run(args) -> dict | None:
         tmp.write_text(json.dumps(report, indent=2, default=str))
         os.replace(tmp, path)
     return report
+
+
+def _policy_config(args):
+    """The PolicyConfig of --method policy-gradient (None otherwise); its flags are refused elsewhere."""
+    from .policy import PolicyConfig
+
+    if args.method != "policy-gradient":
+        if args.init is not None:
+            raise ValueError(f"--init starts the policy-gradient pruner from a method's scores; it does not apply "
+                             f"to --method {args.method}")
+        return None
+    if args.unstructured:
+        raise ValueError("--method policy-gradient removes whole units (structural pruning); it does not combine "
+                         "with --unstructured")
+    if args.allocation != "uniform":
+        raise ValueError(f"--method policy-gradient allocates the budget across layers itself; --allocation "
+                         f"{args.allocation} does not apply")
+    if args.rounds != 1:
+        raise ValueError("--method policy-gradient searches the whole mask at once; --rounds does not apply")
+    if args.uniform:
+        raise ValueError("--method policy-gradient gives layers different widths; it cannot make a --uniform model")
+    return PolicyConfig(steps=args.pg_steps, lr=args.pg_lr, samples=args.pg_samples, batch_size=args.pg_batch_size,
+                        baseline=args.pg_baseline, init=args.init or "taylor", seed=args.seed).validate()
 
 
 def _check_uniform_args(args) -> None:
@@ -336,7 +386,7 @@ def _half_gemm(args) -> str | None:
 
 
 def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half,
-                      structured=None):
+                      structured=None, policy=None):
     """Dense perplexity, pruning, pruned perplexity and the report. ``structured(model) -> (PruneReport,
     extra report fields)`` replaces the one-process structured pruning (the FSDP2 path prunes with
     scores computed on the ranks)."""
@@ -356,13 +406,16 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
                              args.seed, args.micro_batch_size, progress, allocation=args.allocation, rounds=args.rounds,
                              taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
-                             gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check)
+                             gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check,
+                             **({"policy": policy} if policy is not None else {}))
         times.update(result.timings)
         rep = result.report
         est = result.estimate
         extra = {"moreau": est.summary() if est else None, "allocation": result.allocation,
                  "backend": est.backend if est else mk.get_backend(),
                  "estimator_path": getattr(est, "path", None)}
+        if result.policy is not None:
+            extra["policy"] = result.policy
     pruned = ppl("pruned")
     sample = evaluate.generate_text(model, tok, args.generate, max_new_tokens=24) if args.generate else None
     report = {
@@ -460,6 +513,13 @@ def format_report(report: dict) -> str:
     if report.get("unstructured"):
         o = report["unstructured"]["overall"]
         rows.append(("sparsity (measured)", f"{o['zeros']:,} of {o['numel']:,} weights zero ({100 * o['sparsity']:.2f}%)"))
+    if report.get("policy"):
+        pg = report["policy"]
+        rows.append(("policy gradient", f"init {pg['config']['init']}, {pg['config']['steps']} steps x "
+                                        f"{pg['config']['samples']} masks; loss {pg['loss_first']:.3f} -> "
+                                        f"{pg['final_loss']:.3f}; {pg['forward_sequences']} sequence forwards, "
+                                        f"{pg['backward_sequences']} backwards"))
+        rows.append(("budget", f"{pg['removed']:,} of {pg['target_removed']:,} target parameters removed"))
     if report.get("allocation"):
         r = report["allocation"]["ratios"]
         rows.append(("allocation", f"{report['allocation']['method']}: ratios {min(r.values()):.3f}..{max(r.values()):.3f}"))

@@ -718,6 +718,8 @@ UNSUPPORTED = (
      "--allocation {value} has no distributed path yet (only uniform)"),
     ("noise", lambda a: a.noise != "philox", "--noise torch has no distributed path yet (use philox)"),
     ("method", lambda a: a.method in ("wanda", "gblm"), "--method {value} is unstructured; no distributed path yet"),
+    ("method", lambda a: a.method == "policy-gradient",
+     "--method policy-gradient has no distributed path yet (its masked forwards run in one process)"),
     ("rounds", lambda a: a.rounds != 1, "--rounds {value} has no distributed path yet (one-shot only)"),
 )
 

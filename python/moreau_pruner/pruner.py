@@ -30,6 +30,7 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
     allocation: dict | None = None
     rounds: int = 1
+    policy: dict | None = None  # the policy-gradient pruner's search (see :mod:`.policy`)
 
 
 def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "moreau",
@@ -100,6 +101,9 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if method == "policy-gradient":
+        return _policy_gradient(model, batch, prune, moreau, allocation, rounds, micro_batch_size, progress,
+                                seed, score_options)
     structure = discover(model)
     prune = prune or PruneConfig()
     attn_range, mlp_range = prune.validate(structure.num_layers)
@@ -146,6 +150,22 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
         timings["prune_s"] = timings.get("prune_s", 0.0) + time.perf_counter() - t0
     report = _combine_reports(reports, prune, before, count_parameters(model), rounds)
     return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None, rounds)
+
+
+def _policy_gradient(model, batch, prune, moreau, allocation, rounds, micro_batch_size, progress, seed,
+                     options) -> PruneResult:
+    """``method='policy-gradient'``: :func:`.policy.policy_prune` (``options``: ``policy`` a PolicyConfig,
+    ``target_params``, and the scoring options of its metric initialisation)."""
+    from .policy import PolicyConfig, policy_prune
+
+    if allocation != "uniform":
+        raise ValueError(f"the policy-gradient pruner allocates the budget across layers itself; allocation "
+                         f"{allocation!r} does not apply")
+    if rounds != 1:
+        raise ValueError("the policy-gradient pruner searches the whole mask at once; rounds > 1 do not apply")
+    policy = options.pop("policy", None) or PolicyConfig(seed=seed)
+    target = options.pop("target_params", None)
+    return policy_prune(model, batch, prune, policy, moreau, target, progress, micro_batch_size, **options)
 
 
 def _share(n: int, k: int, rounds: int) -> int:
