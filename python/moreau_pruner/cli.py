@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient of the calibration loss of sampled masked models: forward passes only, no backward through "
         "the model. The budget is global (the parameters the local rule removes at --ratio in the layer ranges), "
         "so layers end up with different widths; the final mask keeps the most probable units under it. Cost: "
-        "steps x samples x batch-size sequence forwards (defaults: 600 forwards of --seq-len tokens, about ten "
+        "steps x samples x batch-size sequence forwards (defaults: 400 forwards of --seq-len tokens, about five "
         "minutes for SmolLM2 on a 2-core CPU) plus the initial scores.")
     g.add_argument("--init", choices=INITS, default=None,
                    help="start the probabilities from this method's unit scores (ranked within each layer, so "

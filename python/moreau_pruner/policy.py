@@ -58,10 +58,10 @@ BASELINES = ("moving", "loo")
 
 @dataclass
 class PolicyConfig:
-    """Settings of the policy-gradient search (defaults finish SmolLM2-135M on a 2-core CPU in
-    about ten minutes)."""
+    """Settings of the policy-gradient search (the defaults finish SmolLM2-135M on an idle 2-core
+    CPU in about five minutes: 400 forwards of one 64-token sequence)."""
 
-    steps: int = 150
+    steps: int = 100
     lr: float = 0.02  # Adam step on the keep-probabilities
     samples: int = 4  # masks drawn per step, S
     batch_size: int = 1  # calibration rows per step (fixed mini-batches, visited in turn)
