@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moreau_pruner import PruneConfig, discover
-from moreau_pruner.policy import (MaskedForward, PolicyConfig, UnitTable, final_removal, log_prob_grad,
-                                  loo_baseline, project_budget, score_function_gradient)
+from moreau_pruner.policy import (MaskedForward, PolicyConfig, UnitTable, final_removal, keep_mask, log_prob_grad,
+                                  loo_baseline, project_budget, score_function_gradient,
+                                  shift_logits_to_budget)
 from moreau_pruner.pruner import prune_model
 
 
@@ -135,6 +136,22 @@ def test_projection_meets_the_budget_and_is_idempotent():
         project_budget(p, cost, float(cost.sum()) + 1)
 
 
+def test_logit_shift_meets_the_budget_and_the_logit_search_runs():
+    theta = torch.linspace(-4, 4, 30, dtype=torch.float64)
+    cost = torch.cat([torch.full((5,), 10.0), torch.full((25,), 1.0)]).double()
+    out = shift_logits_to_budget(theta, cost, 40.0)
+    assert float((torch.sigmoid(out) * cost).sum()) == pytest.approx(40.0, rel=1e-9)
+    torch.testing.assert_close(out - theta, torch.full_like(theta, float(out[0] - theta[0])))  # one common shift
+    model = tiny(1, layers=2, inter=24)
+    batch = torch.randint(0, 48, (4, 12), generator=torch.Generator().manual_seed(1))
+    cfg = PruneConfig(ratio=0.3, attn_layers="0:2", mlp_layers="0:2", granularity="query-heads")
+    r = prune_model(model, batch, "policy-gradient", cfg, progress=False,
+                    policy=PolicyConfig(steps=10, init="magnitude", parametrization="logit", lr=0.1))
+    assert 0 <= r.policy["budget_gap"] < 3 * 32
+    with pytest.raises(ValueError, match="parametrization"):
+        PolicyConfig(parametrization="sigmoid").validate()
+
+
 def test_masked_forward_equals_the_pruned_model():
     """A mask applied by the hooks gives the loss of the model pruned to the same units."""
     model = tiny(3)
@@ -147,17 +164,7 @@ def test_masked_forward_equals_the_pruned_model():
         probs = torch.rand(table.size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         removed = final_removal(table, probs, 900)
         hooks = MaskedForward(st, table)
-        keep = torch.ones(table.size, dtype=torch.bool)
-        for seg in table.segments:
-            n = removed[(seg.layer, seg.kind)]
-            p = probs[seg.start:seg.start + seg.n]
-            if seg.per_group:
-                grouped = p.view(seg.n_kv, seg.n_rep)
-                for gi in range(seg.n_kv):
-                    for j in torch.argsort(grouped[gi], stable=True)[:n].tolist():
-                        keep[seg.start + gi * seg.n_rep + j] = False
-            else:
-                keep[seg.start + torch.argsort(p, stable=True)[:n]] = False
+        keep = keep_mask(table, probs, removed)
         masked = hooks.losses(batch, keep.unsqueeze(0))
         hooks.remove()
         from moreau_pruner.importance import LayerScores
@@ -224,6 +231,7 @@ def test_policy_gradient_finds_planted_dead_units():
             found[seg.start:seg.start + seg.n] = torch.tensor([u not in kept for u in range(seg.n)])
     assert torch.equal(found, dead), (torch.nonzero(found).flatten(), torch.nonzero(dead).flatten())
     assert r.policy["history"][-1]["loss"] < r.policy["history"][0]["loss"]
+    assert r.policy["mask_loss_final"] < r.policy["mask_loss_init"]
 
 
 def test_metric_init_starts_at_the_one_shot_plan():
@@ -289,7 +297,7 @@ def test_cli_runs_policy_gradient_and_refuses_what_does_not_apply(tmp_path, caps
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == "policy-gradient" and rep["policy"]["config"]["init"] == "magnitude"
-    assert rep["policy"]["forward_sequences"] == 6 * 2 and rep["params_after"] < rep["params_before"]
+    assert rep["policy"]["forward_sequences"] == 6 * 2 + 2 * 4 and rep["params_after"] < rep["params_before"]
     assert "policy gradient" in capsys.readouterr().out
     model, _ = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == rep["params_after"]

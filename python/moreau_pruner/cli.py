@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .taylor import VARIANTS as TAYLOR_VARIANTS
     from .prune import SCOPES
     from .structure import GRANULARITIES
-    from .policy import BASELINES, INITS, PolicyConfig
+    from .policy import BASELINES, INITS, PARAMETRIZATIONS, PolicyConfig
 
     p = argparse.ArgumentParser(prog="moreau-prune", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pg-baseline", choices=BASELINES, default=PolicyConfig.baseline,
                    help="variance reduction: moving (the paper's moving-average loss, kept per calibration "
                         "mini-batch) or loo (mean loss of the step's other samples) (default %(default)s)")
+
+    g.add_argument("--pg-parametrization", choices=PARAMETRIZATIONS, default=PolicyConfig.parametrization,
+                   help="probability: Adam on the keep-probabilities, projected onto the budget (the paper's); "
+                        "logit: Adam on their logits, one common shift restores the budget (bounded score "
+                        "function) (default %(default)s)")
 
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
@@ -339,7 +344,8 @@ def _policy_config(args):
     if args.uniform:
         raise ValueError("--method policy-gradient gives layers different widths; it cannot make a --uniform model")
     return PolicyConfig(steps=args.pg_steps, lr=args.pg_lr, samples=args.pg_samples, batch_size=args.pg_batch_size,
-                        baseline=args.pg_baseline, init=args.init or "taylor", seed=args.seed).validate()
+                        baseline=args.pg_baseline, init=args.init or "taylor", seed=args.seed,
+                        parametrization=args.pg_parametrization).validate()
 
 
 def _check_uniform_args(args) -> None:
@@ -519,6 +525,8 @@ def format_report(report: dict) -> str:
                                         f"{pg['config']['samples']} masks; loss {pg['loss_first']:.3f} -> "
                                         f"{pg['final_loss']:.3f}; {pg['forward_sequences']} sequence forwards, "
                                         f"{pg['backward_sequences']} backwards"))
+        rows.append(("final mask, calibration loss", f"{pg['mask_loss_init']:.4f} at the start -> "
+                                                     f"{pg['mask_loss_final']:.4f} after the search"))
         rows.append(("budget", f"{pg['removed']:,} of {pg['target_removed']:,} target parameters removed"))
     if report.get("allocation"):
         r = report["allocation"]["ratios"]

@@ -21,7 +21,10 @@ Variance reduction, ``baseline``:
   the ``loo`` baseline);
 * ``loo``: b_i is the mean loss of the step's other samples on the same rows (needs S ≥ 2).
 
-Both keep ĝ unbiased. The update is an Adam step on s, then s is projected back onto the budget
+Both keep ĝ unbiased. ``parametrization='logit'`` runs the same estimator on θ = logit(s)
+(∇_θ log p = m − s: bounded, where ∇_s log p grows as 1/(1 − s) for nearly certain units) and
+restores the budget by one common shift of θ. The paper's, and the default, ``probability``:
+the update is an Adam step on s, then s is projected back onto the budget
 set {Σ_u c_u s_u = K, 0 ≤ s ≤ 1}, c_u the unit's parameter count: s ← clip(s − ν c_u / c̄, 0, 1)
 with ν found by bisection (the Euclidean projection onto that set, as probabilistic-masking
 methods do). K, the expected kept parameters of the prunable units, equals what the local rule
@@ -33,6 +36,10 @@ Initialisation (``init``): ``none`` gives every unit s = K / Σc (no preference)
 within the layer, attention and MLP apart) and set s_u = σ(κ (q_u − r_l)), r_l the fraction of
 those units the local rule removes, then project: the most likely mask is then the one-shot
 local plan, which the policy refines, across layers included.
+
+The calibration loss of the deterministic final mask is measured before and after the search
+(``mask_loss_init``, ``mask_loss_final`` in the result): whether the search improved its own
+objective, apart from how that carries to held-out text.
 
 Final mask: units are removed in increasing s while the parameters removed stay within the
 target (with ``query-heads``, one more query head from every KV group at a time, scored by the
@@ -54,6 +61,7 @@ from .structure import ModelStructure, discover
 
 INITS = ("none", "taylor", "moreau", "magnitude")
 BASELINES = ("moving", "loo")
+PARAMETRIZATIONS = ("probability", "logit")
 
 
 @dataclass
@@ -72,6 +80,7 @@ class PolicyConfig:
     sharpness: float = 10.0  # κ of the metric initialisation
     eps: float = 1e-3  # s is clamped to [eps, 1 - eps] inside ∇ log p
     seed: int = 0
+    parametrization: str = "probability"  # Adam on s itself (the paper's) or on its logit θ, s = σ(θ)
 
     def validate(self) -> "PolicyConfig":
         for name in ("steps", "samples", "batch_size"):
@@ -93,6 +102,8 @@ class PolicyConfig:
                              f"got {self.init!r}")
         if not self.sharpness > 0:
             raise ValueError(f"policy sharpness must be positive, got {self.sharpness}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"policy parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
         if not 0.0 < self.eps < 0.5:
             raise ValueError(f"policy eps must be in (0, 0.5), got {self.eps}")
         return self
@@ -176,6 +187,20 @@ def score_function_gradient(losses: torch.Tensor, masks: torch.Tensor, probs: to
     when b_i does not depend on m_i."""
     adv = (losses.to(torch.float64) - torch.as_tensor(baseline, dtype=torch.float64))
     return (adv.reshape(-1, 1) * log_prob_grad(masks, probs.to(torch.float64), eps)).mean(0)
+
+
+def shift_logits_to_budget(theta: torch.Tensor, cost: torch.Tensor, budget: float, iters: int = 100) -> torch.Tensor:
+    """θ + t with the one shift t that makes Σ cost·σ(θ + t) = budget (bisection; Σ is increasing in t)."""
+    if not 0.0 < budget < float(cost.sum()):
+        raise ValueError(f"budget {budget} is outside (0, {float(cost.sum())})")
+    lo, hi = -60.0, 60.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((cost * torch.sigmoid(theta + mid)).sum()) > budget:
+            hi = mid
+        else:
+            lo = mid
+    return theta + 0.5 * (lo + hi)
 
 
 def project_budget(probs: torch.Tensor, cost: torch.Tensor, budget: float, iters: int = 100) -> torch.Tensor:
@@ -315,6 +340,22 @@ def final_removal(table: UnitTable, probs: torch.Tensor, target: int) -> dict[tu
     return removed
 
 
+def keep_mask(table: UnitTable, probs: torch.Tensor, removed: dict[tuple[int, str], int]) -> torch.Tensor:
+    """The deterministic keep mask [U] of :func:`final_removal`'s counts: in each layer and kind the
+    lowest-s units go (query-heads: the lowest in every KV group), as prune_structure removes them."""
+    keep = torch.ones(table.size, dtype=torch.bool)
+    for seg in table.segments:
+        n = removed[(seg.layer, seg.kind)]
+        p = probs[seg.start:seg.start + seg.n]
+        if seg.per_group:
+            for g, row in enumerate(p.view(seg.n_kv, seg.n_rep)):
+                for j in torch.argsort(row, stable=True)[:n].tolist():
+                    keep[seg.start + g * seg.n_rep + j] = False
+        else:
+            keep[seg.start + torch.argsort(p, stable=True)[:n]] = False
+    return keep
+
+
 def removal_target(structure: ModelStructure, table: UnitTable, cfg: PruneConfig,
                    target_params: int | None) -> int:
     """Parameters to remove: the local rule's at ``cfg.ratio``, or down to ``target_params`` kept."""
@@ -391,23 +432,35 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
     probs = init_probs(table, budget, scores, prune, structure, policy.sharpness)
     timings["init_s"] = time.perf_counter() - t0
 
-    gen = torch.Generator().manual_seed(policy.seed)
-    chunks = list(torch.split(batch, policy.batch_size))
-    s = probs.clone().requires_grad_(True)
-    opt = torch.optim.Adam([s], lr=policy.lr)
-    base: dict[int, float] = {}
-    history = []
     hooks = MaskedForward(structure, table)
     was_training = model.training
     model.eval()
+
+    def mask_loss(p):  # calibration loss of the deterministic final mask of probabilities p
+        keep = keep_mask(table, p, final_removal(table, p, target)).unsqueeze(0)
+        return float(torch.cat([hooks.losses(rows, keep) for rows in torch.split(batch, policy.batch_size)]).mean())
+
+    gen = torch.Generator().manual_seed(policy.seed)
+    chunks = list(torch.split(batch, policy.batch_size))
+    logit = policy.parametrization == "logit"
+    if logit:
+        s = shift_logits_to_budget(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), table.cost, budget)
+        s.requires_grad_(True)
+    else:
+        s = probs.clone().requires_grad_(True)
+    opt = torch.optim.Adam([s], lr=policy.lr)
+    base: dict[int, float] = {}
+    history = []
     t0 = time.perf_counter()
     bar = _progress(policy.steps, progress)
     try:
+        init_loss = mask_loss(probs)
+        forward_seq += batch.shape[0]
         for step in range(policy.steps):
             j = step % len(chunks)
             rows = chunks[j]
             with torch.no_grad():
-                p = s.detach()
+                p = torch.sigmoid(s.detach()) if logit else s.detach()
                 masks = torch.rand(policy.samples, table.size, generator=gen, dtype=torch.float64) < p
             losses = hooks.losses(rows, masks, policy.parallel)
             forward_seq += policy.samples * rows.shape[0]
@@ -415,26 +468,36 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
                 b = loo_baseline(losses)
             else:
                 b = torch.full_like(losses, base.get(j, float(losses.mean())))
-            grad = score_function_gradient(losses, masks, p, b, policy.eps)
+            if logit:  # ∇_θ log p(m | σ(θ)) = m − σ(θ)
+                adv = (losses - b).reshape(-1, 1)
+                grad = (adv * (masks.double() - p)).mean(0)
+            else:
+                grad = score_function_gradient(losses, masks, p, b, policy.eps)
             mean = float(losses.mean())
             base[j] = mean if j not in base else policy.momentum * base[j] + (1 - policy.momentum) * mean
             opt.zero_grad(set_to_none=False)
             s.grad = grad.to(s.dtype)
             opt.step()
             with torch.no_grad():
-                s.copy_(project_budget(s.detach(), table.cost, budget))
-            kept = (before - table.total + float((table.cost * s.detach()).sum())) / before
+                if logit:
+                    s.copy_(shift_logits_to_budget(s.detach(), table.cost, budget))
+                else:
+                    s.copy_(project_budget(s.detach(), table.cost, budget))
+                p = torch.sigmoid(s.detach()) if logit else s.detach()
+            kept = (before - table.total + float((table.cost * p).sum())) / before
             history.append({"step": step, "loss": mean, "expected_kept": kept})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.3f}", kept=f"{100 * kept:.2f}%")
+        probs = torch.sigmoid(s.detach()) if logit else s.detach()
+        final_loss = mask_loss(probs)
+        forward_seq += batch.shape[0]
     finally:
         hooks.remove()
         if bar is not None:
             bar.close()
         model.train(was_training)
     timings["policy_s"] = time.perf_counter() - t0
-    probs = s.detach()
 
     removed = final_removal(table, probs, target)
     layer_scores, counts = [], {}
@@ -453,7 +516,8 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
             "budget_gap": target - (before - report.params_after), "units": table.size,
             "forward_sequences": forward_seq, "backward_sequences": backward_seq,
             "final_loss": history[-1]["loss"] if history else None,
-            "loss_first": history[0]["loss"] if history else None, "history": history}
+            "loss_first": history[0]["loss"] if history else None,
+            "mask_loss_init": init_loss, "mask_loss_final": final_loss, "history": history}
     return PruneResult(report, layer_scores, "policy-gradient", None, timings, None, 1, policy=info)
 
 
