@@ -10,6 +10,8 @@ Each is pruned at ``--ratio`` in ``--attn-layers``, attention only (the MLPs sta
 the attention-unit score differs between cells), at each ``--granularities``, and evaluated by
 perplexity over ``--windows`` held-out windows of 128 tokens of every ``--heldout`` corpus.
 Cells whose kept units equal an earlier cell's reuse its perplexity (same model).
+``random-scores`` in ``--head-scores`` adds a baseline: uniform random unit scores (seeded by the
+seed), the same number of units removed per layer.
 
 One JSON line per cell is appended to ``<out>/records.jsonl``; ``<out>/README.md`` is rendered
 from all records (paired by seed: ours minus the other arithmetic, kept units per layer).
@@ -47,6 +49,8 @@ from moreau_pruner.prune import attention_units_removed
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "heads"
 OURS = "unit"
+RANDOM = "random-scores"  # baseline: random unit scores
+ARITHMETICS = HEAD_SCORES + (RANDOM,)
 
 
 def _tiny_random_model():
@@ -132,16 +136,19 @@ def run(args) -> list[dict]:
                                    progress=False).ppl
 
     written = []
-    dense = {c: ppl(model, c) for c in args.heldout}
-    rec = {**common, "kind": "dense", "ppl_128": dense, "date": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    append(out / "records.jsonl", rec)
-    written.append(rec)
+    known = [r for r in read(out / "records.jsonl") if r["kind"] == "dense" and r["model"] == tag
+             and r["windows_128"] == args.windows and set(args.heldout) <= set(r["ppl_128"])]
+    if not known:  # the dense perplexity depends on the model and the windows only
+        dense = {c: ppl(model, c) for c in args.heldout}
+        rec = {**common, "kind": "dense", "ppl_128": dense, "date": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        append(out / "records.jsonl", rec)
+        written.append(rec)
     cells = [(s, g, h) for s in args.seeds for g in args.granularities for h in args.head_scores]
     bar = tqdm(total=len(cells), desc="cells", disable=args.quiet)
     for seed in args.seeds:
         batch = mp_data.calibration_batch(None, calib, n_samples=args.n_samples, seq_len=args.seq_len, seed=seed)
         t0 = time.perf_counter()
-        grads = gradient(model, batch, names)
+        grads = gradient(model, batch, names) if set(args.head_scores) != {RANDOM} else None
         grad_s = time.perf_counter() - t0
         for gran in args.granularities:
             cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers, mlp_layers=args.attn_layers,
@@ -150,7 +157,10 @@ def run(args) -> list[dict]:
                                  None) for ls in structure.layers if ls.index in layers}
             seen: dict[str, dict] = {}  # kept units (as JSON) -> perplexities
             for hs in args.head_scores:
-                scores = model_scores(structure, "taylor", grads, "sum", False, gran, seed, layers, head_score=hs)
+                if hs == RANDOM:
+                    scores = model_scores(structure, "random", None, granularity=gran, seed=seed, layers=layers)
+                else:
+                    scores = model_scores(structure, "taylor", grads, "sum", False, gran, seed, layers, head_score=hs)
                 pruned = copy.deepcopy(model)
                 report = prune_structure(discover(pruned), scores, cfg, counts)
                 kept = kept_attention(report)
@@ -176,9 +186,10 @@ def run(args) -> list[dict]:
 
 
 def _fmt_kept(kept: dict, gran: str) -> str:
+    items = sorted(kept.items(), key=lambda kv: int(kv[0]))
     if gran == "kv-group":
-        return " ".join(f"{layer}:{''.join(map(str, units))}" for layer, units in kept.items())
-    return " ".join(f"{layer}:{'/'.join(''.join(map(str, g)) for g in units)}" for layer, units in kept.items())
+        return " ".join(f"{layer}:{''.join(map(str, units))}" for layer, units in items)
+    return " ".join(f"{layer}:{'/'.join(''.join(map(str, g)) for g in units)}" for layer, units in items)
 
 
 def render(out: Path) -> Path:
@@ -200,7 +211,8 @@ def render(out: Path) -> Path:
              "LLM-Pruner's per-channel order with `repeat_kv`'s mapping (query head h in KV group h // n_rep); "
              "`llm-pruner-upstream` = upstream's fold, which scores KV head k with query heads k, k+H_kv, .... "
              "Kept units per layer: `layer:kept KV groups` (kv-group) or `layer:kept query heads of each KV "
-             "group` (query-heads, groups separated by /).", ""]
+             "group` (query-heads: indices within the group, groups separated by /). `random-scores`: random unit "
+             "scores (baseline). See ANALYSIS.md for the arithmetics written out.", ""]
     machines = sorted({r["machine"].split(", load")[0] for r in latest.values()})
     lines += [f"Device: {'; '.join(machines)}.", ""]
     for d in dense:
@@ -211,7 +223,7 @@ def render(out: Path) -> Path:
     for r in pruned:
         groups.setdefault((r["model"], r["ratio"], r["attn_layers"], r["granularity"]), []).append(r)
     for (model, ratio, layers, gran), rs in sorted(groups.items()):
-        scores = sorted({r["head_score"] for r in rs}, key=lambda h: HEAD_SCORES.index(h) if h in HEAD_SCORES else 9)
+        scores = sorted({r["head_score"] for r in rs}, key=lambda h: ARITHMETICS.index(h) if h in ARITHMETICS else 9)
         corpora = sorted({c for r in rs for c in r["ppl_128"]})
         lines += [f"## {model}, {gran}, r = {ratio:.4g}, attention layers {layers}", ""]
         head = ["seed", "corpus"] + [f"PPL {h}" for h in scores]
@@ -282,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, default=1 / 3, help="pruning ratio, e.g. 1/3 or 0.34 (default 1/3)")
     p.add_argument("--attn-layers", default="4:22", help="attention layers pruned, START:END (default 4:22)")
     p.add_argument("--granularities", type=_names(("kv-group", "query-heads")), default=["kv-group", "query-heads"])
-    p.add_argument("--head-scores", type=_names(HEAD_SCORES), default=list(HEAD_SCORES),
-                   help=f"arithmetics to compare ({', '.join(HEAD_SCORES)}); 'unit' is ours")
+    p.add_argument("--head-scores", type=_names(ARITHMETICS), default=list(HEAD_SCORES),
+                   help=f"arithmetics to compare ({', '.join(HEAD_SCORES)}; 'unit' is ours) and the baseline "
+                        f"{RANDOM} (random unit scores)")
     p.add_argument("--calib", default="pydoc", help="calibration corpus (default pydoc)")
     p.add_argument("--n-samples", type=int, default=10, help="calibration windows (default 10)")
     p.add_argument("--seq-len", type=int, default=64, help="calibration window length (default 64)")

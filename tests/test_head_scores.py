@@ -199,11 +199,15 @@ def _bench():
 
 def test_head_scores_benchmark_on_a_tiny_model(tmp_path):
     bench = _bench()
-    assert bench.main(["--model", "tiny-random", "--out", str(tmp_path), "--attn-layers", "0:3", "--ratio", "0.5",
-                       "--seeds", "0,1", "--windows", "2", "--heldout", "pydoc", "--threads", "1", "--quiet"]) == 0
+    common = ["--model", "tiny-random", "--out", str(tmp_path), "--attn-layers", "0:3", "--ratio", "0.5",
+              "--windows", "2", "--heldout", "pydoc", "--threads", "1", "--quiet"]
+    assert bench.main(common + ["--seeds", "0,1"]) == 0
+    # a second run adds the random-scores baseline; the dense perplexity is not measured again
+    assert bench.main(common + ["--seeds", "0", "--granularities", "kv-group", "--head-scores", "random-scores"]) == 0
     recs = bench.read(tmp_path / "records.jsonl")
     pruned = [r for r in recs if r["kind"] == "pruned"]
-    assert len(pruned) == 2 * 2 * len(HEAD_SCORES) and recs[0]["kind"] == "dense"
+    assert len(pruned) == 2 * 2 * len(HEAD_SCORES) + 1 and [r["kind"] for r in recs].count("dense") == 1
+    assert pruned[-1]["head_score"] == "random-scores" and pruned[-1]["granularity"] == "kv-group"
     for r in pruned:  # attention only: the MLPs keep their width, every pruned layer lost one KV group
         assert r["mlp"] == "unpruned" and r["ppl_128"]["pydoc"] > 0
         n = r["units_removed_per_layer"]
@@ -216,4 +220,4 @@ def test_head_scores_benchmark_on_a_tiny_model(tmp_path):
         assert by[(seed, "kv-group", "unit")]["kept"] == by[(seed, "kv-group", "llm-pruner")]["kept"]
         assert by[(seed, "kv-group", "llm-pruner")]["ppl_shared_with_identical_model"]
     text = (tmp_path / "README.md").read_text()
-    assert "ours − llm-pruner-upstream" in text and "Kept units per layer" in text
+    assert "ours − llm-pruner-upstream" in text and "ours − random-scores" in text and "Kept units per layer" in text
