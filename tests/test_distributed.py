@@ -75,7 +75,8 @@ def _worker(rank, world, port, jobs, out):
             sm = D.load_sharded(job["model"], "float32", ctx)
             scores, est, _ = D.compute_scores_fsdp(sm.model, job["batch"], ctx, job["method"], PRUNE,
                                                    job.get("moreau"), progress=False,
-                                                   taylor_variant=job.get("variant", "param_first"))
+                                                   taylor_variant=job.get("variant", "param_first"),
+                                                   head_score=job.get("head_score", "unit"))
             grads = est.grads if est else None
             if job["method"] == "taylor" and job.get("variant", "param_first") == "param_first":
                 names = [n for n in dict(sm.model.named_parameters()) if n.endswith("proj.weight")]
@@ -120,7 +121,8 @@ def _single_scores(model, batch, job, world):
         variant = job.get("variant", "param_first")
         if variant == "param_first":
             g = gradient(model, batch, names, mbs)
-            return model_scores(structure, "taylor", g, layers=set(range(3))), g, None
+            return model_scores(structure, "taylor", g, layers=set(range(3)),
+                                head_score=job.get("head_score", "unit")), g, None
         return taylor_scores(model, batch, variant, PRUNE)[0], None, None
     return model_scores(structure, job["method"], layers=set(range(3))), None, None
 
@@ -198,6 +200,8 @@ def test_two_ranks_match_one_process(tmp_path):
             dict(tag="llama-paper-structure", model=str(llama), batch=batch, method="moreau",
                  moreau=MoreauConfig(mode="paper", group="structure", n_samples=2, iters=3, avg_last=2, seed=3)),
             dict(tag="llama-taylor", model=str(llama), batch=batch, method="taylor"),
+            dict(tag="llama-taylor-upstream-fold", model=str(llama), batch=batch, method="taylor",
+                 head_score="llm-pruner-upstream", shards=False),
             dict(tag="llama-taylor-mix", model=str(llama), batch=batch, method="taylor", variant="param_mix"),
             dict(tag="llama-magnitude", model=str(llama), batch=batch, method="magnitude"),
             dict(tag="llama-random", model=str(llama), batch=batch, method="random"),
@@ -205,10 +209,10 @@ def test_two_ranks_match_one_process(tmp_path):
             dict(tag="qwen-paper", model=str(qwen), batch=batch, method="moreau",
                  moreau=MoreauConfig(mode="paper", iters=3, avg_last=3, seed=1))]
     results = _spawn(2, jobs, tmp_path)
-    exact = {"llama-ref": True, "llama-taylor": True, "qwen-ref": True, "qwen-paper": True,
-             "llama-paper-structure": False}
-    _check(llama, jobs[:6], results[:6], 2, exact)
-    _check(qwen, jobs[6:], results[6:], 2, exact)
+    exact = {"llama-ref": True, "llama-taylor": True, "llama-taylor-upstream-fold": True, "qwen-ref": True,
+             "qwen-paper": True, "llama-paper-structure": False}
+    _check(llama, jobs[:7], results[:7], 2, exact)
+    _check(qwen, jobs[7:], results[7:], 2, exact)
 
 
 def test_three_ranks_uneven_and_empty_shards(tmp_path):

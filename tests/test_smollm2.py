@@ -1,5 +1,7 @@
 """The real embedded model (SmolLM2-135M-Instruct, GGUF): the published mechanics show, and
 pruning 20 % of the pruned layers leaves a model with finite perplexity that still generates."""
+import copy
+
 import pytest
 import torch
 
@@ -43,18 +45,36 @@ def test_published_mechanics(smol, batch):
     frac = ((rms > 0.5 * cfg.soft) & (rms <= cfg.soft)).float().mean()
     assert frac > 0.9, float(frac)
     # δ_1 = u (1 - s/r) with r << s: the row is reflected, so δ_1 points against u = -γg, i.e. along g
-    # and against the next small iterate's direction; successive big iterates keep a consistent sign
+    # and against the next small iterate's direction; successive big iterates keep a consistent sign.
+    # Measured (seed 0, this batch, 2-core CPU): δ_1 vs δ_3 (big, big) flip 0.095 of the signs, δ_1 vs
+    # δ_2 (big, small) 0.998. Random signs flip 0.5 of both; without the reflection δ_1 and δ_2 would
+    # share most signs.
     flips = (torch.sign(snaps[0]) != torch.sign(snaps[2])).float().mean()
-    assert flips < 0.5
+    assert flips < 0.15, float(flips)
+    reflected = (torch.sign(snaps[0]) != torch.sign(snaps[1])).float().mean()
+    assert reflected > 0.95, float(reflected)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in res.log])))
 
 
-def test_prune_20_percent_still_works(smollm2, batch):
+#: pruned / dense perplexity bound of the r = 0.2 prune below (6 held-out windows of 128 tokens).
+#: Measured on a 2-core CPU: dense 26.15; Moreau (4 steps) 34.97 = 1.34x, first-order Taylor 31.68 =
+#: 1.21x; random scores 62.6 / 64.9 / 61.3 / 57.5 = 2.39x / 2.48x / 2.35x / 2.20x (seeds 0-3) and
+#: magnitude 974 = 37x. 1.75x leaves the estimator 30 % of margin and fails a random-scores prune.
+PPL_RATIO_BOUND = 1.75
+
+
+def test_prune_20_percent_still_works(smollm2, smollm2_shared, batch):
     model, tok = smollm2
     ids = tokenize_text(tok, heldout_text("pydoc"))
     dense = perplexity(model, None, ids, seq_len=128, max_windows=6, progress=False)
+    # the bound discriminates: random scores on the same layers and ratio exceed it
+    rand = copy.deepcopy(smollm2_shared[0])
+    prune_model(rand, None, "random", PruneConfig(ratio=0.2, granularity="query-heads"), seed=3, progress=False)
+    ppl_random = perplexity(rand, None, ids, seq_len=128, max_windows=6, progress=False)
+    del rand
+    assert ppl_random > PPL_RATIO_BOUND * dense, (dense, ppl_random)
     res = prune_model(model, batch, "moreau", PruneConfig(ratio=0.2, granularity="query-heads"),
                       MoreauConfig(iters=4), progress=False)
     rep = res.report
@@ -66,7 +86,7 @@ def test_prune_20_percent_still_works(smollm2, batch):
     assert all(l["num_attention_heads"] == 9 and l["intermediate_size"] == 1228 for l in pruned_layers)
     assert 0.75 < rep.kept_fraction < 0.95
     ppl = perplexity(model, None, ids, seq_len=128, max_windows=6, progress=False)
-    assert torch.isfinite(torch.tensor(ppl)) and ppl < 50 * dense, (dense, ppl)
+    assert torch.isfinite(torch.tensor(ppl)) and ppl < PPL_RATIO_BOUND * dense, (dense, ppl)
     text = generate_text(model, tok, "The Python interpreter", max_new_tokens=12)
     assert len(text.strip()) > 0
 

@@ -15,7 +15,7 @@ The pieces, each usable on its own:
 """
 from .allocation import allocate
 from .estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
-from .importance import METHODS, REDUCTIONS, LayerScores, model_scores
+from .importance import HEAD_SCORES, METHODS, REDUCTIONS, LayerScores, model_scores
 from .prune import PruneConfig, PruneReport, count_parameters, prune_structure
 from .pruner import PruneResult, compute_scores, prune_model
 from .io import load_pruned, save_pruned
@@ -26,8 +26,9 @@ from .taylor import taylor_scores
 from .unstructured import unstructured_prune
 
 __all__ = [
-    "EstimatorError", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult", "PruneConfig",
-    "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores", "count_parameters",
+    "EstimatorError", "HEAD_SCORES", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult",
+    "PruneConfig", "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores",
+    "count_parameters",
     "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure", "allocate",
     "estimate", "plan_memory", "load_pruned", "save_pruned", "save_uniform", "taylor_scores", "unstructured_prune",
 ]

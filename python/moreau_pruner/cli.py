@@ -45,7 +45,7 @@ too coarse to remove any).
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import METHODS as ALLOCATIONS
     from .estimator import GROUPS, MODES, NOISES
-    from .importance import METHODS, REDUCTIONS
+    from .importance import HEAD_SCORES, METHODS, REDUCTIONS
     from .taylor import VARIANTS as TAYLOR_VARIANTS
     from .prune import SCOPES
     from .structure import GRANULARITIES
@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction", default="sum", choices=REDUCTIONS,
                    help="how the per-matrix parts of a unit combine (default: sum, as published)")
     g.add_argument("--vectorize", action="store_true", help="|sum W*G| per channel instead of sum |W*G|")
+    g.add_argument("--head-score", default="unit", choices=HEAD_SCORES,
+                   help="how an attention unit's channels combine: unit = each matrix summed over the unit, then "
+                        "--reduction across q/k/v/o (default); llm-pruner = LLM-Pruner's order (q/o channels "
+                        "aligned onto their KV head's channels by repeat_kv's h // n_rep, --reduction per channel, "
+                        "then summed over the head); llm-pruner-upstream = the same with upstream's fold, which "
+                        "scores KV head k with query heads k, k+H_kv, ... (not the heads it feeds). With --reduction "
+                        "sum, unit and llm-pruner give identical scores")
 
     g = p.add_argument_group("Moreau estimate (published defaults)")
     g.add_argument("--mode", default="reference", choices=MODES,
@@ -412,6 +419,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
                              args.seed, args.micro_batch_size, progress, allocation=args.allocation, rounds=args.rounds,
                              taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
+                             head_score=args.head_score,
                              gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check,
                              **({"policy": policy} if policy is not None else {}))
         times.update(result.timings)

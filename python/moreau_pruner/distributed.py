@@ -658,17 +658,20 @@ def sharded_saliency(ctx: Context, grads: dict[str, torch.Tensor] | None):
 def compute_scores_fsdp(model: nn.Module, batch: torch.Tensor | None, ctx: Context, method: str = "moreau",
                         prune=None, moreau: MoreauConfig | None = None, reduction: str = "sum",
                         vectorize: bool = False, seed: int = 0, micro_batch_size: int | None = None,
-                        progress: bool = True, taylor_variant: str = "param_first"):
-    """Unit scores of the layers to prune (the same on every rank); returns (scores, estimate, timings)."""
+                        progress: bool = True, taylor_variant: str = "param_first", head_score: str = "unit"):
+    """Unit scores of the layers to prune (the same on every rank); returns (scores, estimate, timings).
+
+    ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`)."""
     from dataclasses import replace
 
-    from .importance import METHODS, model_scores, scored_parameter_names
+    from .importance import METHODS, check_head_score, model_scores, scored_parameter_names
     from .prune import PruneConfig
     from .structure import discover
     from .taylor import effective_gradients
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_head_score(head_score)
     structure = discover(model)
     prune = prune or PruneConfig()
     attn_range, mlp_range = prune.validate(structure.num_layers)
@@ -705,7 +708,8 @@ def compute_scores_fsdp(model: nn.Module, batch: torch.Tensor | None, ctx: Conte
     t0 = time.perf_counter()
     scores = model_scores(structure, "taylor" if method == "taylor" else method, grads, reduction, vectorize,
                           prune.granularity, seed, layers,
-                          saliency=sharded_saliency(ctx, grads if method != "magnitude" else None))
+                          saliency=sharded_saliency(ctx, grads if method != "magnitude" else None),
+                          head_score=head_score)
     timings["scoring_s"] = time.perf_counter() - t0
     timings["collectives_s"] = ctx.comm_s - comm0
     return scores, est, timings
@@ -785,7 +789,7 @@ def _run(args, ctx, lens, prune_cfg, moreau_cfg):
     with gemms:
         scores, est, more = compute_scores_fsdp(model, batch, ctx, args.method, prune_cfg, moreau_cfg,
                                                 args.reduction, args.vectorize, args.seed, args.micro_batch_size,
-                                                progress, args.taylor_variant)
+                                                progress, args.taylor_variant, args.head_score)
     times.update(more)
     t0 = time.perf_counter()
     plain = gather_to_rank0(sm, ctx)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .estimator import MoreauConfig, MoreauResult
-from .importance import METHODS, LayerScores, model_scores, scored_parameter_names
+from .importance import METHODS, LayerScores, check_head_score, model_scores, scored_parameter_names
 from .prune import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
                     prunable_weights, prune_structure)
 from .structure import ModelStructure, discover
@@ -39,15 +39,17 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
                    micro_batch_size: int | None = None, progress: bool = True,
                    structure: ModelStructure | None = None, taylor_variant: str = "param_first",
                    estimator_path: str = "auto", gradient_checkpointing: bool = False,
-                   check_memory: bool = False):
+                   check_memory: bool = False, head_score: str = "unit"):
     """Unit scores of the layers to prune; returns (scores, MoreauResult or None, timings).
 
     ``taylor_variant`` (method ``taylor``): LLM-Pruner's ``param_first`` (default), ``param_second``,
     ``param_mix`` or ``vectorize`` (see :mod:`.taylor`). ``estimator_path`` (method ``moreau``):
     ``auto`` (the lean path when it applies), ``lean`` or ``reference`` (see :mod:`.lean`).
+    ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_head_score(head_score)
     structure = structure or discover(model)
     prune = prune or PruneConfig()
     attn_range, mlp_range = prune.validate(structure.num_layers)
@@ -60,7 +62,7 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
         from .taylor import taylor_scores
 
         variant = "vectorize" if vectorize and taylor_variant == "param_first" else taylor_variant
-        scores, info = taylor_scores(model, batch, variant, prune, reduction, micro_batch_size, structure)
+        scores, info = taylor_scores(model, batch, variant, prune, reduction, micro_batch_size, structure, head_score)
         timings.update({k: v for k, v in info.items() if k.endswith("_s")})
         return scores, None, timings
     if method == "moreau":
@@ -75,7 +77,8 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
         grads = est.grads
         timings["importance_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = model_scores(structure, method, grads, reduction, vectorize, prune.granularity, seed, layers)
+    scores = model_scores(structure, method, grads, reduction, vectorize, prune.granularity, seed, layers,
+                          head_score=head_score)
     timings["scoring_s"] = time.perf_counter() - t0
     return scores, est, timings
 

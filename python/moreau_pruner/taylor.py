@@ -63,11 +63,12 @@ def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.T
 
 def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_first",
                   prune: PruneConfig | None = None, reduction: str = "sum", micro_batch_size: int | None = None,
-                  structure: ModelStructure | None = None) -> tuple[list[LayerScores], dict]:
+                  structure: ModelStructure | None = None, head_score: str = "unit") -> tuple[list[LayerScores], dict]:
     """Unit scores of the layers ``prune`` will prune (others get None), and timings.
 
     ``batch``: LongTensor [n, seq]; the second-order variants run n extra backward passes of one
     row each. Feed the scores to ``prune.prune_structure(structure, scores, prune)``.
+    ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -88,6 +89,7 @@ def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_f
     info["importance_s"] = time.perf_counter() - t0
     eff = effective_gradients(model, variant, grads, fisher)
     t0 = time.perf_counter()
-    scores = model_scores(structure, "taylor", eff, reduction, variant == "vectorize", prune.granularity, 0, layers)
+    scores = model_scores(structure, "taylor", eff, reduction, variant == "vectorize", prune.granularity, 0, layers,
+                          head_score=head_score)
     info["scoring_s"] = time.perf_counter() - t0
     return scores, info
