@@ -16,8 +16,9 @@ output and Ŷ = Ŵ X the pruned one:
 
 Both only need the Gram matrix G = X Xᵀ = Σ_tokens x xᵀ [C, C], which is what we accumulate:
 with P = W ⊙ mask (the removed part), A = W G, |Y_i|² = Σ_j W_ij A_ij, Y_i·Ŷ_i = |Y_i|² − Σ_j P_ij A_ij
-and |Ŷ_i|² = |Y_i|² − 2 Σ_j P_ij A_ij + Σ_j P_ij (P G)_ij. The memory is C² per matrix whatever
-the number of calibration tokens.
+and |Ŷ_i|² = |Y_i|² − 2 Σ_j P_ij A_ij + Σ_j P_ij (P G)_ij. While there are fewer calibration tokens
+n than input features C, the inputs themselves stand in for G (|P_i X|² directly, R·C·n per mask
+instead of R·C²; :class:`InputStats`); the memory is at most C² per matrix whatever n.
 
 Adjustment step (one iteration, step size η; :func:`trim_step`):
 
@@ -163,18 +164,29 @@ def mask_from_counts(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 class OutputQuality:
-    """q (per output row) and Q (whole matrix) of a mask of ``weight`` on inputs with Gram matrix ``gram``."""
+    """q (per output row) and Q (whole matrix) of a mask of ``weight`` on inputs with Gram matrix ``gram``,
+    or with ``factor`` L [C, ρ] such that G = L Lᵀ (e.g. the inputs themselves, L = X, when there are
+    fewer calibration tokens than input features: SmolLM2's down_proj sees 640 tokens of width 1536).
 
-    def __init__(self, weight: torch.Tensor, gram: torch.Tensor):
+    Each call costs one product of the removed part P [R, C] with G (R·C²) or with L (R·C·ρ).
+    """
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor | None = None, factor: torch.Tensor | None = None):
+        if (gram is None) == (factor is None):
+            raise ValueError("give the inputs' Gram matrix or a factor of it, not both or neither")
         self.w = weight.detach().float()
-        self.g = gram.float().to(self.w.device)
-        self.a = self.w @ self.g  # A = W G
+        self.g = None if gram is None else gram.float().to(self.w.device)
+        self.factor = None if factor is None else factor.float().to(self.w.device)
+        self.a = self.w @ self.g if self.g is not None else (self.w @ self.factor) @ self.factor.T  # A = W G
         self.yy = (self.w * self.a).sum(1, dtype=torch.float64)  # |Y_i|²
 
     def __call__(self, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         p = self.w * mask  # the removed part
         cross = (p * self.a).sum(1, dtype=torch.float64)  # Σ_j P_ij A_ij
-        err = (p * (p @ self.g)).sum(1, dtype=torch.float64)  # |P_i X|²
+        if self.factor is not None:
+            err = (p @ self.factor).square().sum(1, dtype=torch.float64)  # |P_i L|² = |P_i X|²
+        else:
+            err = (p * (p @ self.g)).sum(1, dtype=torch.float64)
         dot = self.yy - cross  # Y_i · Ŷ_i
         hat = (self.yy - 2 * cross + err).clamp_min(0.0)  # |Ŷ_i|²
         denom = (self.yy * hat).sqrt()
@@ -185,17 +197,18 @@ class OutputQuality:
 
 
 # ----------------------------------------------------------------------------- the search
-def trim_rows(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor, target: float,
-              config: TrimConfig | None = None) -> TrimResult:
+def trim_rows(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor | None, target: float,
+              config: TrimConfig | None = None, factor: torch.Tensor | None = None) -> TrimResult:
     """TRIM's row counts for one matrix: ``metric`` orders each row (smallest removed first, stable),
-    ``gram`` = Σ x xᵀ over the calibration inputs, ``target`` the matrix's ratio r."""
+    ``gram`` = Σ x xᵀ over the calibration inputs (or ``factor`` L with L Lᵀ = Σ x xᵀ, e.g. the inputs
+    [C, tokens]), ``target`` the matrix's ratio r."""
     cfg = (config or TrimConfig()).validate()
     rows, cols = weight.shape
     if not cfg.min_ratio <= target <= cfg.max_ratio:
         raise ValueError(f"TRIM keeps row ratios in [{cfg.min_ratio}, {cfg.max_ratio}]; the layer ratio {target} "
                          "is outside (raise TrimConfig.max_ratio or lower the ratio)")
     order = torch.sort(metric, dim=1, stable=True).indices
-    quality = OutputQuality(weight, gram)
+    quality = OutputQuality(weight, gram, factor)
     uniform = torch.full((rows,), float(target), dtype=torch.float64)
     counts0 = row_counts(uniform, cols, target)
     q0, flat0 = quality(mask_from_counts(order, counts0))
@@ -232,12 +245,52 @@ def trim_rows(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor, ta
     return TrimResult(counts, x.float(), flat0, flat, step, it, evaluations)
 
 
-def trim_mask(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor, target: float,
+def trim_mask(weight: torch.Tensor, metric: torch.Tensor, inputs, target: float,
               config: TrimConfig | None = None) -> tuple[torch.Tensor, TrimResult]:
-    """(mask, result): True at the weights TRIM removes (:func:`trim_rows`)."""
-    res = trim_rows(weight, metric, gram, target, config)
+    """(mask, result): True at the weights TRIM removes (:func:`trim_rows`). ``inputs``: the Gram matrix
+    [C, C], or an :class:`InputStats`."""
+    gram, factor = (inputs.gram, inputs.factor) if isinstance(inputs, InputStats) else (inputs, None)
+    res = trim_rows(weight, metric, gram, target, config, factor)
     order = torch.sort(metric, dim=1, stable=True).indices
     return mask_from_counts(order, res.counts), res
+
+
+class InputStats:
+    """What TRIM keeps of a Linear's calibration inputs (rows x of width C, fed in chunks by :meth:`add`):
+    the inputs themselves while there are fewer than C of them (``factor`` = Xᵀ [C, n], G = X Xᵀ), then
+    only the Gram matrix Σ x xᵀ [C, C]. Either way at most C² floats; evaluating a mask costs
+    R·C·min(n, C)."""
+
+    def __init__(self, cols: int, device=None):
+        self.cols, self.n = cols, 0
+        self._rows: list[torch.Tensor] = []
+        self._gram: torch.Tensor | None = None
+        self.device = device
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.cols).float()
+        self.n += x.shape[0]
+        if self._gram is None and self.n < self.cols:
+            self._rows.append(x.clone())
+            return
+        if self._gram is None:
+            self._gram = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=x.device)
+            for r in self._rows:
+                self._gram.addmm_(r.T, r)
+            self._rows = []
+        self._gram.addmm_(x.T, x)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return self._gram
+
+    @property
+    def factor(self) -> torch.Tensor | None:
+        if self._gram is not None:
+            return None
+        if not self._rows:
+            return torch.zeros(self.cols, 1, device=self.device)
+        return torch.cat(self._rows).T
 
 
 def config_dict(config: TrimConfig) -> dict:

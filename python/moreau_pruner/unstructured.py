@@ -101,7 +101,7 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
 
     ``modules`` maps a key (usually the weight's name) to an nn.Linear; one forward pass of the
     model over ``batch`` (LongTensor [n, seq]) in micro-batches, with forward pre-hooks.
-    ``grams``: return (norms, {key: Σ x xᵀ}) (TRIM's statistics; in² floats per module).
+    ``grams``: return (norms, {key: InputStats}) (TRIM's statistics; at most in² floats per module).
     """
     was_training = model.training
     n = batch.shape[0]
@@ -121,11 +121,12 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
 @contextlib.contextmanager
 def _input_sq_sums(modules: dict[str, nn.Module], gram: bool = False):
     """Yields {key: Σ x_j² over every token fed to the module while inside} (fp32), via forward pre-hooks;
-    with ``gram``, (those sums, {key: the Gram matrix Σ x xᵀ [in, in]}) (fp32)."""
+    with ``gram``, (those sums, {key: :class:`moreau_pruner.trim.InputStats`: the inputs, or once there are
+    more of them than ``in_features`` their Gram matrix Σ x xᵀ})."""
     sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
             for key, mod in modules.items()}
-    grams = {key: torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=mod.weight.device)
-             for key, mod in modules.items()} if gram else None
+    grams = {key: _trim.InputStats(mod.in_features, mod.weight.device) for key, mod in modules.items()} \
+        if gram else None
 
     def hook(key):
         def fn(_mod, args):
@@ -133,7 +134,7 @@ def _input_sq_sums(modules: dict[str, nn.Module], gram: bool = False):
             x = x.reshape(-1, x.shape[-1]).float()
             sums[key].add_(x.pow(2).sum(0))
             if grams is not None:
-                grams[key].addmm_(x.T, x)
+                grams[key].add(x)
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in modules.items()]
@@ -184,8 +185,8 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
     """Wanda's layer-by-layer loop: for each decoder layer in order, measure ‖X_j‖₂ of its modules on
     the hidden states the already pruned earlier layers produce, call ``prune_layer(index, norms)``
     ({key: norm} for that layer's modules) which prunes it, then run the pruned layer to get the next
-    layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear). ``grams``: measure the
-    Gram matrices Σ x xᵀ too and call ``prune_layer(index, norms, grams)``."""
+    layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear). ``grams``: keep the inputs
+    too (:class:`moreau_pruner.trim.InputStats`) and call ``prune_layer(index, norms, stats)``."""
     n = batch.shape[0]
     mbs = micro_batch_size or n
     by_layer: dict[int, dict[str, nn.Module]] = {}
@@ -395,6 +396,11 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     gen = torch.Generator().manual_seed(seed)
     rows = []
     masking_s = 0.0
+    bar = None
+    if trim_cfg is not None and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(targets), desc="TRIM rows", unit="matrix")
 
     def prune_one(name, layer, mod, act_norm=None, gram=None):
         nonlocal masking_s
@@ -416,6 +422,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
             if trim_cfg is not None:
                 mask, res = _trim.trim_mask(w, metric, gram, target, trim_cfg)
                 trim_info = res.summary()
+                if bar is not None:
+                    bar.update(1)
             else:
                 mask = row_mask(metric, target)
         del metric
@@ -456,6 +464,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         for name, layer, mod in targets:
             prune_one(name, layer, mod)
     timings["masking_s"] = masking_s
+    if bar is not None:
+        bar.close()
 
     per_layer: dict[int, dict] = {}
     for r in rows:
