@@ -257,3 +257,37 @@ def test_cli_bad_allocation_names(model_dir, capsys, name, msg):
         cli(model_dir, "--unstructured", "--allocation", name)
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- quality benchmark
+def _bench(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_trim_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_trim_cells_and_report(tmp_path):
+    """us-wanda+trim next to us-wanda on the tiny random model: records, no N:M cell, the paired TRIM table."""
+    quality, render_quality = _bench("quality"), _bench("render_quality")
+    out = tmp_path / "res"
+    args = ["--model", "tiny-random", "--threads", "1", "--seeds", "0,1", "--precisions", "fp32",
+            "--methods", "us-wanda,us-wanda+trim", "--us-sparsities", "0.5,2:4", "--n-samples", "4", "--seq-len", "16",
+            "--windows-128", "2", "--windows-long", "0", "--out", str(out)]
+    written = quality.run(quality.build_parser().parse_args(args))
+    by = {(r["method"], r["ratio"], r["seed"]): r for r in written}
+    assert ("us-wanda+trim", "2:4", 0) not in by and ("us-wanda", "2:4", 0) in by
+    for seed in (0, 1):
+        t, b = by[("us-wanda+trim", 0.5, seed)], by[("us-wanda", 0.5, seed)]
+        assert t["unstructured"]["zeros"] == b["unstructured"]["zeros"]
+        assert t["unstructured"]["trim"]["quality_mean"] >= t["unstructured"]["trim"]["quality_uniform_mean"]
+    text = render_quality.render(out, tmp_path / "Q.md", plots=False)
+    assert "#### TRIM: per-row sparsity ratios" in text
+    assert "| us-wanda+trim − us-wanda |" in text and "lower)" in text
+    assert "cosine, TRIM rows" in text and "Target (r=0.5, the best base metric by 128-token PPL, us-wanda)" in text

@@ -106,19 +106,31 @@ class TrimResult:
 
 
 # ----------------------------------------------------------------------------- the pieces
-def project_mean(x: torch.Tensor, target: float, lo: float, hi: float, iters: int = 100) -> torch.Tensor:
-    """clip(x + t, lo, hi) with the shift t such that its mean is ``target`` (lo ≤ target ≤ hi)."""
+def project_mean(x: torch.Tensor, target: float, lo: float, hi: float, tol: float = 1e-12,
+                 max_iter: int = 200) -> torch.Tensor:
+    """clip(x + t, lo, hi) with the shift t such that its mean is ``target`` (lo ≤ target ≤ hi).
+
+    The mean is piecewise linear and nondecreasing in t, so Newton steps (slope: the share of entries
+    strictly inside the bounds) reach it in a few iterations; a step leaving the bracket [t_lo, t_hi]
+    is replaced by bisection."""
     if not lo <= target <= hi:
         raise ValueError(f"target ratio {target} is outside the bounds [{lo}, {hi}]")
     x = x.double()
     t_lo, t_hi = lo - float(x.max()), hi - float(x.min())  # mean = lo at t_lo, = hi at t_hi
-    for _ in range(iters):  # the mean is monotone in t
-        t = 0.5 * (t_lo + t_hi)
-        if float((x + t).clamp(lo, hi).mean()) > target:
+    t = target - float(x.mean())  # exact when nothing clips
+    for _ in range(max_iter):
+        y = x + t
+        gap = float(y.clamp(lo, hi).mean()) - target
+        if abs(gap) <= tol:
+            break
+        if gap > 0:
             t_hi = t
         else:
             t_lo = t
-    return (x + 0.5 * (t_lo + t_hi)).clamp(lo, hi)
+        inside = float(((y > lo) & (y < hi)).double().mean())
+        t_new = t - gap / inside if inside > 0 else 0.5 * (t_lo + t_hi)
+        t = t_new if t_lo < t_new < t_hi else 0.5 * (t_lo + t_hi)
+    return (x + t).clamp(lo, hi)
 
 
 def trim_step(ratios: torch.Tensor, quality: torch.Tensor, step: float, target: float, lo: float = 0.0,
