@@ -26,7 +26,7 @@ Adjustment step (one iteration, step size η; :func:`trim_step`):
 
 Rows that kept more of their output (high q_i) are pruned more, the others less, so the rows'
 quality evens out. Π projects onto {lo ≤ x_i ≤ hi, mean(x) = r}: x_i ← clip(x_i + t, lo, hi)
-with the shift t found by bisection.
+with the shift t that makes the mean r (:func:`project_mean`).
 
 Search (:func:`trim_rows`), as in the paper's released code: start from the uniform ratios,
 run ``iterations`` (10) steps for each step size η of (0.01, 0.02, 0.04, 0.08, 0.12, 0.16), each
@@ -44,14 +44,15 @@ of each decoder layer taken from the already pruned earlier layers (the sequenti
 
 Our choices:
 
-* bounds by exact projection (shift then clip, shift found by bisection) instead of the code's
+* bounds by exact projection (shift then clip, the shift solved to 1e-12) instead of the code's
   clip-then-recentre, which can leave ratios slightly outside [0, 0.95];
 * whole weights per row by largest remainder (:func:`row_counts`): the real quotas
   u_i = int(C·r) + C·(x_i − r) sum to K = R·int(C·r), exactly what the uniform row mask removes;
   k_i = ⌊u_i⌋ (clipped to [0, C]) and the K − Σ k_i rows with the largest remainders get one
   more (ties by row index). So each matrix keeps *exactly* as many weights as the uniform mask
-  (the paper's code truncates C·x_i per row, which removes up to R − 1 weights fewer), every
-  k_i is within 1 of its quota, and the uniform ratios give exactly the uniform mask;
+  (the paper's code truncates C·x_i per row, whose total can differ from the uniform one by up
+  to R − 1 weights either way), every k_i is within 1 of its quota (unless clipped at 0 or C),
+  and the uniform ratios give exactly the uniform mask;
 * a zero-range q (all rows equally good) gives no step; a row whose dense output is zero
   counts as q_i = 1 (nothing to lose);
 * the Gram-matrix form above (the paper multiplies W and Ŵ by the stored inputs; same numbers).
