@@ -60,7 +60,7 @@ def test_one_adjustment_step_by_hand():
     counts = row_counts(torch.full((3,), 0.5, dtype=torch.float64), 4, 0.5)
     assert counts.tolist() == [2, 2, 2]
     q, flat = quality(mask_from_counts(order, counts))
-    # kept: [3, 4] of |w|=5 -> 5/5; [1, 1] of 2 -> sqrt(2)/2; [1, sqrt2] of 2 -> sqrt(3)/2.  Flat: |Ŵ|/|W| = sqrt(30/33)
+    # kept: [3, 4] of |w|=5 -> 5/5; [1, 1] of 2 -> sqrt(2)/2; [1, sqrt2] of 2 -> sqrt(3)/2. Flat: |Ŵ|/|W| = sqrt(30/33)
     torch.testing.assert_close(q, torch.tensor([1.0, math.sqrt(2) / 2, math.sqrt(3) / 2], dtype=torch.float64))
     assert flat == pytest.approx(math.sqrt(30 / 33))
     # step η = 0.16: (q - min)/(max - min) = [1, 0, 0.542582]; times 2η = [0.32, 0, 0.173626]; mean 0.164542;
@@ -290,4 +290,5 @@ def test_quality_trim_cells_and_report(tmp_path):
     text = render_quality.render(out, tmp_path / "Q.md", plots=False)
     assert "#### TRIM: per-row sparsity ratios" in text
     assert "| us-wanda+trim − us-wanda |" in text and "lower)" in text
-    assert "cosine, TRIM rows" in text and "Target (r=0.5, the best base metric by 128-token PPL, us-wanda)" in text
+    assert "cosine, TRIM rows" in text and "2 paired seed(s) so far" in text
+    assert "Target (r=0.5, TRIM on the best of these base metrics by 128-token PPL, us-wanda)" in text
