@@ -194,12 +194,20 @@ class OutputQuality:
         self.yy = (self.w * self.a).sum(1, dtype=torch.float64)  # |Y_i|²
 
     def __call__(self, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        p = self.w * mask  # the removed part
-        cross = (p * self.a).sum(1, dtype=torch.float64)  # Σ_j P_ij A_ij
+        return self.combine(*self.terms(self.w * mask))
+
+    def terms(self, p: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_j P_ij A_ij, |P_i X|²) of removed parts ``p`` (the rows ``rows`` of the matrix, or all), fp64."""
+        a = self.a if rows is None else self.a[rows]
+        cross = (p * a).sum(1, dtype=torch.float64)
         if self.factor is not None:
             err = (p @ self.factor).square().sum(1, dtype=torch.float64)  # |P_i L|² = |P_i X|²
         else:
             err = (p * (p @ self.g)).sum(1, dtype=torch.float64)
+        return cross, err
+
+    def combine(self, cross: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(q, Q) from every row's terms."""
         dot = self.yy - cross  # Y_i · Ŷ_i
         hat = (self.yy - 2 * cross + err).clamp_min(0.0)  # |Ŷ_i|²
         denom = (self.yy * hat).sqrt()
@@ -207,6 +215,31 @@ class OutputQuality:
         total = float((self.yy.sum() * hat.sum()).sqrt())
         flat = float(dot.sum()) / total if total > 0 else 1.0
         return q, flat
+
+
+class _CountQuality:
+    """(q, Q) of per-row removal counts, remembering each row's terms per count: a row's terms only
+    depend on its own count, and the search revisits counts often (every run starts from the uniform
+    ones, small steps move few rows), so only rows at a count not seen before are computed."""
+
+    def __init__(self, quality: OutputQuality, order: torch.Tensor):
+        self.quality, self.order = quality, order
+        rows, cols = order.shape
+        self.cross = torch.full((rows, cols + 1), float("nan"), dtype=torch.float64)
+        self.err = torch.full((rows, cols + 1), float("nan"), dtype=torch.float64)
+        self.computed = 0  # rows computed (the cost)
+
+    def __call__(self, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+        idx = torch.arange(counts.numel())
+        cross, err = self.cross[idx, counts], self.err[idx, counts]
+        todo = torch.nonzero(torch.isnan(err)).flatten()
+        if todo.numel():
+            sub = self.quality.w[todo] * mask_from_counts(self.order[todo], counts[todo])
+            c, e = self.quality.terms(sub, todo)
+            self.cross[todo, counts[todo]], self.err[todo, counts[todo]] = c, e
+            cross[todo], err[todo] = c, e
+            self.computed += todo.numel()
+        return self.quality.combine(cross, err)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -221,10 +254,10 @@ def trim_rows(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor | N
         raise ValueError(f"TRIM keeps row ratios in [{cfg.min_ratio}, {cfg.max_ratio}]; the layer ratio {target} "
                          "is outside (raise TrimConfig.max_ratio or lower the ratio)")
     order = torch.sort(metric, dim=1, stable=True).indices
-    quality = OutputQuality(weight, gram, factor)
+    quality = _CountQuality(OutputQuality(weight, gram, factor), order)
     uniform = torch.full((rows,), float(target), dtype=torch.float64)
     counts0 = row_counts(uniform, cols, target)
-    q0, flat0 = quality(mask_from_counts(order, counts0))
+    q0, flat0 = quality(counts0)
     evaluations = 1
     best = (flat0, counts0, uniform, None, 0)
     if rows < 2 or int(cols * target) == 0:
@@ -237,7 +270,7 @@ def trim_rows(weight: torch.Tensor, metric: torch.Tensor, gram: torch.Tensor | N
         for it in range(1, cfg.iterations + 1):
             x = trim_step(x, q, step, target, cfg.min_ratio, cfg.max_ratio)
             counts = row_counts(x, cols, target)
-            q, flat = quality(mask_from_counts(order, counts))
+            q, flat = quality(counts)
             evaluations += 1
             if flat > run_best[0]:
                 run_best = (flat, counts, x, step, it)
