@@ -347,11 +347,17 @@ class ModelReport:
                   and any(self.cell(a, r) for a, _ in pairs)]
         out = ["#### TRIM: per-row sparsity ratios (`--allocation trim`)", "",
                "`us-<metric>+trim` prunes with the same metric and the same ratio per matrix as `us-<metric>`, but "
-               "each output row gets its own ratio, adjusted iteratively toward the rows whose outputs lose "
-               "the most (cosine similarity to the dense outputs on the calibration batch; TRIM, "
+               "each output row gets its own ratio, lowered step by step for the rows whose outputs lose the "
+               "most and raised for the others (cosine similarity to the dense outputs on the calibration batch; TRIM, "
                "arXiv 2505.16743; `moreau_pruner.trim`). Every matrix removes exactly as many weights as the "
                "uniform rows. Differences are TRIM − base metric, paired by seed (same calibration batch): "
-               "negative = TRIM better.", ""]
+               "negative = TRIM better."]
+        cal = (self.us[0].get("calib") or {}) if self.us else {}
+        if cal.get("n_samples") and cal.get("seq_len"):
+            out[-1] += (f" TRIM measures every row's output cosine on the calibration batch, here "
+                        f"{cal['n_samples']} × {cal['seq_len']} = {cal['n_samples'] * cal['seq_len']} tokens (the "
+                        "paper calibrates on 256 × 2048).")
+        out.append("")
         for metric in ("ppl_128", "ppl_1024"):
             win = "128" if metric == "ppl_128" else str(self.long)
             tab, sentences = self.comparison_table(metric, pairs, ratios, label=f"{win}-token windows")

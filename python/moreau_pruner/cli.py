@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "structured: the parameters removed stay those of uniform --ratio (heads go in whole "
                         "steps); unstructured: the size-weighted mean stays --ratio. "
                         "With --unstructured, trim (TRIM) also gives every output row of every matrix its own "
-                        "ratio, moved iteratively toward the rows whose outputs (cosine to the dense outputs on "
-                        "the calibration batch) suffer most, with the same number of weights removed per matrix; "
+                        "ratio, lowered step by step for the rows whose outputs (cosine to the dense outputs on "
+                        "the calibration batch) suffer most and raised for the others, with the same number of "
+                        "weights removed per matrix; "
                         "trim alone keeps uniform layer ratios, <layer>+trim (owl+trim, alpha+trim, farms+trim) "
                         "takes the layer ratios from that allocator and spreads each over the rows")
     g.add_argument("--unstructured", action="store_true",
