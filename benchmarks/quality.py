@@ -80,6 +80,7 @@ class Method:
     variant: str = "param_first"   # LLM-Pruner Taylor variant
     allocation: str = "uniform"    # per-layer ratios (structured)
     unstructured: bool = False
+    trim: bool = False             # unstructured: TRIM's per-row ratios (moreau_pruner.trim); no N:M cells
 
     @property
     def scores_key(self):
@@ -107,6 +108,9 @@ METHODS = {
     "us-wanda": Method("wanda", unstructured=True),
     "us-gblm": Method("gblm", unstructured=True),
     "us-magnitude": Method("magnitude", unstructured=True),
+    "us-wanda+trim": Method("wanda", unstructured=True, trim=True),
+    "us-gblm+trim": Method("gblm", unstructured=True, trim=True),
+    "us-moreau-paper+trim": Method("moreau", "paper", unstructured=True, trim=True),
 }
 STRUCTURED = [m for m, spec in METHODS.items() if not spec.unstructured]
 UNSTRUCTURED = [m for m, spec in METHODS.items() if spec.unstructured]
@@ -453,7 +457,7 @@ def run_unstructured(method, spec, missing, *, args, dense, structure0, settings
         pruned = copy.deepcopy(dense)
         nm = parse_nm(ratio)
         rep = unstructured_prune(pruned, batch, spec.lib, sparsity=0.5 if nm else ratio, nm=nm, seed=seed,
-                                 progress=False, grads=grads)
+                                 progress=False, grads=grads, trim=spec.trim)
         prune_s = time.perf_counter() - t1
         p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
         n = sum(p.numel() for p in pruned.parameters())
@@ -465,7 +469,8 @@ def run_unstructured(method, spec, missing, *, args, dense, structure0, settings
                    allocation=None, taylor_variant=None,
                    unstructured={"sparsity": rep["overall"]["sparsity"], "zeros": rep["overall"]["zeros"],
                                  "numel": rep["overall"]["numel"], "model_zero_fraction": rep["model_zero_fraction"],
-                                 "sequential": rep.get("sequential")},
+                                 "sequential": rep.get("sequential"),
+                                 **({"trim": rep["trim_summary"]} if spec.trim else {})},
                    time={"importance_s": imp_s + rep["timings"].get("statistics_s", 0.0)
                          + rep["timings"].get("activations_s", 0.0),
                          "importance_shared_by_ratios": len(missing) if grads is not None else 1,
@@ -506,8 +511,8 @@ def update_plan(path: Path, groups, args, argv_used=None) -> None:
 
 
 def ratios_for(args, method, precision) -> list:
-    if METHODS[method].unstructured:
-        return args.us_sparsities
+    if METHODS[method].unstructured:  # TRIM varies the rows' ratios, which N:M fixes: no N:M cells
+        return [r for r in args.us_sparsities if not (METHODS[method].trim and isinstance(r, str))]
     return args.ratios if precision == "fp32" else args.precision_ratios
 
 

@@ -21,7 +21,8 @@ DEFAULT_IN = ROOT / "results" / "quality"
 DEFAULT_OUT = ROOT / "results" / "QUALITY.md"
 METHOD_ORDER = ("moreau-reference", "moreau-paper", "moreau-paper+owl", "moreau-paper+alpha", "moreau-paper+farms",
                 "taylor", "taylor-second", "taylor-mix", "taylor-vector", "magnitude", "random",
-                "us-moreau-reference", "us-moreau-paper", "us-taylor", "us-wanda", "us-gblm", "us-magnitude")
+                "us-moreau-reference", "us-moreau-paper", "us-taylor", "us-wanda", "us-gblm", "us-magnitude",
+                "us-wanda+trim", "us-gblm+trim", "us-moreau-paper+trim")
 #: (method, baseline) pairs of the second paired table: LLM-Pruner's Taylor variants and the per-layer
 #: allocations against the method they modify, and Moreau (paper mode) against every Taylor variant
 VARIANT_PAIRS = (("taylor-second", "taylor"), ("taylor-mix", "taylor"), ("taylor-vector", "taylor"),
@@ -30,6 +31,8 @@ VARIANT_PAIRS = (("taylor-second", "taylor"), ("taylor-mix", "taylor"), ("taylor
                  ("moreau-paper+farms", "moreau-paper"))
 UNSTRUCTURED_PAIRS = tuple((a, b) for a in ("us-moreau-reference", "us-moreau-paper")
                            for b in ("us-taylor", "us-wanda", "us-gblm", "us-magnitude"))
+#: (TRIM method, its base metric): same metric, same layer ratio, per-row ratios by TRIM vs uniform rows
+TRIM_PAIRS = (("us-wanda+trim", "us-wanda"), ("us-gblm+trim", "us-gblm"), ("us-moreau-paper+trim", "us-moreau-paper"))
 RENDER_CMD = "python benchmarks/render_quality.py"
 
 
@@ -332,6 +335,60 @@ class ModelReport:
         if sentences:
             out += ["Paired by seed (negative = Moreau better):", "", tab, "", "Read from the table:", ""] + \
                    [f"- {x}" for x in sentences] + [""]
+        return out + self.trim_markdown()
+
+    def trim_markdown(self) -> list[str]:
+        """TRIM (per-row ratios) against its base metric with uniform rows, paired by seed."""
+        known = {r["method"] for r in self.us}
+        pairs = [(a, b) for a, b in TRIM_PAIRS if a in known and b in known]
+        if not pairs:
+            return []
+        ratios = [r for r in self.us_ratios if not isinstance(r, str)
+                  and any(self.cell(a, r) for a, _ in pairs)]
+        out = ["#### TRIM: per-row sparsity ratios (`--allocation trim`)", "",
+               "`us-<metric>+trim` prunes with the same metric and the same ratio per matrix as `us-<metric>`, but "
+               "each output row gets its own ratio, lowered step by step for the rows whose outputs lose the "
+               "most and raised for the others (cosine similarity to the dense outputs on the calibration batch; TRIM, "
+               "arXiv 2505.16743; `moreau_pruner.trim`). Every matrix removes exactly as many weights as the "
+               "uniform rows. Differences are TRIM − base metric, paired by seed (same calibration batch): "
+               "negative = TRIM better."]
+        cal = (self.us[0].get("calib") or {}) if self.us else {}
+        if cal.get("n_samples") and cal.get("seq_len"):
+            out[-1] += (f" TRIM measures every row's output cosine on the calibration batch, here "
+                        f"{cal['n_samples']} × {cal['seq_len']} = {cal['n_samples'] * cal['seq_len']} tokens (the "
+                        "paper calibrates on 256 × 2048).")
+        out.append("")
+        for metric in ("ppl_128", "ppl_1024"):
+            win = "128" if metric == "ppl_128" else str(self.long)
+            tab, sentences = self.comparison_table(metric, pairs, ratios, label=f"{win}-token windows")
+            out += [f"Perplexity difference, {win}-token windows:", "", tab, ""]
+            if metric == "ppl_128":
+                out += ["Read from the table:", ""] + [f"- {x}" for x in sentences] + [""]
+        rows = []
+        for a, _ in pairs:
+            for ratio in ratios:
+                summ = [r["unstructured"]["trim"] for r in self.cell(a, ratio) if r["unstructured"].get("trim")]
+                if summ:
+                    rows.append([a, ratio_label(ratio),
+                                 fmt(*mean_std([t["quality_uniform_mean"] for t in summ]), digits=5),
+                                 fmt(*mean_std([t["quality_mean"] for t in summ]), digits=5),
+                                 f"{statistics.fmean(t['improved'] for t in summ):.1f} of {summ[0]['matrices']}"])
+        if rows:
+            out += ["The metric TRIM optimises, per matrix on its own calibration inputs: output cosine similarity "
+                    "of the uniform rows and of TRIM's rows (mean over matrices, then mean ± std over seeds), and "
+                    "the matrices where TRIM found better rows than uniform:", "",
+                    table(["method", "r", "cosine, uniform rows", "cosine, TRIM rows", "matrices improved"], rows),
+                    ""]
+        half = [(a, b) for a, b in pairs if self.cell(a, 0.5) and self.cell(b, 0.5)]
+        if half:
+            best = min((b for _, b in half), key=lambda b: statistics.fmean(r["ppl_128"] for r in self.cell(b, 0.5)))
+            a = next(x for x, y in half if y == best)
+            d = self.paired(a, best, 0.5, "ppl_128")
+            wins = sum(x < 0 for x in d)
+            verdict = (f" — only {len(d)} paired seed(s) so far." if len(d) < 3 else
+                       " — met." if wins == len(d) else " — not met.")
+            out += [f"Target (r=0.5, TRIM on the best of these base metrics by 128-token PPL, {best}): {a} is lower "
+                    f"in {wins}/{len(d)} seeds{verdict}", ""]
         return out
 
     # -- plots

@@ -42,6 +42,12 @@ per dimension (step = (R − w) // (ops − 1), last start clamped to R − w); 
 values of all windows are pooled (the average ESD of the submatrices) and α is fitted on the
 pooled spectrum with the same Hill estimator; then as AlphaPruning (block-wise mean, linear
 map with ε = 0.3).
+
+Rows (unstructured only): ``trim`` (:mod:`moreau_pruner.trim`) goes one level down and spreads a
+matrix's ratio over its output rows. It combines with a layer allocator, written
+``<layer>+trim``: ``owl+trim`` = OWL gives each layer its ratio, TRIM spreads it over the rows of
+each matrix; ``trim`` alone = uniform layer ratios (``uniform+trim`` is the same).
+:func:`parse_allocation` splits such a name.
 """
 from __future__ import annotations
 
@@ -55,7 +61,10 @@ from .importance import LayerScores
 from .prune import PruneConfig, PruneReport, prune_structure
 from .structure import ModelStructure, discover
 
-METHODS = ("uniform", "owl", "alpha", "farms")
+METHODS = ("uniform", "owl", "alpha", "farms")  # layer allocators
+ROW_METHODS = ("trim",)  # row allocators (unstructured)
+#: every name --allocation takes: a layer allocator, a row allocator, or ``<layer>+<row>``
+CHOICES = METHODS + ROW_METHODS + tuple(f"{m}+{r}" for m in METHODS if m != "uniform" for r in ROW_METHODS)
 XMINS = ("peak", "mid")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -78,6 +87,32 @@ class Allocation:
         d = asdict(self)
         d["weighted_ratio"] = self.weighted_ratio
         return d
+
+
+def parse_allocation(spec: str) -> tuple[str, str | None]:
+    """``'owl+trim'`` -> ``('owl', 'trim')``, ``'trim'`` -> ``('uniform', 'trim')``, ``'alpha'`` -> ``('alpha', None)``;
+    a ValueError that names the problem for anything else."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"allocation must be a name such as {', '.join(CHOICES)}; got {spec!r}")
+    parts = [p.strip().lower() for p in spec.split("+")]
+    if len(parts) == 1:
+        (name,) = parts
+        if name in METHODS:
+            return name, None
+        if name in ROW_METHODS:
+            return "uniform", name
+    elif len(parts) == 2:
+        layer, row = parts
+        if layer in METHODS and row in ROW_METHODS:
+            return layer, row
+        if layer in ROW_METHODS and row in METHODS:
+            raise ValueError(f"allocation {spec!r}: the layer allocator comes first, the row allocator last "
+                             f"({row}+{layer})")
+        if layer in METHODS and row in METHODS:
+            raise ValueError(f"allocation {spec!r}: {layer} and {row} both set per-layer ratios; combine one layer "
+                             f"allocator ({', '.join(METHODS)}) with a row allocator ({', '.join(ROW_METHODS)})")
+    raise ValueError(f"unknown allocation {spec!r}; choose a layer allocator ({', '.join(METHODS)}), a row allocator "
+                     f"({', '.join(ROW_METHODS)}) or <layer>+<row> such as owl+trim")
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -31,6 +31,7 @@ examples:
   moreau-prune --method taylor --ratio 0.3 --eval-seq-lens 128
   moreau-prune --granularity query-heads --attn-layers 4:28 --mlp-layers 4:28
   moreau-prune --uniform --round-to 64 --out smollm2-stock   # same widths in all layers: a stock config
+  moreau-prune --unstructured --method wanda --ratio 0.5 --allocation owl+trim   # OWL layer ratios, TRIM rows
   moreau-prune --model ./Llama-3-8B --device cuda --dtype bfloat16 --backend auto --out llama3-pruned
   torchrun --nproc-per-node 8 -m moreau_pruner.cli --distributed fsdp --model ./Llama-3-70B --device cuda \
       --dtype bfloat16 --no-eval --out llama3-70b-pruned      # FSDP2 over 8 GPUs (CPU: --device cpu, gloo)
@@ -43,7 +44,7 @@ too coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import METHODS as ALLOCATIONS
+    from .allocation import CHOICES as ALLOCATIONS
     from .estimator import GROUPS, MODES, NOISES
     from .importance import HEAD_SCORES, METHODS, REDUCTIONS
     from .taylor import VARIANTS as TAYLOR_VARIANTS
@@ -72,11 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--taylor-variant", default="param_first", choices=TAYLOR_VARIANTS,
                    help="LLM-Pruner's Taylor importance: first order |W g| (default), second order with the "
                         "Fisher diagonal, their mix, or vector-wise")
-    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+    g.add_argument("--allocation", default="uniform", type=_allocation, metavar="{" + ",".join(ALLOCATIONS) + "}",
                    help="per-layer ratios: uniform (published), owl (outlier-weighted), alpha (AlphaPruning, "
                         "heavy-tail exponent of each layer's spectrum), farms (alpha from sampled submatrices); "
                         "structured: the parameters removed stay those of uniform --ratio (heads go in whole "
-                        "steps); unstructured: the size-weighted mean stays --ratio")
+                        "steps); unstructured: the size-weighted mean stays --ratio. "
+                        "With --unstructured, trim (TRIM) also gives every output row of every matrix its own "
+                        "ratio, lowered step by step for the rows whose outputs (cosine to the dense outputs on "
+                        "the calibration batch) suffer most and raised for the others, with the same number of "
+                        "weights removed per matrix; "
+                        "trim alone keeps uniform layer ratios, <layer>+trim (owl+trim, alpha+trim, farms+trim) "
+                        "takes the layer ratios from that allocator and spreads each over the rows")
     g.add_argument("--unstructured", action="store_true",
                    help="zero individual weights instead of removing units (model keeps its shape): the "
                         "published moreaupruner_us behaviour; --ratio is the sparsity per output row")
@@ -206,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _allocation(spec: str) -> str:
+    """--allocation's type: a valid name (see allocation.parse_allocation), or argparse's error naming the problem."""
+    from .allocation import parse_allocation
+
+    try:
+        layer, row = parse_allocation(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"{layer}+{row}" if row and layer != "uniform" else (row or layer)
+
+
 def _eval_lens(spec: str) -> list[int]:
     try:
         lens = [int(x) for x in spec.split(",") if x.strip()]
@@ -284,6 +302,14 @@ def run(args) -> dict | None:
     nm = _parse_nm(args.nm) if args.nm else None
     if nm and not args.unstructured:
         raise ValueError("--nm needs --unstructured")
+    if args.allocation.endswith("trim"):
+        if not args.unstructured:
+            raise ValueError(f"--allocation {args.allocation}: TRIM gives each output row of a matrix its own "
+                             "sparsity, which only --unstructured pruning has (structural pruning removes whole "
+                             "heads and channels); add --unstructured or use a layer allocator")
+        if nm:
+            raise ValueError(f"--allocation {args.allocation} does not combine with --nm {args.nm}: N:M fixes n of "
+                             "every m weights in each row, TRIM varies the rows' sparsity")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 and args.unstructured:
@@ -487,23 +513,29 @@ class _UnstructuredReport:
 
 
 def _unstructured(model, batch, args, moreau_cfg, nm, times):
-    from .allocation import allocate
+    from .allocation import allocate, parse_allocation
     from .unstructured import unstructured_prune
 
+    layer_alloc, row_alloc = parse_allocation(args.allocation)
     ratios = None
-    if args.allocation != "uniform":
+    if layer_alloc != "uniform":
         t = time.perf_counter()
-        ratios = allocate(model, args.ratio, args.allocation, batch).ratios
+        ratios = allocate(model, args.ratio, layer_alloc, batch).ratios
         times["allocation_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rep = unstructured_prune(model, batch, args.method, sparsity=args.ratio, nm=nm, layer_ratios=ratios,
                              moreau=moreau_cfg, seed=args.seed, keep_low_ratio=args.keep_low_ratio,
                              micro_batch_size=args.micro_batch_size, progress=not args.quiet,
-                             sequential=not args.one_pass_activations)
+                             sequential=not args.one_pass_activations, trim=row_alloc == "trim")
     times["unstructured_s"] = time.perf_counter() - t
     extra = {"moreau": rep.get("moreau"), "unstructured": {"overall": rep["overall"], "per_layer": rep["per_layer"],
                                                            "layer_ratios": ratios,
-                                                           "sequential": rep.get("sequential")}}
+                                                           "sequential": rep.get("sequential"),
+                                                           "rows": row_alloc or "uniform",
+                                                           "trim": rep.get("trim_summary"),
+                                                           "trim_matrices": [
+                                                               {"name": r["name"], **r["trim"]}
+                                                               for r in rep["layers"] if "trim" in r] or None}}
     return _UnstructuredReport(model, args), extra
 
 
@@ -527,6 +559,11 @@ def format_report(report: dict) -> str:
     if report.get("unstructured"):
         o = report["unstructured"]["overall"]
         rows.append(("sparsity (measured)", f"{o['zeros']:,} of {o['numel']:,} weights zero ({100 * o['sparsity']:.2f}%)"))
+        tr = report["unstructured"].get("trim")
+        if tr:
+            rows.append(("TRIM rows", f"output cosine {tr['quality_uniform_mean']:.4f} (uniform rows) -> "
+                                      f"{tr['quality_mean']:.4f} (mean of {tr['matrices']} matrices; "
+                                      f"{tr['improved']} improved)"))
     if report.get("policy"):
         pg = report["policy"]
         rows.append(("policy gradient", f"init {pg['config']['init']}, {pg['config']['steps']} steps x "

@@ -43,6 +43,14 @@ next one, so every layer is scored on the activations the pruned model will actu
 ``sequential=False`` measures every layer in one pass of the dense model instead (cheaper, and
 what the first implementation did). GBLM's gradients always come from the dense model, as in its
 released code (gradients are computed once, before pruning).
+
+Rows (``trim``): by default every output row of a matrix loses the same fraction r. With
+``trim=True`` (or a :class:`moreau_pruner.trim.TrimConfig`) each row gets its own ratio, TRIM's
+(:mod:`moreau_pruner.trim`): the rows' removed counts still add up to exactly the uniform mask's
+R·int(C·r) per matrix, and the metric still decides *which* weights of a row go. TRIM needs each
+Linear's calibration inputs (their Gram matrix Σ x xᵀ), so with it every metric, not only
+``wanda``/``gblm``, runs the layer-by-layer loop above (or the one dense pass with
+``sequential=False``); it does not apply to N:M masks or to the embeddings.
 """
 from __future__ import annotations
 
@@ -55,8 +63,10 @@ import torch
 from torch import nn
 
 from . import estimator as _estimator
+from . import trim as _trim
 from .estimator import MoreauConfig
 from .structure import discover
+from .trim import TrimConfig
 
 METHODS = ("moreau", "taylor", "magnitude", "wanda", "gblm")
 GBLM_NORMS = ("l1", "l2")
@@ -86,40 +96,50 @@ def prunable_linears(model: nn.Module, include_embeddings: bool = False, structu
 # ----------------------------------------------------------------------------- statistics
 @torch.no_grad()
 def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, nn.Module],
-                     micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+                     micro_batch_size: int | None = None, grams: bool = False):
     """‖X_j‖₂ per input feature of each module: sqrt(Σ_tokens x_j² / n_sequences), fp32.
 
     ``modules`` maps a key (usually the weight's name) to an nn.Linear; one forward pass of the
     model over ``batch`` (LongTensor [n, seq]) in micro-batches, with forward pre-hooks.
+    ``grams``: return (norms, {key: InputStats}) (TRIM's statistics; at most in² floats per module).
     """
     was_training = model.training
     n = batch.shape[0]
     mbs = micro_batch_size or n
     try:
         model.eval()
-        with _input_sq_sums(modules) as sums:
+        with _input_sq_sums(modules, grams) as stats:
             for start in range(0, n, mbs):
                 model(input_ids=batch[start:start + mbs])
     finally:
         model.train(was_training)
-    return {key: (s / n).sqrt_() for key, s in sums.items()}
+    sums, gram = stats if grams else (stats, None)
+    norms = {key: (s / n).sqrt_() for key, s in sums.items()}
+    return (norms, gram) if grams else norms
 
 
 @contextlib.contextmanager
-def _input_sq_sums(modules: dict[str, nn.Module]):
-    """Yields {key: Σ x_j² over every token fed to the module while inside} (fp32), via forward pre-hooks."""
+def _input_sq_sums(modules: dict[str, nn.Module], gram: bool = False):
+    """Yields {key: Σ x_j² over every token fed to the module while inside} (fp32), via forward pre-hooks;
+    with ``gram``, (those sums, {key: :class:`moreau_pruner.trim.InputStats`: the inputs, or once there are
+    more of them than ``in_features`` their Gram matrix Σ x xᵀ})."""
     sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
             for key, mod in modules.items()}
+    grams = {key: _trim.InputStats(mod.in_features, mod.weight.device) for key, mod in modules.items()} \
+        if gram else None
 
     def hook(key):
         def fn(_mod, args):
             x = args[0].detach()
-            sums[key].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
+            x = x.reshape(-1, x.shape[-1]).float()
+            sums[key].add_(x.pow(2).sum(0))
+            if grams is not None:
+                grams[key].add(x)
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in modules.items()]
     try:
-        yield sums
+        yield (sums, grams) if gram else sums
     finally:
         for h in handles:
             h.remove()
@@ -161,11 +181,12 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
 
 @torch.no_grad()
 def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure, modules: dict[str, tuple[int, nn.Module]],
-                                prune_layer, micro_batch_size: int | None = None) -> None:
+                                prune_layer, micro_batch_size: int | None = None, grams: bool = False) -> None:
     """Wanda's layer-by-layer loop: for each decoder layer in order, measure ‖X_j‖₂ of its modules on
     the hidden states the already pruned earlier layers produce, call ``prune_layer(index, norms)``
     ({key: norm} for that layer's modules) which prunes it, then run the pruned layer to get the next
-    layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear)."""
+    layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear). ``grams``: keep the inputs
+    too (:class:`moreau_pruner.trim.InputStats`) and call ``prune_layer(index, norms, stats)``."""
     n = batch.shape[0]
     mbs = micro_batch_size or n
     by_layer: dict[int, dict[str, nn.Module]] = {}
@@ -177,11 +198,16 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
         states = _decoder_inputs(model, structure.layers[0].layer, batch, mbs)
         for ls in structure.layers:
             mods = by_layer.get(ls.index, {})
-            with _input_sq_sums(mods) as sums:
+            with _input_sq_sums(mods, grams) as stats:
                 for hidden, rest, kw in states:
                     _run_layer(ls.layer, hidden, rest, kw)
+            sums, gram = stats if grams else (stats, None)
             if mods:
-                prune_layer(ls.index, {key: (sm / n).sqrt_() for key, sm in sums.items()})
+                norms = {key: (sm / n).sqrt_() for key, sm in sums.items()}
+                if grams:
+                    prune_layer(ls.index, norms, gram)
+                else:
+                    prune_layer(ls.index, norms)
             if ls is not structure.layers[-1]:  # the pruned layer's outputs feed the next one
                 states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
     finally:
@@ -271,7 +297,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                        moreau: MoreauConfig | None = None, seed: int = 0, keep_low_ratio: float = 0.0,
                        gblm_norm: str = "l2", gblm_scale: float = 100.0, include_embeddings: bool = False,
                        micro_batch_size: int | None = None, progress: bool = True, structure=None,
-                       sequential: bool = True, grads: dict[str, torch.Tensor] | None = None) -> dict:
+                       sequential: bool = True, grads: dict[str, torch.Tensor] | None = None,
+                       trim: TrimConfig | bool | None = None) -> dict:
     """Zero weights of ``model`` in place by ``method``'s metric; returns the report (a dict).
 
     ``sparsity`` r is the fraction removed in every output row of every pruned matrix;
@@ -280,11 +307,16 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
     ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`moreau_estimate` (or the plain
     gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped.
-    ``sequential`` (``wanda``/``gblm``): measure each layer's activation norms on the outputs of the
-    already pruned earlier layers (the papers' loop, default) instead of one dense pass.
+    ``sequential`` (``wanda``/``gblm``, and every method with ``trim``): measure each layer's inputs
+    on the outputs of the already pruned earlier layers (the papers' loop, default) instead of one
+    dense pass.
+    ``trim`` (True or a :class:`~moreau_pruner.trim.TrimConfig`): TRIM's per-row ratios inside each
+    matrix (same removed count per matrix as the uniform rows; see :mod:`moreau_pruner.trim`).
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
-    sparsity = zeros / numel measured after masking), ``per_layer`` {layer: measured sparsity of
+    sparsity = zeros / numel measured after masking; with ``trim`` also ``trim``: the uniform and
+    TRIM output cosines, the chosen step and the rows' removed-count range; ``trim_summary`` sums
+    them up), ``per_layer`` {layer: measured sparsity of
     its matrices}, ``overall`` (zeros, numel, sparsity over the pruned matrices),
     ``model_zero_fraction`` (zeros over all parameters), ``timings`` and, for ``moreau``, the
     estimator ``log``.
@@ -311,6 +343,23 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
                          f"and 'taylor', not {method!r}")
     if method != "magnitude" and batch is None and grads is None:
         raise ValueError(f"method {method!r} needs a calibration batch")
+    trim_cfg = (TrimConfig() if trim is True else trim or None)
+    if trim_cfg is not None:
+        if not isinstance(trim_cfg, TrimConfig):
+            raise TypeError(f"trim must be True, False/None or a TrimConfig, got {type(trim).__name__}")
+        trim_cfg.validate()
+        if nm is not None:
+            raise ValueError("TRIM gives every output row its own ratio; N:M sparsity fixes n of every m weights "
+                             "in each row, so the two do not combine (drop nm or trim)")
+        if include_embeddings:
+            raise ValueError("TRIM needs each pruned matrix's input activations, which embeddings do not have; "
+                             "use include_embeddings=False")
+        if batch is None:
+            raise ValueError("TRIM needs a calibration batch (it measures each Linear's outputs)")
+        too_high = [r for r in [sparsity, *(layer_ratios or {}).values()] if r > trim_cfg.max_ratio]
+        if too_high:
+            raise ValueError(f"TRIM keeps every row's ratio at most {trim_cfg.max_ratio}; a layer ratio of "
+                             f"{max(too_high)} is above it")
 
     structure = structure or discover(model)
     targets = prunable_linears(model, include_embeddings, structure)
@@ -318,7 +367,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     timings: dict[str, float] = {}
     report: dict = {"method": method, "sparsity": sparsity if nm is None else n_ / m_, "nm": list(nm) if nm else None,
                     "layer_ratios": dict(layer_ratios) if layer_ratios else None, "keep_low_ratio": keep_low_ratio,
-                    "seed": seed, "include_embeddings": include_embeddings}
+                    "seed": seed, "include_embeddings": include_embeddings,
+                    "trim": _trim.config_dict(trim_cfg) if trim_cfg else None}
 
     gnorms = None
     t0 = time.perf_counter()
@@ -346,8 +396,13 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     gen = torch.Generator().manual_seed(seed)
     rows = []
     masking_s = 0.0
+    bar = None
+    if trim_cfg is not None and progress:
+        from tqdm.auto import tqdm
 
-    def prune_one(name, layer, mod, act_norm=None):
+        bar = tqdm(total=len(targets), desc="TRIM rows", unit="matrix")
+
+    def prune_one(name, layer, mod, act_norm=None, gram=None):
         nonlocal masking_s
         t1 = time.perf_counter()
         w = mod.weight
@@ -359,11 +414,18 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
             metric = metric_wanda(w, act_norm)
         else:
             metric = metric_gblm(w, act_norm, gnorms.pop(name))
+        trim_info = None
         if nm is not None:
             mask, target = nm_mask(metric, n_, m_), n_ / m_
         else:
             target = layer_ratios.get(layer, sparsity) if (layer_ratios and layer is not None) else sparsity
-            mask = row_mask(metric, target)
+            if trim_cfg is not None:
+                mask, res = _trim.trim_mask(w, metric, gram, target, trim_cfg)
+                trim_info = res.summary()
+                if bar is not None:
+                    bar.update(1)
+            else:
+                mask = row_mask(metric, target)
         del metric
         relax_mask(mask, keep_low_ratio, gen)
         with torch.no_grad():
@@ -371,24 +433,30 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         zeros = int((w.data == 0).sum())
         rows.append({"name": name, "layer": layer, "shape": list(w.shape), "target": target,
                      "masked": int(mask.sum()), "zeros": zeros, "numel": w.numel(), "sparsity": zeros / w.numel()})
+        if trim_info is not None:
+            rows[-1]["trim"] = trim_info
         masking_s += time.perf_counter() - t1
 
-    if method in ("wanda", "gblm"):
+    if method in ("wanda", "gblm") or trim_cfg is not None:
         report["sequential"] = sequential
+        with_grams = trim_cfg is not None
         t0 = time.perf_counter()
         if sequential:
             by_name = {name: (layer, mod) for name, layer, mod in targets}
 
-            def prune_layer(_index, norms):
+            def prune_layer(_index, norms, grams=None):
                 for name, act in norms.items():
                     layer, mod = by_name[name]
-                    prune_one(name, layer, mod, act)
+                    prune_one(name, layer, mod, act, None if grams is None else grams.pop(name))
 
-            sequential_activation_norms(model, batch, structure, by_name, prune_layer, micro_batch_size)
+            sequential_activation_norms(model, batch, structure, by_name, prune_layer, micro_batch_size,
+                                        grams=with_grams)
         else:
-            acts = activation_norms(model, batch, {name: mod for name, _, mod in targets}, micro_batch_size)
+            stats = activation_norms(model, batch, {name: mod for name, _, mod in targets}, micro_batch_size,
+                                     grams=with_grams)
+            acts, grams = stats if with_grams else (stats, {})
             for name, layer, mod in targets:
-                prune_one(name, layer, mod, acts.pop(name))
+                prune_one(name, layer, mod, acts.pop(name), grams.pop(name, None))
         timings["activations_s"] = time.perf_counter() - t0 - masking_s
         order = {name: i for i, (name, _, _) in enumerate(targets)}
         rows.sort(key=lambda r: order[r["name"]])
@@ -396,6 +464,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         for name, layer, mod in targets:
             prune_one(name, layer, mod)
     timings["masking_s"] = masking_s
+    if bar is not None:
+        bar.close()
 
     per_layer: dict[int, dict] = {}
     for r in rows:
@@ -408,6 +478,13 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     numel = sum(r["numel"] for r in rows)
     all_zeros = sum(int((p.data == 0).sum()) for p in model.parameters())
     all_numel = sum(p.numel() for p in model.parameters())
+    if trim_cfg is not None:
+        got = [r["trim"] for r in rows if "trim" in r]
+        report["trim_summary"] = {
+            "matrices": len(got), "improved": sum(g["quality"] > g["quality_uniform"] for g in got),
+            "quality_uniform_mean": sum(g["quality_uniform"] for g in got) / max(1, len(got)),
+            "quality_mean": sum(g["quality"] for g in got) / max(1, len(got)),
+            "evaluations": sum(g["evaluations"] for g in got)}
     report.update(layers=rows, per_layer={k: v["zeros"] / v["numel"] for k, v in per_layer.items()},
                   overall={"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0},
                   model_zero_fraction=all_zeros / all_numel, timings=timings)
