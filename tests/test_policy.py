@@ -216,7 +216,8 @@ def test_policy_gradient_finds_planted_dead_units():
     table = UnitTable(discover(model), cfg)
     planted = int((table.cost * dead.double()).sum())
     before = sum(p.numel() for p in model.parameters())
-    pol = PolicyConfig(steps=400, samples=16, batch_size=8, lr=0.02, init="none", baseline="loo", seed=0)
+    pol = PolicyConfig(steps=400, samples=16, batch_size=8, lr=0.02, init="none", baseline="loo", seed=0,
+                       parametrization="probability")
     r = prune_model(model, batch, "policy-gradient", cfg, policy=pol, target_params=before - planted,
                     progress=False)
     assert r.policy["budget_gap"] == 0
