@@ -258,3 +258,8 @@ def test_ratio_for_params_unreachable(target, msg):
     s = discover(make())
     with pytest.raises(ValueError, match=msg):
         ratio_for_params(s, target, PruneConfig(attn_layers="0:3", mlp_layers="0:3"))
+
+
+def test_all_layers_range():
+    assert PruneConfig(attn_layers="all", mlp_layers="ALL").validate(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="all", uniform=True).validate(3) == (range(0, 3), range(0, 3))

@@ -156,13 +156,16 @@ def discover(model: nn.Module) -> ModelStructure:
 
 
 def parse_layer_range(spec, num_layers: int, what: str = "layer range") -> tuple[int, int]:
-    """'4:28' / (4, 28) / None → (start, end), end exclusive, checked against the model."""
+    """'4:28' / (4, 28) / 'all' / None → (start, end), end exclusive, checked against the model.
+    None is the published range scaled to the model (:func:`default_layer_range`); 'all' is every layer."""
     if spec is None:
         return default_layer_range(num_layers)
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return 0, num_layers
     if isinstance(spec, str):
         parts = spec.replace("-", ":").split(":")
         if len(parts) != 2:
-            raise ValueError(f"{what} must look like START:END (end exclusive), got {spec!r}")
+            raise ValueError(f"{what} must look like START:END (end exclusive) or 'all', got {spec!r}")
         try:
             start, end = int(parts[0]), int(parts[1])
         except ValueError:
