@@ -260,6 +260,12 @@ def test_ratio_for_params_unreachable(target, msg):
         ratio_for_params(s, target, PruneConfig(attn_layers="0:3", mlp_layers="0:3"))
 
 
-def test_all_layers_range():
+def test_all_and_open_ended_layer_ranges():
     assert PruneConfig(attn_layers="all", mlp_layers="ALL").validate(3) == (range(0, 3), range(0, 3))
     assert PruneConfig(attn_layers="all", uniform=True).validate(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="1:", mlp_layers=":2").validate(3) == (range(1, 3), range(0, 2))
+    with pytest.raises(ValueError, match="outside"):
+        PruneConfig(attn_layers="3:").validate(3)
+    assert PruneConfig(attn_layers="published", mlp_layers="published-to-end").validate(30) == (range(4, 28),
+                                                                                                range(4, 30))
+    assert PruneConfig(attn_layers="published-to-end").validate(32)[0] == range(4, 32)

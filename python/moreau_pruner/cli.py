@@ -27,8 +27,8 @@ disjoint calibration and held-out parts."""
 
 #: ``moreau-prune`` without flags: the best configuration measured on SmolLM2-135M at the size the
 #: published settings give (README "Defaults"; benchmarks/results/QUALITY.md, "Which layers to prune").
-DEFAULTS = {"method": "moreau", "mode": "paper", "granularity": "query-heads", "attn_layers": None,
-            "mlp_layers": None, "ratio": 0.2, "scope": "local", "rounds": 1}
+DEFAULTS = {"method": "moreau", "mode": "paper", "granularity": "query-heads", "attn_layers": "published-to-end",
+            "mlp_layers": "published-to-end", "ratio": 0.185, "scope": "local", "rounds": 1}
 #: ``--published``: MoreauPruner's published settings (the reference update with its reflection, KV-group
 #: units, LLaMA-7B's layers 4:30 of 32 scaled to the model, 20 % of each pruned layer's units, one shot).
 PUBLISHED = {"method": "moreau", "mode": "reference", "granularity": "kv-group", "attn_layers": None,
@@ -37,7 +37,7 @@ PUBLISHED = {"method": "moreau", "mode": "reference", "granularity": "kv-group",
 
 def _default(name: str) -> str:
     """'default: X; --published: Y' for an option's help."""
-    show = lambda v: {None: "the published range scaled", "all": "all layers"}.get(v, v)
+    show = lambda v: "published" if v is None else v
     a, b = DEFAULTS[name], PUBLISHED[name]
     return f"default: {show(a)}" + ("" if a == b else f"; --published: {show(b)}")
 
@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1) "
                         f"({_default('ratio')})")
     g.add_argument("--attn-layers", metavar="START:END",
-                   help="attention layers to prune, end exclusive, or 'all' (the published range: LLaMA-7B's "
-                        f"4:30 of 32 scaled to the model's depth, 4:28 of SmolLM2's 30; {_default('attn_layers')})")
+                   help="attention layers to prune: START:END (end exclusive; an empty side is the first or last "
+                        "layer) or a name: all; published = LLaMA-7B's 4:30 of 32 scaled to the model's depth "
+                        "(4:28 of SmolLM2's 30); published-to-end = its start through the last layer (4:30 of "
+                        f"SmolLM2's 30, 4:32 of 32) ({_default('attn_layers')})")
     g.add_argument("--mlp-layers", metavar="START:END",
                    help="MLP layers to prune (default: as --attn-layers when that is given, else as the preset)")
     g.add_argument("--scope", default=None, choices=SCOPES,
