@@ -117,6 +117,7 @@ class ModelReport:
         # equal-size cells (quality.py --target-params): layer ranges, scopes and rounds side by side
         self.sized = [r for r in records if r.get("target_params") and r["precision"] == "fp32"
                       and not r.get("unstructured")]
+        self.sized += self._same_pruning_cells(records)
         records = [r for r in records if settings_of(r) == main]
         self.records = records
         self.plan = plan or {}
@@ -242,6 +243,32 @@ class ModelReport:
                 out[(m, ratio)] = vals
         return out
 
+    def _same_pruning_cells(self, records: list[dict]) -> list[dict]:
+        """Ratio-grid cells that are equal-size cells too: same local setting, calibration and
+        128-token windows, at the very ratio the target solved to (the same units go, so the same
+        ppl_128), for a (method, seed) the equal-size run lacks; methods of the equal-size runs plus
+        the published update and LLM-Pruner's second order. Marked ``same_pruning_as``."""
+        def setting(r):
+            return (r["scope"], r["attn_layers"], r["mlp_layers"], r["granularity"], r.get("rounds") or 1,
+                    json.dumps(r["calib"], sort_keys=True), r["eval"]["corpus"], r["eval"]["windows_128"])
+
+        solved, have = {}, set()
+        methods = {r["method"] for r in self.sized} | {"moreau-reference", "taylor-second"}
+        for r in self.sized:
+            if r["scope"] == "local":
+                solved[setting(r)] = (r["ratio"], r["target_params"], r["eval"])
+            have.add((setting(r), r["method"], r["seed"]))
+        out = []
+        for r in records:
+            key = setting(r)
+            if (r.get("target_params") or r["precision"] != "fp32" or r["method"] not in methods
+                    or key not in solved or r["ratio"] != solved[key][0] or (key, r["method"], r["seed"]) in have):
+                continue
+            have.add((key, r["method"], r["seed"]))
+            out.append({**r, "target_params": solved[key][1], "eval": solved[key][2], "ppl_1024": None,
+                        "same_pruning_as": r["key"]})
+        return out
+
     def missing(self) -> list[str]:
         have = {(r["method"], r["ratio"], r["seed"], r["precision"]) for r in self.all_pruned}
         have |= {(r["method"], f"p{r['target_params']}", r["seed"], r["precision"]) for r in self.sized}
@@ -351,7 +378,10 @@ class ModelReport:
                "so a range of fewer layers needs a higher ratio; global scope ranks all heads and channels of "
                "the range by score per weight. Perplexity on the first "
                f"{ev['windows_128']} held-out 128-token windows"
-               + (f" (dense {dense['ppl_128']:.2f})" if dense else "") + "; mean ± std over seeds.", ""]
+               + (f" (dense {dense['ppl_128']:.2f})" if dense else "") + "; mean ± std over seeds."
+               + (f" {sum(1 for r in recs if r.get('same_pruning_as'))} cell(s) come from the ratio grid above: "
+                  "the same setting at the very ratio the target solves to (the same units removed, the same "
+                  "windows)." if any(r.get("same_pruning_as") for r in recs) else ""), ""]
         rows = []
         for s in settings:
             row = [s]
