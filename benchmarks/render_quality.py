@@ -413,6 +413,16 @@ class ModelReport:
                     mu, sd, n = mean_std(d)
                     diff_rows.append([f"{s} − {base_setting}", m, f"{mu:+.2f} ± {sd:.2f} "
                                       f"({sum(x < 0 for x in d)}/{n} lower)"])
+        for s in settings:  # iterative against one-shot pruning of the same range
+            one_shot = s.rsplit(", ", 1)[0] if s.endswith(" rounds") else None
+            for m in methods:
+                if one_shot and (s, m) in by and (one_shot, m) in by:
+                    a, b = by[(s, m)], by[(one_shot, m)]
+                    d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
+                    if d:
+                        mu, sd, n = mean_std(d)
+                        diff_rows.append([f"{s} − {one_shot}", m, f"{mu:+.2f} ± {sd:.2f} "
+                                          f"({sum(x < 0 for x in d)}/{n} lower)"])
         for s in settings:
             for a_m, b_m in (("moreau-paper", "taylor"), ("taylor-second", "taylor"), ("moreau-paper", "taylor-second")):
                 if (s, a_m) in by and (s, b_m) in by:

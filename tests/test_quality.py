@@ -196,4 +196,4 @@ def test_equal_size_cells_and_rounds(tmp_path, quality, render_quality):
     text = render_quality.render(out, tmp_path / "Q.md", plots=False)
     assert "### Which layers to prune" in text
     assert "| local 0:4 |" in text and "| local 1:3 |" in text and "| global 0:4 |" in text
-    assert "| local 0:4, 2 rounds |" in text
+    assert "| local 0:4, 2 rounds |" in text and "| local 0:4, 2 rounds − local 0:4 | taylor |" in text
