@@ -35,6 +35,18 @@ Choices (documented here and in the report):
 * **Granularity.** The default is ``query-heads``: SmolLM2-135M has 3 KV heads, and the
   ``kv-group`` rule removes no attention unit at ratio 0.2 there; ``--granularity kv-group``
   is kept as an option.
+* **Equal size.** ``--target-params N`` replaces the ratios of the structured grid by a parameter
+  count: each cell is pruned at the smallest ratio that leaves at most N parameters
+  (:func:`moreau_pruner.prune.ratio_for_params`), so layer ranges, scopes and granularities are
+  compared at the same model size. Local scope: one ratio per setting; global scope: solved from
+  each scoring group's scores. The record keeps the solved ``ratio`` and ``target_params``; the
+  key has ``pN`` where a ratio would be.
+* **Scores cache.** ``--scores-cache DIR`` scores every layer (a unit's score does not depend on
+  which other layers are scored: the Moreau noise perturbs all weights either way, and the
+  accumulators only decide what is kept) and stores the scores of each (method, seed, precision,
+  calibration, steps, granularity) in DIR, so runs over other layer ranges or scopes reuse them.
+* **Rounds.** ``--rounds K`` prunes iteratively (``prune_model(rounds=K)``): K scoring rounds on
+  the partly pruned model, no scores shared between ratios or methods; the key gains ``kK``.
 * **Kept units.** Each record stores the kept query heads (original indices, per pruned
   layer) and kept MLP channels (per pruned layer), so the renderer can compute IoUs.
 
@@ -54,12 +66,14 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure
+from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_model, prune_structure
+from moreau_pruner.importance import LayerScores
+from moreau_pruner.prune import ratio_for_params
 from moreau_pruner.allocation import allocate_structured
 from moreau_pruner.estimator import gradient, moreau_estimate
 from moreau_pruner.unstructured import prunable_linears, unstructured_prune
@@ -120,7 +134,7 @@ RECORD_FIELDS = ("schema", "key", "model", "method", "mode", "ratio", "seed", "p
                  "scope", "attn_layers", "mlp_layers", "calib", "moreau_iters", "eval", "params_before",
                  "params_after", "params_kept_fraction", "ppl_128", "ppl_1024", "kept", "time", "machine",
                  "git_commit", "date", "half_gemm", "nm", "allocation", "unstructured",
-                 "taylor_variant")
+                 "taylor_variant", "target_params", "rounds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,18 +189,29 @@ def cell_key(model_tag, method, ratio, seed, precision, settings: dict) -> str:
     return "|".join(str(x) for x in (
         model_tag, method, ratio_tag(ratio), f"s{seed}", precision, s["granularity"], s["scope"],
         f"a{s['attn_layers']}", f"m{s['mlp_layers']}", f"cal{s['n_samples']}x{s['seq_len']}:{s['calib']}",
-        f"it{s['iters']}", f"ev{s['windows_128']}x128+{s['windows_long']}x{s['long_seq_len']}:{s['heldout']}"))
+        f"it{s['iters']}", f"ev{s['windows_128']}x128+{s['windows_long']}x{s['long_seq_len']}:{s['heldout']}")
+        + ((f"k{s['rounds']}",) if s.get("rounds", 1) > 1 else ()))
 
 
 def ratio_tag(ratio) -> str:
-    """``r0.2`` for a ratio, ``nm2:4`` for N:M sparsity (given as the string "2:4"), ``dense`` for 0."""
+    """``r0.2`` for a ratio, ``nm2:4`` for N:M sparsity (given as the string "2:4"), ``p121741632`` for
+    a parameter target (given as that string), ``dense`` for 0."""
+    if parse_target(ratio) is not None:
+        return ratio
     if isinstance(ratio, str):
         return f"nm{ratio}"
     return f"r{ratio:g}" if ratio else "dense"
 
 
+def parse_target(ratio) -> int | None:
+    """The parameter count of a ``--target-params`` grid entry ("p<N>"), else None."""
+    if isinstance(ratio, str) and ratio.startswith("p"):
+        return int(ratio[1:])
+    return None
+
+
 def parse_nm(ratio) -> tuple[int, int] | None:
-    if not isinstance(ratio, str):
+    if not isinstance(ratio, str) or parse_target(ratio) is not None:
         return None
     n, m = ratio.split(":")
     return int(n), int(m)
@@ -304,10 +329,12 @@ def run(args) -> list[dict]:
     settings = dict(granularity=args.granularity, scope=args.scope, attn_layers=f"{a_rng.start}:{a_rng.stop}",
                     mlp_layers=f"{m_rng.start}:{m_rng.stop}", n_samples=args.n_samples, seq_len=args.seq_len,
                     calib=args.calib, heldout=args.heldout, iters=args.iters, windows_128=args.windows_128,
-                    windows_long=args.windows_long, long_seq_len=args.long_seq_len)
+                    windows_long=args.windows_long, long_seq_len=args.long_seq_len, rounds=args.rounds)
 
-    done = {r["key"] for r in read_records(rec_path)}
-    common = dict(schema=SCHEMA_VERSION, model=tag, granularity=args.granularity, scope=args.scope,
+    existing = read_records(rec_path)
+    done = {r["key"] for r in existing}
+    common = dict(schema=SCHEMA_VERSION, model=tag, rounds=args.rounds,
+                  granularity=args.granularity, scope=args.scope,
                   attn_layers=settings["attn_layers"], mlp_layers=settings["mlp_layers"],
                   calib={"corpus": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len},
                   eval={"corpus": args.heldout, "windows_128": args.windows_128, "windows_long": args.windows_long,
@@ -332,13 +359,16 @@ def run(args) -> list[dict]:
             f"kept={rec['params_kept_fraction']:.3f} ({rec['time']['total_s']:.1f} s)")
 
     # dense reference
-    key = cell_key(tag, "dense", 0, None, "fp32", settings)
-    if key not in done and not args.dry_run:
+    key = cell_key(tag, "dense", 0, None, "fp32", {**settings, "rounds": 1})
+    # the dense model's perplexity depends on the evaluation only: one under other pruning settings will do
+    same_eval = any(r["method"] == "dense" and r.get("eval") == common["eval"] for r in existing)
+    if key not in done and not same_eval and not args.dry_run:
         p128, plong, ev = evaluate(dense, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
         n = sum(p.numel() for p in dense.parameters())
         write(dict(key=key, method="dense", mode=None, ratio=0.0, seed=None, precision="fp32", moreau_iters=None,
                    params_before=n, params_after=n, params_kept_fraction=1.0, ppl_128=p128, ppl_1024=plong,
                    kept=None, half_gemm=None, nm=None, allocation=None, unstructured=None, taylor_variant=None,
+                   target_params=None, rounds=None,
                    time={"importance_s": 0.0, "prune_s": 0.0, "eval_s": ev, "total_s": ev}))
 
     groups = plan_groups(args)
@@ -389,18 +419,30 @@ def prune_config(args, settings, ratio, layer_ratios=None) -> PruneConfig:
 def run_structured(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed, precision,
                    held_ids, cache):
     """Scores once per (method's scores, seed, precision), shared by the ratios and by the methods
-    that only differ by their allocation; a deep copy of the dense fp32 model is pruned per ratio."""
+    that only differ by their allocation; a deep copy of the dense fp32 model is pruned per ratio.
+    With ``--rounds`` K > 1 every ratio is pruned by ``prune_model`` (K scorings of its own)."""
+    if args.rounds > 1:
+        return run_rounds(method, spec, missing, args=args, dense=dense, structure0=structure0, settings=settings,
+                          batch=batch, write=write, keys=keys, seed=seed, precision=precision, held_ids=held_ids)
     ckey = spec.scores_key + (seed, precision)
     half_gemm = half_gemm_mode(args, precision)
+    disk = scores_cache_path(args, spec, seed, precision)
+    if ckey not in cache and disk is not None and disk.is_file():
+        saved = torch.load(disk)
+        cache[ckey] = ([LayerScores(*x) for x in saved["scores"]], saved["importance_s"])
     if ckey in cache:
         scores, imp_s = cache[ckey]
-        log(f"{method} seed={seed} {precision}: scores shared with an earlier method ({imp_s:.1f} s)")
+        log(f"{method} seed={seed} {precision}: scores shared with an earlier method or run ({imp_s:.1f} s)")
     else:
         scoring_model = dense if precision == "fp32" else copy.deepcopy(dense).to(PRECISIONS[precision])
         t0 = time.perf_counter()
         with (fp32_accumulate_gemms((PRECISIONS[precision],)) if half_gemm == "fp32-accumulate"
               else contextlib.nullcontext()):
-            scores, _, _ = compute_scores(scoring_model, batch, spec.lib, prune=prune_config(args, settings, 0.5),
+            score_cfg = prune_config(args, settings, 0.5)
+            if disk is not None:  # every layer, so that any range can reuse them
+                score_cfg = replace(score_cfg, attn_layers=(0, structure0.num_layers),
+                                    mlp_layers=(0, structure0.num_layers))
+            scores, _, _ = compute_scores(scoring_model, batch, spec.lib, prune=score_cfg,
                                           moreau=moreau_config(args, spec, seed), seed=seed, progress=False,
                                           taylor_variant=spec.variant)
         imp_s = time.perf_counter() - t0
@@ -409,9 +451,15 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
         scores = [type(s)(s.layer, None if s.attention is None else s.attention.float().cpu(),
                           None if s.mlp is None else s.mlp.float().cpu()) for s in scores]
         cache[ckey] = (scores, imp_s)
+        if disk is not None:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(".tmp")
+            torch.save({"scores": [(x.layer, x.attention, x.mlp) for x in scores], "importance_s": imp_s}, tmp)
+            os.replace(tmp, disk)
         log(f"{method} seed={seed} {precision}: importance {imp_s:.1f} s")
-    for ratio in missing:
+    for grid_ratio in missing:
         t1 = time.perf_counter()
+        ratio, target = solved_ratio(args, settings, structure0, grid_ratio, scores)
         alloc = None
         if spec.allocation != "uniform":
             alloc = allocate_structured(dense, prune_config(args, settings, ratio), spec.allocation, batch,
@@ -423,8 +471,8 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
         prune_s = time.perf_counter() - t1
         p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
         del pruned
-        write(dict(key=keys[ratio], method=method, mode=spec.mode, ratio=ratio, seed=seed, precision=precision,
-                   moreau_iters=args.iters if spec.lib == "moreau" else None,
+        write(dict(key=keys[grid_ratio], method=method, mode=spec.mode, ratio=ratio, seed=seed, precision=precision,
+                   moreau_iters=args.iters if spec.lib == "moreau" else None, target_params=target,
                    params_before=report.params_before, params_after=report.params_after,
                    params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
                    ppl_1024=plong, kept=kept, half_gemm=half_gemm, nm=None, unstructured=None,
@@ -434,6 +482,55 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
                        str(k): v for k, v in alloc.ratios.items()}},
                    time={"importance_s": imp_s, "importance_shared_by_ratios": len(missing),
                          "prune_s": prune_s, "eval_s": ev, "total_s": prune_s + ev}))
+
+
+def scores_cache_path(args, spec: Method, seed: int, precision: str) -> Path | None:
+    """Where ``--scores-cache`` keeps one scoring group's scores (None without the option)."""
+    if not args.scores_cache:
+        return None
+    name = "_".join(str(x) for x in (*spec.scores_key, f"s{seed}", precision, args.granularity,
+                                     f"cal{args.n_samples}x{args.seq_len}-{args.calib}", f"it{args.iters}",
+                                     args.model or "embedded"))
+    return Path(args.scores_cache) / (name.replace("/", "-").replace(" ", "-") + ".pt")
+
+
+def solved_ratio(args, settings, structure0, grid_ratio, scores=None) -> tuple[float, int | None]:
+    """(ratio, target parameters): a grid ratio as it is, or the ratio that reaches a ``--target-params``
+    entry (global scope: for these scores)."""
+    target = parse_target(grid_ratio)
+    if target is None:
+        return grid_ratio, None
+    cfg = prune_config(args, settings, 0.5)
+    return ratio_for_params(structure0, target, cfg, scores if cfg.scope == "global" else None), target
+
+
+def run_rounds(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed, precision,
+               held_ids):
+    """Iterative pruning: ``prune_model(rounds=K)`` on a deep copy of the dense model per ratio (each
+    round re-scores the partly pruned copy, so nothing is shared between ratios)."""
+    half_gemm = half_gemm_mode(args, precision)
+    for grid_ratio in missing:
+        ratio, target = solved_ratio(args, settings, structure0, grid_ratio)
+        pruned = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        res = prune_model(pruned, batch, spec.lib, prune_config(args, settings, ratio), moreau_config(args, spec, seed),
+                          seed=seed, progress=False, allocation=spec.allocation, rounds=args.rounds,
+                          taylor_variant=spec.variant)
+        total_s = time.perf_counter() - t0
+        report = res.report
+        kept = kept_units(report, structure0)
+        p128, plong, ev = evaluate(pruned, held_ids, args.windows_128, args.windows_long, args.long_seq_len)
+        del pruned
+        log(f"{method} seed={seed} {args.rounds} rounds: {total_s:.1f} s")
+        write(dict(key=keys[grid_ratio], method=method, mode=spec.mode, ratio=ratio, seed=seed, precision=precision,
+                   moreau_iters=args.iters if spec.lib == "moreau" else None, target_params=target,
+                   params_before=report.params_before, params_after=report.params_after,
+                   params_kept_fraction=report.params_after / report.params_before, ppl_128=p128,
+                   ppl_1024=plong, kept=kept, half_gemm=half_gemm, nm=None, unstructured=None,
+                   taylor_variant=spec.variant if spec.lib == "taylor" else None, allocation=res.allocation,
+                   time={"importance_s": total_s - res.timings.get("prune_s", 0.0), "importance_shared_by_ratios": 1,
+                         "prune_s": res.timings.get("prune_s", 0.0), "eval_s": ev,
+                         "total_s": total_s + ev}))
 
 
 def run_unstructured(method, spec, missing, *, args, dense, structure0, settings, batch, write, keys, seed,
@@ -466,7 +563,7 @@ def run_unstructured(method, spec, missing, *, args, dense, structure0, settings
                    moreau_iters=args.iters if spec.lib == "moreau" else None,
                    params_before=n, params_after=n, params_kept_fraction=1.0 - rep["model_zero_fraction"],
                    ppl_128=p128, ppl_1024=plong, kept=None, half_gemm=None, nm=ratio if nm else None,
-                   allocation=None, taylor_variant=None,
+                   allocation=None, taylor_variant=None, target_params=None,
                    unstructured={"sparsity": rep["overall"]["sparsity"], "zeros": rep["overall"]["zeros"],
                                  "numel": rep["overall"]["numel"], "model_zero_fraction": rep["model_zero_fraction"],
                                  "sequential": rep.get("sequential"),
@@ -513,7 +610,9 @@ def update_plan(path: Path, groups, args, argv_used=None) -> None:
 def ratios_for(args, method, precision) -> list:
     if METHODS[method].unstructured:  # TRIM varies the rows' ratios, which N:M fixes: no N:M cells
         return [r for r in args.us_sparsities if not (METHODS[method].trim and isinstance(r, str))]
-    return args.ratios if precision == "fp32" else args.precision_ratios
+    if precision != "fp32":
+        return args.precision_ratios
+    return [f"p{n}" for n in args.target_params] if args.target_params else args.ratios
 
 
 def plan_groups(args) -> list[tuple[str, int, str]]:
@@ -609,6 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods of the fp32 grid; structured: {', '.join(STRUCTURED)} (taylor-* are "
                         f"LLM-Pruner's variants, +owl/+alpha/+farms per-layer ratio allocations); unstructured "
                         f"(zeroed weights in every decoder layer, at --us-sparsities): {', '.join(UNSTRUCTURED)}")
+    p.add_argument("--target-params", type=_ints, default=None, metavar="N[,N...]",
+                   help="instead of --ratios: prune each structured fp32 cell to at most N parameters, at the "
+                        "smallest ratio that gets there (solved per layer range and scope; global scope: per "
+                        "scoring group, from its scores), to compare settings at equal size")
+    p.add_argument("--scores-cache", default=None, metavar="DIR",
+                   help="score every layer and keep the scores of each (method, seed, precision, calibration) "
+                        "group in DIR, reused by later runs with other layer ranges or scopes (one-shot only)")
+    p.add_argument("--rounds", type=int, default=1, metavar="K",
+                   help="iterative pruning in K scoring rounds (prune_model(rounds=K); fp32 only, no scores "
+                        "shared between cells); 1 = one-shot")
     p.add_argument("--us-sparsities", type=_sparsities, default=[0.3, 0.5, "2:4"],
                    help="sparsities of the unstructured methods: fractions per output row, or N:M")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2],
@@ -656,6 +765,18 @@ def main(argv=None) -> int:
     if bad:
         build_parser().error(f"--precision-methods takes structured methods only (the precision study compares "
                              f"kept heads/channels), not {', '.join(bad)}")
+    if args.rounds < 1:
+        build_parser().error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and args.precisions != ["fp32"]:
+        build_parser().error("--rounds runs in fp32 only: add --precisions fp32")
+    if args.rounds > 1 and args.target_params and args.scope == "global":
+        build_parser().error("--rounds with --target-params needs --scope local (the global rule's size after "
+                             "several rounds depends on every round's scores)")
+    if args.target_params:
+        bad = [m for m in args.methods if METHODS[m].allocation != "uniform"]
+        if bad:
+            build_parser().error(f"--target-params solves one uniform ratio; the per-layer allocations "
+                                 f"{', '.join(bad)} fit their own ratios: leave them out of --methods")
     run(args)
     return 0
 

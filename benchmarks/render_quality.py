@@ -117,6 +117,10 @@ class ModelReport:
             latest[settings_of(r)] = max(latest[settings_of(r)], r.get("date", ""))
         main = max(counts, key=lambda k: (counts[k], latest[k])) if counts else None  # ties: the newest
         self.ignored = [r for r in records if settings_of(r) != main]
+        # equal-size cells (quality.py --target-params): layer ranges, scopes and rounds side by side
+        self.sized = [r for r in records if r.get("target_params") and r["precision"] == "fp32"
+                      and not r.get("unstructured")]
+        self.sized += self._same_pruning_cells(records)
         records = [r for r in records if settings_of(r) == main]
         self.records = records
         self.plan = plan or {}
@@ -242,8 +246,35 @@ class ModelReport:
                 out[(m, ratio)] = vals
         return out
 
+    def _same_pruning_cells(self, records: list[dict]) -> list[dict]:
+        """Ratio-grid cells that are equal-size cells too: same local setting, calibration and
+        128-token windows, at the very ratio the target solved to (the same units go, so the same
+        ppl_128), for a (method, seed) the equal-size run lacks; methods of the equal-size runs plus
+        the published update and LLM-Pruner's second order. Marked ``same_pruning_as``."""
+        def setting(r):
+            return (r["scope"], r["attn_layers"], r["mlp_layers"], r["granularity"], r.get("rounds") or 1,
+                    json.dumps(r["calib"], sort_keys=True), r["eval"]["corpus"], r["eval"]["windows_128"])
+
+        solved, have = {}, set()
+        methods = {r["method"] for r in self.sized} | {"moreau-reference", "taylor-second"}
+        for r in self.sized:
+            if r["scope"] == "local":
+                solved[setting(r)] = (r["ratio"], r["target_params"], r["eval"])
+            have.add((setting(r), r["method"], r["seed"]))
+        out = []
+        for r in records:
+            key = setting(r)
+            if (r.get("target_params") or r["precision"] != "fp32" or r["method"] not in methods
+                    or key not in solved or r["ratio"] != solved[key][0] or (key, r["method"], r["seed"]) in have):
+                continue
+            have.add((key, r["method"], r["seed"]))
+            out.append({**r, "target_params": solved[key][1], "eval": solved[key][2], "ppl_1024": None,
+                        "same_pruning_as": r["key"]})
+        return out
+
     def missing(self) -> list[str]:
         have = {(r["method"], r["ratio"], r["seed"], r["precision"]) for r in self.all_pruned}
+        have |= {(r["method"], f"p{r['target_params']}", r["seed"], r["precision"]) for r in self.sized}
         miss = []
         for c in self.plan.get("cells", []):
             if (c["method"], c["ratio"], c["seed"], c["precision"]) not in have:
@@ -302,6 +333,110 @@ class ModelReport:
                    "more parameters and its PPL is not at equal size.")
             out += ["Per-layer ratios the allocators chose (seed 0) and the parameters kept (mean over seeds). "
                     + how, ""] + [f"- {x}" for x in spans] + [""]
+        return out
+
+    # -- layer ranges, scopes and rounds at equal size
+    def layers_markdown(self) -> list[str]:
+        """"Which layers to prune": every setting of the equal-size cells (same target parameter count,
+        evaluation and calibration), methods as columns, mean ± std over seeds, and paired
+        differences against the published range (local 4:28 of 30, one shot) where it was run, else
+        against the first setting."""
+        if not self.sized:
+            return []
+        groups = defaultdict(list)
+        for r in self.sized:
+            groups[(r["target_params"], json.dumps([r.get("eval"), r.get("calib")], sort_keys=True))].append(r)
+        out = ["### Which layers to prune (equal size, fp32)", ""]
+        for (target, _), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+            out += self._layers_group(target, recs)
+        return out
+
+    @staticmethod
+    def setting_of(r: dict) -> str:
+        a, m = r["attn_layers"], r["mlp_layers"]
+        label = f"{r['scope']} {a}" if a == m else f"{r['scope']} attention {a}, MLP {m}"
+        if r["granularity"] != "query-heads":
+            label += f", {r['granularity']}"
+        if (r.get("rounds") or 1) > 1:
+            label += f", {r['rounds']} rounds"
+        return label
+
+    def _layers_group(self, target: int, recs: list[dict]) -> list[str]:
+        ev, before = recs[0]["eval"], recs[0]["params_before"]
+        by = defaultdict(dict)  # (setting, method) -> {seed: record}
+        for r in recs:
+            by[(self.setting_of(r), r["method"])][r["seed"]] = r
+        methods = sorted({m for _, m in by}, key=method_key)
+        settings = sorted({s for s, _ in by}, key=lambda s: (s.split(" ")[0], "rounds" in s, s))
+        heads = max((len(h) for r in recs if r.get("kept") for h in r["kept"]["heads"].values()), default=0)
+
+        def removed_heads(r):
+            return sum(heads - len(h) for h in r["kept"]["heads"].values()) if r.get("kept") else 0
+
+        dense = next((d for d in self.records + self.ignored if d["method"] == "dense" and d["eval"] == ev), None)
+        out = [f"Every cell is pruned to at most {target:,} of {before:,} parameters ({target / before:.2%}), at "
+               "the smallest ratio that gets there (`quality.py --target-params`, "
+               "`moreau_pruner.prune.ratio_for_params`): the settings differ in *where* the parameters go, not "
+               "in how many. Local scope removes the same fraction of the units of every layer in the range, "
+               "so a range of fewer layers needs a higher ratio; global scope ranks all heads and channels of "
+               "the range by score per weight. Perplexity on the first "
+               f"{ev['windows_128']} held-out 128-token windows"
+               + (f" (dense {dense['ppl_128']:.2f})" if dense else "") + "; mean ± std over seeds."
+               + (f" {sum(1 for r in recs if r.get('same_pruning_as'))} cell(s) come from the ratio grid above: "
+                  "the same setting at the very ratio the target solves to (the same units removed, the same "
+                  "windows)." if any(r.get("same_pruning_as") for r in recs) else ""), ""]
+        rows = []
+        for s in settings:
+            row = [s]
+            for m in methods:
+                cell = by.get((s, m), {})
+                row.append(fmt(*mean_std([r["ppl_128"] for r in cell.values()])))
+            cell = [r for m in methods for r in by.get((s, m), {}).values()]
+            ratios = sorted({round(r["ratio"], 4) for r in cell})
+            after = [r["params_after"] for r in cell]
+            hs = sorted({removed_heads(r) for r in cell})
+            row += [f"{ratios[0]:g}" if len(ratios) == 1 else f"{ratios[0]:g}–{ratios[-1]:g}",
+                    f"{min(after):,}" if min(after) == max(after) else f"{min(after):,}–{max(after):,}",
+                    f"{hs[0]}" if len(hs) == 1 else f"{hs[0]}–{hs[-1]}"]
+            rows.append(row)
+        out += [table(["setting", *methods, "ratio", "parameters after", "query heads removed"], rows), ""]
+        means = {(s, m): mean_std([r["ppl_128"] for r in by[(s, m)].values()]) for s, m in by}
+        (bs, bm), (bmu, bsd, bn) = min(means.items(), key=lambda kv: kv[1][0])
+        out += [f"Lowest mean: {bm} with {bs} ({bmu:.2f} ± {bsd:.2f}, n={bn}).", ""]
+        ref = "local 4:28" if "local 4:28" in settings else settings[0]
+        diff_rows = []
+        for s in settings:
+            for m in methods:
+                base_setting = ref if ref and s != ref else None
+                if base_setting is None or (base_setting, m) not in by or (s, m) not in by:
+                    continue
+                a, b = by[(s, m)], by[(base_setting, m)]
+                d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
+                if d:
+                    mu, sd, n = mean_std(d)
+                    diff_rows.append([f"{s} − {base_setting}", m, f"{mu:+.2f} ± {sd:.2f} "
+                                      f"({sum(x < 0 for x in d)}/{n} lower)"])
+        for s in settings:  # iterative against one-shot pruning of the same range
+            one_shot = s.rsplit(", ", 1)[0] if s.endswith(" rounds") else None
+            for m in methods:
+                if one_shot and (s, m) in by and (one_shot, m) in by:
+                    a, b = by[(s, m)], by[(one_shot, m)]
+                    d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
+                    if d:
+                        mu, sd, n = mean_std(d)
+                        diff_rows.append([f"{s} − {one_shot}", m, f"{mu:+.2f} ± {sd:.2f} "
+                                          f"({sum(x < 0 for x in d)}/{n} lower)"])
+        for s in settings:
+            for a_m, b_m in (("moreau-paper", "taylor"), ("taylor-second", "taylor"), ("moreau-paper", "taylor-second")):
+                if (s, a_m) in by and (s, b_m) in by:
+                    a, b = by[(s, a_m)], by[(s, b_m)]
+                    d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
+                    if d:
+                        mu, sd, n = mean_std(d)
+                        diff_rows.append([s, f"{a_m} − {b_m}", f"{mu:+.2f} ± {sd:.2f} ({sum(x < 0 for x in d)}/{n} lower)"])
+        if diff_rows:
+            out += ["Paired by seed (same calibration batch; negative = the first is better):", "",
+                    table(["setting", "method", "ΔPPL_128"], diff_rows), ""]
         return out
 
     # -- unstructured
@@ -503,6 +638,7 @@ class ModelReport:
                         "the std over seeds):", ""] + [f"- {s}" for s in sentences] + [""]
         out += self.variants_markdown()
         out += self.unstructured_markdown()
+        out += self.layers_markdown()
         piou, dppl = self.precision_iou()
         if piou:
             rows = []
@@ -546,8 +682,11 @@ class ModelReport:
             out += [f"![IoU](quality_iou_{self.tag}.png)", ""]
         miss = self.missing()
         out += ["### Completeness", ""]
-        if self.ignored:
-            out += [f"{len(self.ignored)} record(s) made with other settings (evaluation windows, calibration, "
+        sized_evals = [r["eval"] for r in self.sized]
+        other = [r for r in self.ignored if r not in self.sized
+                 and not (r["method"] == "dense" and r["eval"] in sized_evals)]
+        if other:
+            out += [f"{len(other)} record(s) made with other settings (evaluation windows, calibration, "
                     "granularity or layer ranges) are in records.jsonl but not in these tables.", ""]
         if miss:
             out += [f"{len(miss)} planned cell(s) have no record (the run stopped before them; rerunning the "

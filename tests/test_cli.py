@@ -1,4 +1,4 @@
-"""moreau-prune's --device check: a clear error instead of a traceback."""
+"""moreau-prune: the --device check (a clear error instead of a traceback) and the default / --published presets."""
 from __future__ import annotations
 
 import pytest
@@ -31,3 +31,33 @@ def test_device_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="1 CUDA device"):
         cli.check_device("cuda:3")
     assert cli.check_device("cpu") == torch.device("cpu")
+
+
+def _resolved(argv):
+    return cli.apply_preset(cli.build_parser().parse_args(argv))
+
+
+def test_defaults_are_the_measured_preset_and_published_is_one_flag_away():
+    a = _resolved([])
+    assert {k: getattr(a, k) for k in cli.DEFAULTS} == cli.DEFAULTS
+    b = _resolved(["--published"])
+    assert {k: getattr(b, k) for k in cli.PUBLISHED} == cli.PUBLISHED
+    assert (b.method, b.mode, b.granularity, b.ratio, b.scope, b.rounds) == ("moreau", "reference", "kv-group", 0.2,
+                                                                             "local", 1)
+    assert b.attn_layers is None and b.mlp_layers is None  # the published range, scaled to the model
+    assert cli.DEFAULTS != cli.PUBLISHED
+
+
+def test_given_flags_override_either_preset():
+    for preset in ([], ["--published"]):
+        a = _resolved(preset + ["--mode", "paper", "--granularity", "query-heads", "--ratio", "0.3", "--rounds", "2"])
+        assert (a.mode, a.granularity, a.ratio, a.rounds) == ("paper", "query-heads", 0.3, 2)
+        # --mlp-layers follows a given --attn-layers, as before
+        a = _resolved(preset + ["--attn-layers", "2:5"])
+        assert a.attn_layers == "2:5" and a.mlp_layers is None
+        a = _resolved(preset + ["--uniform"])  # uniform prunes every layer: no preset range
+        assert a.attn_layers is None and a.mlp_layers is None
+    a = _resolved(["--published"])
+    assert cli.apply_preset(a) is a and a.mode == "reference"  # idempotent
+    helptext = cli.build_parser().format_help()
+    assert "--published" in helptext and "--published: reference" in helptext and "--published: kv-group" in helptext

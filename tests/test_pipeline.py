@@ -187,3 +187,18 @@ def test_cli_help_teaches():
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+def test_cli_published_preset_end_to_end(model_dir, tmp_path, capsys):
+    """--published runs the reference update on KV groups; the default runs the measured preset."""
+    common = ("--no-eval", "--ratio", "0.5")
+    assert cli(model_dir, tmp_path, *common, "--published", "--json", str(tmp_path / "pub.json")) == 0
+    assert cli(model_dir, tmp_path, *common, "--json", str(tmp_path / "def.json")) == 0
+    pub, new = (json.loads((tmp_path / f).read_text()) for f in ("pub.json", "def.json"))
+    assert (pub["settings"]["mode"], pub["granularity"], pub["settings"]["published"]) == ("reference", "kv-group", True)
+    from moreau_pruner.cli import DEFAULTS
+
+    assert new["settings"]["published"] is False
+    assert {k: new["settings"][k] for k in ("method", "mode", "granularity", "scope", "rounds")} == \
+        {k: DEFAULTS[k] for k in ("method", "mode", "granularity", "scope", "rounds")}
+    assert new["granularity"] == DEFAULTS["granularity"]

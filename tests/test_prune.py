@@ -216,3 +216,56 @@ def test_scores_that_do_not_match_are_rejected():
     nan = [LayerScores(i, torch.full((2,), float("nan")), torch.ones(40)) for i in range(3)]
     with pytest.raises(ValueError, match="NaN"):
         prune_structure(s, nan, PruneConfig(ratio=0.5))
+
+
+@pytest.mark.parametrize("granularity", ["kv-group", "query-heads"])
+@pytest.mark.parametrize("ranges", [("0:3", "0:3"), ("1:3", "0:2")])
+def test_ratio_for_params_local_reaches_the_target_by_less_than_one_step(granularity, ranges):
+    from moreau_pruner import ratio_for_params
+
+    m = make(heads=4, kv=2)
+    s = discover(m)
+    before = count_parameters(m)
+    cfg = PruneConfig(attn_layers=ranges[0], mlp_layers=ranges[1], granularity=granularity)
+    step = 3 * 32 * len(range(*map(int, ranges[1].split(":"))))  # one MLP channel in every MLP layer
+    for target in (before - 1, before - 1000, before - 3000):  # small enough that no head goes (r < 0.5)
+        r = ratio_for_params(s, target, cfg)
+        after = prune_model(make(heads=4, kv=2), None, "magnitude", PruneConfig(**{**cfg.__dict__, "ratio": r}),
+                            progress=False).report.params_after
+        assert target - step < after <= target  # the first step that reaches the target
+        assert r == round(r, 9)  # rounded to a short decimal
+
+
+def test_ratio_for_params_global_uses_the_scores():
+    from moreau_pruner import model_scores, ratio_for_params
+
+    m = make(heads=4, kv=4)
+    s = discover(m)
+    cfg = PruneConfig(scope="global", attn_layers="0:3", mlp_layers="0:3", granularity="query-heads")
+    scores = model_scores(s, "magnitude", None, granularity="query-heads")
+    target = count_parameters(m) - 5000
+    r = ratio_for_params(s, target, cfg, scores)
+    after = prune_structure(s, scores, PruneConfig(**{**cfg.__dict__, "ratio": r})).params_after
+    assert target - 4 * 8 * 32 * 2 < after <= target  # within the largest unit (a query head of every layer's
+    with pytest.raises(ValueError, match="scores"):  # rank is 2*8*32 per head; channels are 96)
+        ratio_for_params(s, target, cfg)
+
+
+@pytest.mark.parametrize("target,msg", [(10 ** 9, "not below"), (100, "out of reach")])
+def test_ratio_for_params_unreachable(target, msg):
+    from moreau_pruner import ratio_for_params
+
+    s = discover(make())
+    with pytest.raises(ValueError, match=msg):
+        ratio_for_params(s, target, PruneConfig(attn_layers="0:3", mlp_layers="0:3"))
+
+
+def test_all_and_open_ended_layer_ranges():
+    assert PruneConfig(attn_layers="all", mlp_layers="ALL").validate(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="all", uniform=True).validate(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="1:", mlp_layers=":2").validate(3) == (range(1, 3), range(0, 2))
+    with pytest.raises(ValueError, match="outside"):
+        PruneConfig(attn_layers="3:").validate(3)
+    assert PruneConfig(attn_layers="published", mlp_layers="published-to-end").validate(30) == (range(4, 28),
+                                                                                                range(4, 30))
+    assert PruneConfig(attn_layers="published-to-end").validate(32)[0] == range(4, 32)

@@ -159,3 +159,41 @@ def test_issue7_methods_end_to_end(tmp_path, quality, render_quality):
     assert "| us-moreau-paper − us-wanda |" in text and "Measured sparsity: r=0.5:" in text
     assert "| us-moreau-paper − us-taylor |" in text
     assert "All 11 planned cells are recorded." in text
+
+
+def test_equal_size_cells_and_rounds(tmp_path, quality, render_quality):
+    """--target-params solves each range's ratio for one parameter count (global scope: from the
+    group's scores); --rounds K prunes iteratively and gets its own keys; the renderer's layer
+    section compares the settings at that size, paired by seed."""
+    out = tmp_path / "res"
+    base = ["--model", "tiny-random", "--threads", "1", "--seeds", "0,1", "--precisions", "fp32", "--iters", "2",
+            "--n-samples", "4", "--seq-len", "16", "--windows-128", "2", "--windows-long", "0", "--out", str(out),
+            "--methods", "taylor,moreau-paper", "--target-params", "40000"]
+    settings = [["--attn-layers", "0:4", "--mlp-layers", "0:4"], ["--attn-layers", "1:3", "--mlp-layers", "1:3"],
+                ["--scope", "global", "--attn-layers", "0:4", "--mlp-layers", "0:4"],
+                ["--attn-layers", "0:4", "--mlp-layers", "0:4", "--rounds", "2"]]
+    written = []
+    for extra in settings:
+        written += quality.run(quality.build_parser().parse_args(base + extra))
+    pruned = [r for r in written if r["method"] != "dense"]
+    assert len(pruned) == 4 * 2 * 2 and len({r["key"] for r in pruned}) == len(pruned)
+    for r in pruned:
+        assert r["target_params"] == 40000 and r["key"].split("|")[2] == "p40000"
+        assert 40000 - 3 * 32 * 4 < r["params_after"] <= 40000 or (r["scope"] == "global" and r["params_after"] <= 40000)
+        assert 0 < r["ratio"] < 1
+    narrow = [r for r in pruned if r["attn_layers"] == "1:3"]
+    wide = [r for r in pruned if r["attn_layers"] == "0:4" and r["scope"] == "local" and r["rounds"] == 1]
+    assert narrow[0]["ratio"] > wide[0]["ratio"]  # fewer layers: a higher ratio for the same size
+    k2 = [r for r in pruned if r["rounds"] == 2]
+    assert len(k2) == 4 and all(r["key"].endswith("|k2") for r in k2)
+    assert all(r["params_after"] == wide[0]["params_after"] for r in k2)  # the same final size as one-shot
+    # resumable
+    assert quality.run(quality.build_parser().parse_args(base + settings[3])) == []
+    with pytest.raises(SystemExit):
+        quality.main(base + ["--scope", "global", "--rounds", "2"])
+    with pytest.raises(SystemExit):
+        quality.main(base + ["--methods", "moreau-paper+owl"])
+    text = render_quality.render(out, tmp_path / "Q.md", plots=False)
+    assert "### Which layers to prune" in text
+    assert "| local 0:4 |" in text and "| local 1:3 |" in text and "| global 0:4 |" in text
+    assert "| local 0:4, 2 rounds |" in text and "| local 0:4, 2 rounds − local 0:4 | taylor |" in text

@@ -16,7 +16,7 @@ The pieces, each usable on its own:
 from .allocation import allocate
 from .estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
 from .importance import HEAD_SCORES, METHODS, REDUCTIONS, LayerScores, model_scores
-from .prune import PruneConfig, PruneReport, count_parameters, prune_structure
+from .prune import PruneConfig, PruneReport, count_parameters, prune_structure, ratio_for_params
 from .pruner import PruneResult, compute_scores, prune_model
 from .io import load_pruned, save_pruned
 from .export import save_uniform
@@ -28,8 +28,8 @@ from .unstructured import unstructured_prune
 __all__ = [
     "EstimatorError", "HEAD_SCORES", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult",
     "PruneConfig", "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores",
-    "count_parameters",
-    "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure", "allocate",
+    "count_parameters", "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure",
+    "ratio_for_params", "allocate",
     "estimate", "plan_memory", "load_pruned", "save_pruned", "save_uniform", "taylor_scores", "unstructured_prune",
 ]
 __version__ = "0.1.0"

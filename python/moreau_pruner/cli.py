@@ -25,9 +25,41 @@ Everything runs offline. Without --model the embedded SmolLM2-135M-Instruct (PyP
 is used; calibration and evaluation text default to Python's own pydoc topics, split into
 disjoint calibration and held-out parts."""
 
+#: ``moreau-prune`` without flags: the best configuration measured on SmolLM2-135M at the size the
+#: published settings give (README "Defaults"; benchmarks/results/QUALITY.md, "Which layers to prune").
+DEFAULTS = {"method": "moreau", "mode": "paper", "granularity": "query-heads", "attn_layers": "published-to-end",
+            "mlp_layers": "published-to-end", "ratio": 0.185, "scope": "local", "rounds": 1}
+#: ``--published``: MoreauPruner's published settings (the reference update with its reflection, KV-group
+#: units, LLaMA-7B's layers 4:30 of 32 scaled to the model, 20 % of each pruned layer's units, one shot).
+PUBLISHED = {"method": "moreau", "mode": "reference", "granularity": "kv-group", "attn_layers": None,
+             "mlp_layers": None, "ratio": 0.2, "scope": "local", "rounds": 1}
+
+
+def _default(name: str) -> str:
+    """'default: X; --published: Y' for an option's help."""
+    show = lambda v: "published" if v is None else v
+    a, b = DEFAULTS[name], PUBLISHED[name]
+    return f"default: {show(a)}" + ("" if a == b else f"; --published: {show(b)}")
+
+
+def apply_preset(args):
+    """Fill the options left unset with --published's settings or the measured defaults (DEFAULTS);
+    options given on the command line always win. ``--mlp-layers`` follows a given ``--attn-layers``;
+    ``--uniform`` prunes all layers, so the preset's layer ranges do not apply to it. Idempotent."""
+    preset = PUBLISHED if getattr(args, "published", False) else DEFAULTS
+    attn_given = args.attn_layers is not None
+    for name, value in preset.items():
+        if name in ("attn_layers", "mlp_layers") and (args.uniform or (name == "mlp_layers" and attn_given)):
+            continue
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 EPILOG = """\
 examples:
-  moreau-prune --out pruned-smollm2                 # published settings, 20%% of the pruned layers
+  moreau-prune --out pruned-smollm2                 # the measured best settings (see "defaults" below)
+  moreau-prune --published --out pruned-published   # MoreauPruner's published settings
   moreau-prune --method taylor --ratio 0.3 --eval-seq-lens 128
   moreau-prune --granularity query-heads --attn-layers 4:28 --mlp-layers 4:28
   moreau-prune --uniform --round-to 64 --out smollm2-stock   # same widths in all layers: a stock config
@@ -36,10 +68,16 @@ examples:
   torchrun --nproc-per-node 8 -m moreau_pruner.cli --distributed fsdp --model ./Llama-3-70B --device cuda \
       --dtype bfloat16 --no-eval --out llama3-70b-pruned      # FSDP2 over 8 GPUs (CPU: --device cpu, gloo)
 
-Units: with GQA the default attention unit is a whole KV group (a KV head and its n_rep query
-heads); --granularity query-heads removes the same number of query heads from every KV group
-instead (needed when there are few KV heads: SmolLM2 has 3, and at ratio 0.2 whole groups are
-too coarse to remove any).
+defaults: without flags moreau-prune runs the configuration that measured best on SmolLM2-135M
+at the size of the published settings (README, "Defaults"). --published switches every option
+below that says so to MoreauPruner's published settings: --mode reference (the published update,
+bit for bit), --granularity kv-group, layers 4:30 of 32 scaled to the model, --ratio 0.2, one
+shot. Flags given explicitly override either.
+
+Units: with GQA a kv-group unit is a whole KV group (a KV head and its n_rep query heads);
+query-heads removes the same number of query heads from every KV group instead and keeps all KV
+heads (needed when there are few KV heads: SmolLM2 has 3, and at ratio 0.2 whole groups are too
+coarse to remove any).
 """
 
 
@@ -66,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
 
     g = p.add_argument_group("importance and pruning")
-    g.add_argument("--method", default="moreau", choices=METHODS + ("policy-gradient", "wanda", "gblm"),
+    g.add_argument("--published", action="store_true",
+                   help="MoreauPruner's published settings for every option below that names a --published "
+                        "value (the measured defaults otherwise; see 'defaults' at the end)")
+    g.add_argument("--method", default=None, choices=METHODS + ("policy-gradient", "wanda", "gblm"),
                    help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random; "
                         "policy-gradient: learn which units to remove from forward passes only (see its group "
-                        "below); wanda and gblm: unstructured only")
+                        f"below); wanda and gblm: unstructured only ({_default('method')})")
     g.add_argument("--taylor-variant", default="param_first", choices=TAYLOR_VARIANTS,
                    help="LLM-Pruner's Taylor importance: first order |W g| (default), second order with the "
                         "Fisher diagonal, their mix, or vector-wise")
@@ -93,20 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--one-pass-activations", action="store_true",
                    help="wanda/gblm: measure every layer's input norms in one pass of the dense model instead "
                         "of layer by layer through the already pruned layers (the papers' loop, default)")
-    g.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1); "
-                        "default 0.2")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="fraction of units removed in each pruned layer (local) or overall (global), in (0, 1) "
+                        f"({_default('ratio')})")
     g.add_argument("--attn-layers", metavar="START:END",
-                   help="attention layers to prune, end exclusive (default: LLaMA-7B's 4:30 of 32, scaled)")
-    g.add_argument("--mlp-layers", metavar="START:END", help="MLP layers to prune (default as --attn-layers)")
-    g.add_argument("--scope", default="local", choices=SCOPES,
+                   help="attention layers to prune: START:END (end exclusive; an empty side is the first or last "
+                        "layer) or a name: all; published = LLaMA-7B's 4:30 of 32 scaled to the model's depth "
+                        "(4:28 of SmolLM2's 30); published-to-end = its start through the last layer (4:30 of "
+                        f"SmolLM2's 30, 4:32 of 32) ({_default('attn_layers')})")
+    g.add_argument("--mlp-layers", metavar="START:END",
+                   help="MLP layers to prune (default: as --attn-layers when that is given, else as the preset)")
+    g.add_argument("--scope", default=None, choices=SCOPES,
                    help="local: the same ratio in every layer (published); global: one threshold over all "
-                        "layers, scores divided by the unit's weight count so heads and channels compare")
-    g.add_argument("--granularity", default="kv-group", choices=GRANULARITIES, help="attention unit (see below)")
+                        "layers, scores divided by the unit's weight count so heads and channels compare "
+                        f"({_default('scope')})")
+    g.add_argument("--granularity", default=None, choices=GRANULARITIES,
+                   help=f"attention unit (see 'Units' below; {_default('granularity')})")
     g.add_argument("--round-to", type=int, metavar="M", help="keep MLP widths a multiple of M (8/64/128)")
-    g.add_argument("--rounds", type=int, default=1, metavar="K",
+    g.add_argument("--rounds", type=int, default=None, metavar="K",
                    help="iterative pruning: reach the same final size in K rounds, re-scoring the partly pruned "
-                        "model before each (K estimates: K times the scoring cost; default 1 = one-shot)")
+                        f"model before each (K estimates: K times the scoring cost; 1 = one-shot; "
+                        f"{_default('rounds')})")
     g.add_argument("--uniform", action="store_true",
                    help="prune every layer by the same counts (each keeps its own best units), so --out is a "
                         "stock config that any loader or serving engine reads; prunes all layers (a partial "
@@ -123,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scores KV head k with query heads k, k+H_kv, ... (not the heads it feeds). With --reduction "
                         "sum, unit and llm-pruner give identical scores")
 
-    g = p.add_argument_group("Moreau estimate (published defaults)")
-    g.add_argument("--mode", default="reference", choices=MODES,
-                   help="reference: the published update, bit for bit; paper: MoreauGrad's proximal step")
+    g = p.add_argument_group("Moreau estimate (published hyper-parameters)")
+    g.add_argument("--mode", default=None, choices=MODES,
+                   help="reference: the published update, bit for bit; paper: MoreauGrad's proximal step "
+                        f"({_default('mode')})")
     g.add_argument("--std", type=float, default=0.05, help="noise scale c: noise = xi * |c w| (default 0.05)")
     g.add_argument("--lamb", type=float, default=0.2, help="Moreau smoothing lambda (default 0.2)")
     g.add_argument("--lr", type=float, default=2e-4, help="proximal step gamma (default 2e-4)")
@@ -266,6 +315,7 @@ def check_device(spec: str):
 
 def run(args) -> dict | None:
     """The whole pipeline; returns the report (None on ranks other than 0 with --distributed)."""
+    apply_preset(args)
     if getattr(args, "distributed", None):
         from .distributed import run as run_distributed
 

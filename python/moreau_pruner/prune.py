@@ -23,7 +23,8 @@ widths are already whole heads.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -229,8 +230,8 @@ def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: Prune
                     cands.append((float(ranked[:, j].sum()) / size, size, ls.index, "qrank", j))
         if ls.index in mlp_range:
             size = 3 * hidden
-            for c in range(ls.intermediate_size):
-                cands.append((float(sc.mlp[c]) / size, size, ls.index, "mlp", c))
+            for c, v in enumerate(sc.mlp.tolist()):  # the same Python floats as float(sc.mlp[c]), faster
+                cands.append((v / size, size, ls.index, "mlp", c))
     target = cfg.ratio * prunable_weights(structure, cfg.granularity, attn_range, mlp_range)
     removed = {ls.index: {"kv": set(), "qrank": set(), "mlp": set()} for ls in structure.layers}
     limits = {ls.index: {"kv": ls.n_kv_heads - 1, "qrank": ls.n_rep - 1, "mlp": ls.intermediate_size - 1}
@@ -346,6 +347,62 @@ def _removed_params(ls, plan: LayerPlan) -> int:
 def planned_params_after(structure: ModelStructure, plans: list[LayerPlan]) -> int:
     """The model's parameter count after ``plans`` would be applied (nothing is changed)."""
     return count_parameters(structure.model) - sum(_removed_params(ls, p) for ls, p in zip(structure.layers, plans))
+
+
+def ratio_for_params(structure: ModelStructure, target_params: int, cfg: PruneConfig | None = None,
+                     scores: list[LayerScores] | None = None) -> float:
+    """The smallest ratio at which ``cfg``'s pruning leaves at most ``target_params`` parameters.
+
+    Used to compare layer ranges, scopes and granularities at equal size: the unit counts move in
+    whole steps (one MLP channel in every pruned layer, one query head per KV group, ...), so the
+    result is the first ratio whose pruning reaches the target, and the model it gives is smaller
+    than the target by less than one such step. The ratio is rounded up to the shortest decimal
+    that gives the same parameter count.
+
+    Local scope needs no scores (the counts depend on the ratio only). Global scope ranks units by
+    score, so ``scores`` (those ``prune_structure`` will get) are required: the solved ratio then
+    holds for those scores only. ``cfg.ratio`` is ignored; per-layer ratios are refused (they fix
+    the ratio of every layer already). A target the ranges cannot reach (even removing all but one
+    unit of each kind) or one at or above the model's size is a ValueError.
+    """
+    cfg = cfg or PruneConfig()
+    if cfg.layer_ratios:
+        raise ValueError("ratio_for_params solves one ratio; the config already has per-layer ratios")
+    attn_range, mlp_range = replace(cfg, ratio=0.5).validate(structure.num_layers)
+    if cfg.scope == "global" and scores is None:
+        raise ValueError("with global scope the parameters removed depend on the scores: pass scores=")
+    if scores is None:  # the local rule's counts do not look at the scores' values
+        n_att = lambda ls: ls.n_kv_heads if cfg.granularity == "kv-group" else ls.n_heads
+        scores = [LayerScores(ls.index, torch.zeros(n_att(ls)), torch.zeros(ls.intermediate_size))
+                  for ls in structure.layers]
+    before = count_parameters(structure.model)
+    target = int(target_params)
+    if target >= before:
+        raise ValueError(f"target of {target:,} parameters is not below the model's {before:,}")
+
+    def after(r: float) -> int:
+        c = replace(cfg, ratio=r)
+        plan = plan_local if cfg.scope == "local" else plan_global
+        return planned_params_after(structure, plan(structure, scores, c, attn_range, mlp_range))
+
+    lo, hi = 0.0, 1.0 - 1e-9
+    smallest = after(hi)
+    if smallest > target:
+        raise ValueError(f"target of {target:,} parameters is out of reach: pruning attention layers "
+                         f"{attn_range.start}:{attn_range.stop} and MLP layers {mlp_range.start}:{mlp_range.stop} "
+                         f"({cfg.scope}, {cfg.granularity}) leaves at least {smallest:,}")
+    for _ in range(60):  # after() is non-increasing in r: keep after(lo) > target >= after(hi)
+        mid = (lo + hi) / 2
+        if after(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    reached = after(hi)
+    for digits in range(1, 16):
+        r = math.ceil(hi * 10 ** digits) / 10 ** digits
+        if r < 1 and after(r) == reached:
+            return r
+    return hi
 
 
 def uniform_cost(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> dict:

@@ -156,15 +156,25 @@ def discover(model: nn.Module) -> ModelStructure:
 
 
 def parse_layer_range(spec, num_layers: int, what: str = "layer range") -> tuple[int, int]:
-    """'4:28' / (4, 28) / None → (start, end), end exclusive, checked against the model."""
-    if spec is None:
+    """'4:28' / (4, 28) / '4:' / ':28' / a name → (start, end), end exclusive, checked against the
+    model. An empty START is 0 and an empty END the model's depth (as in a Python slice). Names:
+    'all' (every layer), 'published' or None (the published range scaled to the model,
+    :func:`default_layer_range`), 'published-to-end' (its start, through the last layer)."""
+    named = spec.strip().lower() if isinstance(spec, str) else None
+    if spec is None or named == "published":
         return default_layer_range(num_layers)
+    if named == "all":
+        return 0, num_layers
+    if named == "published-to-end":
+        return default_layer_range(num_layers)[0], num_layers
     if isinstance(spec, str):
         parts = spec.replace("-", ":").split(":")
         if len(parts) != 2:
-            raise ValueError(f"{what} must look like START:END (end exclusive), got {spec!r}")
+            raise ValueError(f"{what} must look like START:END (end exclusive), 'all', 'published' or "
+                             f"'published-to-end', got {spec!r}")
         try:
-            start, end = int(parts[0]), int(parts[1])
+            start = int(parts[0]) if parts[0].strip() else 0
+            end = int(parts[1]) if parts[1].strip() else num_layers
         except ValueError:
             raise ValueError(f"{what} must look like START:END with integers, got {spec!r}") from None
     else:
