@@ -129,9 +129,12 @@ def render() -> str:
                   f"{r0['params_before'] - r0['params_after']:,} parameters removed, "
                   f"{100 * (r0['params_before'] - r0['params_after']) / 106168320:.1f} % of the decoder blocks'); "
                   "calibration 10 x 64 pydoc tokens drawn by the seed; PPL@128 on 32 held-out pydoc windows.",
-                  "- Policy gradient: the package defaults (150 steps x 4 masks of 1 calibration sequence, Adam lr "
-                  "0.02, moving baseline per sequence); its budget is global, so it may remove heads and move width "
-                  "between layers. Cost = sequence forwards / backwards through the model (64 tokens each).",
+                  "- Policy gradient: the package defaults (100 steps x 4 masks of 1 calibration sequence, Adam lr "
+                  "0.02, moving baseline per sequence), in its two parametrizations: `probability` (the paper's: "
+                  "Adam on the keep-probabilities, Euclidean projection onto the budget) and `logit` (Adam on their "
+                  "logits, one common shift restores the budget; the package default). Its budget is global, so "
+                  "it may remove heads and move width between layers. Cost = sequence forwards / backwards through "
+                  "the model (64 tokens each), the init's included.",
                   f"- Dense PPL@128: {dense['ppl_128']:.2f}." if dense else "", ""]
     seeds = sorted({r["seed"] for r in cells})
     lines.append("| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | forwards | backwards | "
