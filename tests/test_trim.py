@@ -11,7 +11,7 @@ from moreau_pruner.allocation import CHOICES, parse_allocation
 from moreau_pruner.cli import main
 from moreau_pruner.trim import (OutputQuality, TrimConfig, mask_from_counts, project_mean, row_counts, trim_rows,
                                 trim_step)
-from moreau_pruner.unstructured import prunable_linears, row_mask, unstructured_prune
+from moreau_pruner.unstructured import prunable_linears, unstructured_prune
 
 from _tiny import word_tokenizer
 

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: taylor")
     g.add_argument("--pg-steps", type=int, default=PolicyConfig.steps, help="policy updates (default %(default)s)")
     g.add_argument("--pg-lr", type=float, default=PolicyConfig.lr,
-                   help="Adam learning rate on the keep-probabilities (default %(default)s)")
+                   help="Adam learning rate on the keep-probabilities (their logits with --pg-parametrization "
+                        "logit) (default %(default)s)")
     g.add_argument("--pg-samples", type=int, default=PolicyConfig.samples,
                    help="masks sampled per step, run as one batch (default %(default)s)")
     g.add_argument("--pg-batch-size", type=int, default=PolicyConfig.batch_size,
