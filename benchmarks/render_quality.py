@@ -405,35 +405,29 @@ class ModelReport:
         out += [f"Lowest mean: {bm} with {bs} ({bmu:.2f} ± {bsd:.2f}, n={bn}).", ""]
         ref = "local 4:28" if "local 4:28" in settings else settings[0]
         diff_rows = []
+
+        def paired(first, second, setting, method):
+            """One row: the seed-paired PPL_128 difference of cells ``first`` − ``second``, when they share seeds."""
+            a, b = by[first], by[second]
+            d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
+            if d:
+                mu, sd, n = mean_std(d)
+                diff_rows.append([setting, method, f"{mu:+.2f} ± {sd:.2f} ({sum(x < 0 for x in d)}/{n} lower)"])
+
         for s in settings:
             for m in methods:
                 base_setting = ref if ref and s != ref else None
-                if base_setting is None or (base_setting, m) not in by or (s, m) not in by:
-                    continue
-                a, b = by[(s, m)], by[(base_setting, m)]
-                d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
-                if d:
-                    mu, sd, n = mean_std(d)
-                    diff_rows.append([f"{s} − {base_setting}", m, f"{mu:+.2f} ± {sd:.2f} "
-                                      f"({sum(x < 0 for x in d)}/{n} lower)"])
+                if base_setting is not None and (base_setting, m) in by and (s, m) in by:
+                    paired((s, m), (base_setting, m), f"{s} − {base_setting}", m)
         for s in settings:  # iterative against one-shot pruning of the same range
             one_shot = s.rsplit(", ", 1)[0] if s.endswith(" rounds") else None
             for m in methods:
                 if one_shot and (s, m) in by and (one_shot, m) in by:
-                    a, b = by[(s, m)], by[(one_shot, m)]
-                    d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
-                    if d:
-                        mu, sd, n = mean_std(d)
-                        diff_rows.append([f"{s} − {one_shot}", m, f"{mu:+.2f} ± {sd:.2f} "
-                                          f"({sum(x < 0 for x in d)}/{n} lower)"])
+                    paired((s, m), (one_shot, m), f"{s} − {one_shot}", m)
         for s in settings:
             for a_m, b_m in (("moreau-paper", "taylor"), ("taylor-second", "taylor"), ("moreau-paper", "taylor-second")):
                 if (s, a_m) in by and (s, b_m) in by:
-                    a, b = by[(s, a_m)], by[(s, b_m)]
-                    d = [a[k]["ppl_128"] - b[k]["ppl_128"] for k in sorted(set(a) & set(b))]
-                    if d:
-                        mu, sd, n = mean_std(d)
-                        diff_rows.append([s, f"{a_m} − {b_m}", f"{mu:+.2f} ± {sd:.2f} ({sum(x < 0 for x in d)}/{n} lower)"])
+                    paired((s, a_m), (s, b_m), s, f"{a_m} − {b_m}")
         if diff_rows:
             out += ["Paired by seed (same calibration batch; negative = the first is better):", "",
                     table(["setting", "method", "ΔPPL_128"], diff_rows), ""]
