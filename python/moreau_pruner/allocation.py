@@ -142,19 +142,15 @@ def structured_removal(structure: ModelStructure, cfg: PruneConfig):
     ratio r (its own unit-count rules: the heads' floor rule and ``round_to`` included), for the layers
     in ``cfg``'s ranges. The widths are read now: pruning the model afterwards does not change the
     function."""
-    from .prune import attention_units_removed, mlp_channels_removed
+    from .prune import attention_units_removed, mlp_channels_removed, unit_params
 
     attn, mlp = cfg.validate(structure.num_layers)
-    hidden = structure.hidden_size
     dims = {}
     for ls in structure.layers:
-        d = ls.head_dim
-        head = 2 * d * hidden + (d if ls.q.bias is not None else 0)  # q rows (+ bias) and o columns
-        kv = 2 * d * hidden + sum(d for lin in (ls.k, ls.v) if lin.bias is not None)
+        head, kv, channel = unit_params(ls, structure.hidden_size)
         # parameters of one unit: a KV group (its query heads + k, v rows) or one query head in every group
         unit = ls.n_rep * head + kv if cfg.granularity == "kv-group" else ls.n_kv_heads * head
-        channel = 3 * hidden + sum(1 for lin in (ls.gate, ls.up) if lin.bias is not None)
-        dims[ls.index] = (ls.n_heads, d, ls.n_kv_heads, ls.intermediate_size, unit, channel)
+        dims[ls.index] = (ls.n_heads, ls.head_dim, ls.n_kv_heads, ls.intermediate_size, unit, channel)
 
     def removal(layer: int, r: float) -> int:
         n_heads, d, n_kv, c, unit, channel = dims[layer]

@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .prune import PruneConfig, count_parameters, local_unit_counts, prune_structure
+from .prune import PruneConfig, count_parameters, local_unit_counts, prune_structure, unit_params
 from .structure import ModelStructure, discover
 
 INITS = ("none", "taylor", "moreau", "magnitude")
@@ -132,15 +132,13 @@ class UnitTable:
 
     def __init__(self, structure: ModelStructure, cfg: PruneConfig):
         attn, mlp = cfg.validate(structure.num_layers)
-        hidden = structure.hidden_size
         self.segments: list[Segment] = []
         pos = 0
         for ls in structure.layers:
             d = ls.head_dim
+            head, kv, channel = unit_params(ls, structure.hidden_size)
             if ls.index in attn:
-                head = 2 * d * hidden + (d if ls.q.bias is not None else 0)
                 if cfg.granularity == "kv-group":
-                    kv = 2 * d * hidden + sum(d for lin in (ls.k, ls.v) if lin.bias is not None)
                     seg = Segment(ls.index, "attn", pos, ls.n_kv_heads, ls.n_rep * head + kv, ls.n_kv_heads,
                                   ls.n_rep, d)
                 else:
@@ -149,7 +147,6 @@ class UnitTable:
                 self.segments.append(seg)
                 pos += seg.n
             if ls.index in mlp:
-                channel = 3 * hidden + sum(1 for lin in (ls.gate, ls.up) if lin.bias is not None)
                 self.segments.append(Segment(ls.index, "mlp", pos, ls.intermediate_size, channel))
                 pos += ls.intermediate_size
         if pos == 0:

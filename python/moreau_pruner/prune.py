@@ -154,6 +154,16 @@ def attention_units_removed(n_heads: int, head_dim: int, n_kv_heads: int, ratio:
     return min(n // (n_kv_heads * head_dim), n_rep - 1)
 
 
+def unit_params(ls, hidden: int) -> tuple[int, int, int]:
+    """Parameters of one query head (q rows with bias, o columns), of one KV head's k and v rows (with
+    biases) and of one MLP channel (gate/up rows with biases, down column) in layer ``ls``."""
+    d = ls.head_dim
+    head = 2 * d * hidden + (d if ls.q.bias is not None else 0)
+    kv = 2 * d * hidden + sum(d for lin in (ls.k, ls.v) if lin.bias is not None)
+    channel = 3 * hidden + sum(1 for lin in (ls.gate, ls.up) if lin.bias is not None)
+    return head, kv, channel
+
+
 def mlp_channels_removed(channels: int, ratio: float, round_to: int | None) -> int:
     """MLP channels the local rule removes at ``ratio`` (``round_to`` applied; one channel always stays)."""
     keep = _round_keep(channels - _n_remove(channels, ratio), channels, round_to)
