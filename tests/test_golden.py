@@ -38,7 +38,7 @@ def test_compare_sees_a_change():
     want = {"a": [1, 2.0, {"b": "x"}], "c": 1.0}
     assert golden.compare(want, want, exact=True) == []
     assert golden.compare(want, {"a": [1, 2.0, {"b": "y"}], "c": 1.0}, exact=False)
-    assert golden.compare(want, {"a": [1, 2.0001, {"b": "x"}], "c": 1.0}, exact=False)
+    assert golden.compare(want, {"a": [1, 2.001, {"b": "x"}], "c": 1.0}, exact=False)
     assert golden.compare(want, {"a": [1, 2.0 + 1e-9, {"b": "x"}], "c": 1.0}, exact=False) == []
     assert golden.compare(want, {"a": [1, 2.0 + 1e-9, {"b": "x"}], "c": 1.0}, exact=True)
     assert golden.compare(want, {"a": [1, 2.0], "c": 1.0}, exact=False)
