@@ -97,10 +97,18 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", build_dir, "--parallel", jobs], check=True)
 
 
+def _pruner_packages() -> list[str]:
+    """python/moreau_pruner and every folder below it that is a package (has an __init__.py)."""
+    base = os.path.join(ROOT, "python", "moreau_pruner")
+    return sorted(os.path.relpath(d, ROOT).replace(os.sep, "/") for d, _, files in os.walk(base)
+                  if "__init__.py" in files)
+
+
 setup(
-    packages=["moreau_kernels", "moreau_pruner"],
+    packages=["moreau_kernels", "moreau_kernels.triton_ops"]
+    + ["moreau_pruner" + p[len("python/moreau_pruner"):].replace("/", ".") for p in _pruner_packages()],
     package_dir={"moreau_kernels": "moreau_kernels", "moreau_pruner": "python/moreau_pruner"},
-    package_data={"moreau_pruner": ["templates/*.py"]},
+    package_data={"moreau_pruner.io": ["templates/*.py"]},
     ext_modules=[CMakeExtension("moreau_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

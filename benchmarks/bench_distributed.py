@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown of an existing result file")
     p.add_argument("--track-memory", action="store_true",
                    help="instead of timing: the peak live tensor bytes of each rank over the whole estimate "
-                        "(moreau_pruner.memtrack, the rank's local parameter shards and buffers as baseline)")
+                        "(moreau_pruner.estimate.memtrack, the rank's local parameter shards and buffers as baseline)")
     args = p.parse_args(argv)
     if args.render:
         path = Path(args.render)
@@ -98,11 +98,11 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import moreau_kernels as mk
-    from moreau_pruner import distributed as D
-    from moreau_pruner import estimator as E
+    from moreau_pruner.distributed import fsdp as D
+    from moreau_pruner.estimate import estimator as E
     from moreau_pruner.data import calibration_batch, calibration_text
-    from moreau_pruner.importance import scored_parameter_names
-    from moreau_pruner.structure import discover
+    from moreau_pruner.score.importance import scored_parameter_names
+    from moreau_pruner.model.structure import discover
 
     torch.set_num_threads(1)
     mk.set_backend(args.backend)
@@ -170,8 +170,8 @@ def _track_memory(args, ctx, sm, batch, cfg, names, n_params) -> int:
 
     import torch.distributed as dist
 
-    from moreau_pruner import distributed as D
-    from moreau_pruner.memtrack import LiveTensorTracker
+    from moreau_pruner.distributed import fsdp as D
+    from moreau_pruner.estimate.memtrack import LiveTensorTracker
 
     local = [p.to_local() if hasattr(p, "to_local") else p for p in sm.model.parameters()]
     dist.barrier()

@@ -11,11 +11,11 @@ configuration alone), on the same calibration batch:
 * peak memory during the estimate: GPU ``torch.cuda.max_memory_allocated``; CPU the peak RSS
   (VmHWM, reset through /proc/self/clear_refs after the model is loaded; ``ru_maxrss`` of the
   whole process is recorded too);
-* tracked peak live tensor bytes (:class:`moreau_pruner.memtrack.LiveTensorTracker`, weights
+* tracked peak live tensor bytes (:class:`moreau_pruner.estimate.memtrack.LiveTensorTracker`, weights
   counted as the baseline) of a short estimate (``--track-iters`` steps: the peak is reached in the
   first) and of a plain forward+backward, the memory floor (that forward+backward's tracked peak
   + δ + acc: weights, activations, estimator state and nothing else) and the memory plan of
-  ``moreau_pruner.lean.plan_memory`` for the same configuration, so the plan is checked against a
+  ``moreau_pruner.estimate.lean.plan_memory`` for the same configuration, so the plan is checked against a
   measurement;
 * the bandwidth floor of the elementwise work: minimum bytes per step (perturb: read w and δ,
   write w̃; update: read g and δ, write δ; acc read+write on averaged steps) ÷ the copy bandwidth
@@ -24,8 +24,8 @@ configuration alone), on the same calibration batch:
 Paths: ``pure`` = the published loop: ``moreau_kernels.use_backend("reference")`` with
 ``moreau_estimate`` and ``noise="torch"`` (noise drawn from the CPU torch generator, as the
 published code does); ``fused`` = ``moreau_estimate`` on the auto-selected backend with Philox
-noise; ``lean`` = ``moreau_pruner.lean.moreau_estimate_lean`` (auto backend); ``regen`` =
-``moreau_pruner.regen.moreau_estimate_regen`` (lean without perturbed copies of the linear
+noise; ``lean`` = ``moreau_pruner.estimate.lean.moreau_estimate_lean`` (auto backend); ``regen`` =
+``moreau_pruner.estimate.regen.moreau_estimate_regen`` (lean without perturbed copies of the linear
 weights); ``published`` (memory only, ``--memory-only``) = the memory pattern of the published
 code: weights perturbed in place, the noise of every parameter held until the weights are restored
 by subtraction, every gradient in ``.grad``, pure-PyTorch updates.
@@ -105,7 +105,7 @@ def build(spec: dict, device: str):
     n, seq = spec["rows"], spec["seq"]
     if spec["model"] == "smollm2":
         from moreau_pruner.data import calibration_batch, calibration_text
-        from moreau_pruner.models import load_model
+        from moreau_pruner.model.loading import load_model
 
         model, tok = load_model(dtype=dtype, device=device)
         batch = calibration_batch(tok, calibration_text("pydoc"), n_samples=n, seq_len=seq, seed=0)
@@ -144,7 +144,7 @@ def elementwise_bytes(model, iters: int, avg_last: int) -> dict:
 def run_path(path: str, model, batch, cfg):
     """One estimate on a benchmark path (the result, or None for ``published``)."""
     import moreau_kernels as mk
-    from moreau_pruner.estimator import moreau_estimate
+    from moreau_pruner.estimate.estimator import moreau_estimate
 
     if path == "pure":
         with mk.use_backend("reference"):
@@ -152,11 +152,11 @@ def run_path(path: str, model, batch, cfg):
     if path == "fused":
         return moreau_estimate(model, batch, cfg, progress=False)
     if path == "lean":
-        from moreau_pruner.lean import moreau_estimate_lean
+        from moreau_pruner.estimate.lean import moreau_estimate_lean
 
         return moreau_estimate_lean(model, batch, cfg, progress=False)
     if path == "regen":
-        from moreau_pruner.regen import moreau_estimate_regen
+        from moreau_pruner.estimate.regen import moreau_estimate_regen
 
         return moreau_estimate_regen(model, batch, cfg, progress=False)
     if path == "published":
@@ -181,7 +181,7 @@ def published_loop(model, batch, cfg) -> None:
     until they are restored by subtraction after the backward, every gradient in ``.grad``, the
     prox step in plain PyTorch. For memory measurement only: the weights drift by ulps (the
     caller restores them)."""
-    from moreau_pruner.estimator import forward_backward
+    from moreau_pruner.estimate.estimator import forward_backward
 
     params = list(model.parameters())
     deltas = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
@@ -212,9 +212,9 @@ def published_loop(model, batch, cfg) -> None:
 
 def tracked(spec: dict, model, batch, out: dict) -> None:
     """Tracked live-tensor peaks of a plain forward+backward and of a short estimate, and the plan."""
-    from moreau_pruner.estimator import MoreauConfig, forward_backward
-    from moreau_pruner.lean import plan_memory
-    from moreau_pruner.memtrack import LiveTensorTracker
+    from moreau_pruner.estimate.estimator import MoreauConfig, forward_backward
+    from moreau_pruner.estimate.lean import plan_memory
+    from moreau_pruner.estimate.memtrack import LiveTensorTracker
 
     path = spec["path"]
     params = list(model.parameters())
@@ -259,7 +259,7 @@ def worker(spec: dict) -> dict:
     device = spec["device"]
     if device == "cpu":
         C.set_threads()
-    from moreau_pruner.estimator import MoreauConfig, forward_backward
+    from moreau_pruner.estimate.estimator import MoreauConfig, forward_backward
 
     out: dict = {"spec": spec}
     model, batch, desc = build(spec, device)
@@ -336,7 +336,7 @@ def run_worker(spec: dict, timeout: float) -> dict:
 
 def lean_exists() -> bool:
     try:
-        from moreau_pruner.lean import moreau_estimate_lean  # noqa: F401
+        from moreau_pruner.estimate.lean import moreau_estimate_lean  # noqa: F401
         return True
     except ImportError:
         return False
@@ -494,7 +494,7 @@ def main(argv=None) -> Path:
         paths = [p for p in paths if p not in MEMORY_ONLY_PATHS]
     if "lean" in paths and not lean_exists():
         paths.remove("lean")
-        notes.append("lean path not run: moreau_pruner.lean.moreau_estimate_lean is not importable")
+        notes.append("lean path not run: moreau_pruner.estimate.lean.moreau_estimate_lean is not importable")
     copy_bytes = (256 if device == "cpu" else 1024) * 2**20
     out_dir = Path(args.out) if args.out else C.RESULTS / C.device_name(device)
     old = C.read_results(out_dir / "estimate.json") if (out_dir / "estimate.json").exists() else None

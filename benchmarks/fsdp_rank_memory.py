@@ -1,12 +1,12 @@
 """Per-rank tracked memory of a scaled-down "70B-shaped" estimate step on FSDP2 (CPU, gloo) vs the plan.
 
-Checks :func:`moreau_pruner.plans.plan_rank` against a measurement: N processes (gloo), a LLaMA-3-70B
+Checks :func:`moreau_pruner.estimate.plans.plan_rank` against a measurement: N processes (gloo), a LLaMA-3-70B
 -shaped model scaled down (hidden, intermediate, heads and vocabulary ÷ ``--scale``, ``--layers``
 decoder layers, fp32), every decoder layer and the root ``fully_shard``-ed, the calibration rows
 split across the ranks. Each rank holds the estimator state of its local shards (a work buffer, δ
 and acc per parameter shard), runs one forward+backward, and consumes every reduce-scattered
 gradient shard in a post-accumulate-grad hook with ``moreau_kernels.prox_update_`` on the local δ
-and acc, under :class:`moreau_pruner.memtrack.LiveTensorTracker` (local shards as the baseline).
+and acc, under :class:`moreau_pruner.estimate.memtrack.LiveTensorTracker` (local shards as the baseline).
 
 This measures the memory of that step, not the estimate's values: the forward runs on the clean
 weights (the work buffers are filled by ``perturb_out`` on the local shards, as an FSDP2 estimate
@@ -32,7 +32,7 @@ import _common as C  # noqa: E402
 
 
 def scaled_shape(scale: int, layers: int) -> dict:
-    from moreau_pruner.plans import PLAN_SHAPES
+    from moreau_pruner.estimate.plans import PLAN_SHAPES
 
     s = dict(PLAN_SHAPES["llama-3-70b"])
     s.update(hidden_size=s["hidden_size"] // scale, intermediate_size=s["intermediate_size"] // scale,
@@ -51,7 +51,7 @@ def _rank(rank: int, world: int, args: dict, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import moreau_kernels as mk
-    from moreau_pruner.memtrack import LiveTensorTracker
+    from moreau_pruner.estimate.memtrack import LiveTensorTracker
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -117,8 +117,8 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     import torch.multiprocessing as tmp
 
-    from moreau_pruner.lean import CUDA_RESERVE
-    from moreau_pruner.plans import Option, meta_model, plan_rank
+    from moreau_pruner.estimate.lean import CUDA_RESERVE
+    from moreau_pruner.estimate.plans import Option, meta_model, plan_rank
 
     shape = scaled_shape(args.scale, args.layers)
     spec = dict(shape=shape, rows=args.rows, seq=args.seq, port=args.port)

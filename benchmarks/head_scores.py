@@ -4,7 +4,7 @@
 For every seed the calibration batch is drawn (the seed picks the windows, as in
 ``benchmarks/quality.py``), the importance is computed once (first-order Taylor by default),
 and the attention units are scored with every ``--head-scores`` arithmetic
-(:data:`moreau_pruner.importance.HEAD_SCORES`): ``unit`` (ours), ``llm-pruner`` (LLM-Pruner's
+(:data:`moreau_pruner.score.importance.HEAD_SCORES`): ``unit`` (ours), ``llm-pruner`` (LLM-Pruner's
 order with the ``repeat_kv`` mapping) and ``llm-pruner-upstream`` (upstream's h % H_kv fold).
 Each is pruned at ``--ratio`` in ``--attn-layers``, attention only (the MLPs stay whole, so only
 the attention-unit score differs between cells), at each ``--granularities``, and evaluated by
@@ -41,10 +41,10 @@ from tqdm import tqdm
 
 from moreau_pruner import PruneConfig, discover, prune_structure
 from moreau_pruner import data as mp_data
-from moreau_pruner.estimator import gradient
-from moreau_pruner.evaluate import evaluate_perplexity
-from moreau_pruner.importance import HEAD_SCORES, model_scores, scored_parameter_names
-from moreau_pruner.prune import attention_units_removed
+from moreau_pruner.estimate.estimator import gradient
+from moreau_pruner.evaluate.perplexity import evaluate_perplexity
+from moreau_pruner.score.importance import HEAD_SCORES, model_scores, scored_parameter_names
+from moreau_pruner.prune.plan import attention_units_removed
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "heads"
@@ -69,7 +69,7 @@ def load(spec: str | None):
     if spec == "tiny-random":
         model, tok = _tiny_random_model()
         return model, tok, "tiny-random"
-    from moreau_pruner.models import load_model
+    from moreau_pruner.model.loading import load_model
 
     model, tokenizer = load_model(spec, dtype="float32")
     tag = "smollm2-135m" if spec is None else Path(spec).name.lower()

@@ -7,7 +7,7 @@ local rule removes MLP channels only, since a query head per KV group is more th
 heads), 3 seeds. Seed s draws the calibration batch (10 x 64 tokens of pydoc) and seeds the method.
 
 * ``taylor``, ``moreau-paper``: one-shot scores, local rule (the baselines);
-* ``pg-none``, ``pg-taylor``, ``pg-moreau``: :mod:`moreau_pruner.policy` with its default settings
+* ``pg-none``, ``pg-taylor``, ``pg-moreau``: :mod:`moreau_pruner.prune.policy` with its default settings
   and that initialisation (moreau: the ``paper`` mode estimate, T = 10); the budget is global, so
   the search may also remove heads and move width between layers.
 
@@ -36,8 +36,8 @@ from quality import append_record, evaluate, host_details, load, log, machine_de
 
 from moreau_pruner import MoreauConfig, PruneConfig  # noqa: E402
 from moreau_pruner import data as mp_data  # noqa: E402
-from moreau_pruner.policy import PolicyConfig  # noqa: E402
-from moreau_pruner.pruner import prune_model  # noqa: E402
+from moreau_pruner.prune.policy import PolicyConfig  # noqa: E402
+from moreau_pruner.prune.pruner import prune_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "policy"
 METHODS = ("taylor", "pg-taylor", "moreau-paper", "pg-moreau", "pg-none")

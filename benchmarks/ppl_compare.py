@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-from moreau_pruner import data, evaluate
-from moreau_pruner.models import load_model
+from moreau_pruner import data
+from moreau_pruner.evaluate import perplexity as evaluate
+from moreau_pruner.model.loading import load_model
 
 
 def main(argv=None) -> int:

@@ -30,14 +30,14 @@ Choices (documented here and in the report):
   fp16 on a CPU: PyTorch has no fast CPU fp16 GEMM (one SmolLM2 forward+backward took 403 s
   against 21 s in fp32), so by default (``--half-gemm auto``) the fp16 matrix products run as
   fp32-accumulated products of the fp16 operands rounded to fp16
-  (:func:`moreau_pruner.precision.fp32_accumulate_gemms`), what a GPU tensor-core GEMM computes;
+  (:func:`moreau_pruner.model.precision.fp32_accumulate_gemms`), what a GPU tensor-core GEMM computes;
   everything else runs in fp16. Each record says which (``half_gemm``).
 * **Granularity.** The default is ``query-heads``: SmolLM2-135M has 3 KV heads, and the
   ``kv-group`` rule removes no attention unit at ratio 0.2 there; ``--granularity kv-group``
   is kept as an option.
 * **Equal size.** ``--target-params N`` replaces the ratios of the structured grid by a parameter
   count: each cell is pruned at the smallest ratio that leaves at most N parameters
-  (:func:`moreau_pruner.prune.ratio_for_params`), so layer ranges, scopes and granularities are
+  (:func:`moreau_pruner.prune.plan.ratio_for_params`), so layer ranges, scopes and granularities are
   compared at the same model size. Local scope: one ratio per setting; global scope: solved from
   each scoring group's scores. The record keeps the solved ``ratio`` and ``target_params``; the
   key has ``pN`` where a ratio would be.
@@ -72,14 +72,14 @@ from pathlib import Path
 import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_model, prune_structure
-from moreau_pruner.importance import LayerScores
-from moreau_pruner.prune import ratio_for_params
-from moreau_pruner.allocation import allocate_structured
-from moreau_pruner.estimator import gradient, moreau_estimate
-from moreau_pruner.unstructured import prunable_linears, unstructured_prune
+from moreau_pruner.score.importance import LayerScores
+from moreau_pruner.prune.plan import ratio_for_params
+from moreau_pruner.prune.allocation import allocate_structured
+from moreau_pruner.estimate.estimator import gradient, moreau_estimate
+from moreau_pruner.unstructured.prune import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
-from moreau_pruner.evaluate import evaluate_perplexity
-from moreau_pruner.precision import fp32_accumulate_gemms, slow_half_gemm
+from moreau_pruner.evaluate.perplexity import evaluate_perplexity
+from moreau_pruner.model.precision import fp32_accumulate_gemms, slow_half_gemm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "quality"
@@ -94,7 +94,7 @@ class Method:
     variant: str = "param_first"   # LLM-Pruner Taylor variant
     allocation: str = "uniform"    # per-layer ratios (structured)
     unstructured: bool = False
-    trim: bool = False             # unstructured: TRIM's per-row ratios (moreau_pruner.trim); no N:M cells
+    trim: bool = False             # unstructured: TRIM's per-row ratios (moreau_pruner.unstructured.trim); no N:M cells
 
     @property
     def scores_key(self):
@@ -168,7 +168,7 @@ def load(spec: str | None, device: str) -> Loaded:
     if spec == "tiny-random":
         model, tok = tiny_random_model()
         return Loaded(model.to(device), tok, "tiny-random", "tiny-random Llama (4 layers, hidden 32)")
-    from moreau_pruner.models import load_model
+    from moreau_pruner.model.loading import load_model
 
     model, tokenizer = load_model(spec, dtype="float32", device=device)
     if spec is None:

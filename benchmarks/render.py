@@ -233,11 +233,11 @@ def render_tracked(idx: dict, meta: dict) -> list[str]:
     if not keys:
         return []
     lines = ["#### Live tensor memory (tracked) vs RSS and the plan", "",
-             "tracked = peak live tensor bytes under `moreau_pruner.memtrack.LiveTensorTracker` (weights "
+             "tracked = peak live tensor bytes under `moreau_pruner.estimate.memtrack.LiveTensorTracker` (weights "
              "included, each storage once, sampled at op boundaries) over a short estimate; fwd+bwd = the same for "
              "a plain forward+backward; floor = that fwd+bwd peak + δ + acc (weights, activations, estimator "
              "state: what any path must hold); RSS = the process peak RSS of the timed run; plan = "
-             "`moreau_pruner.lean.plan_memory` for the same configuration (upper bound; lower bound in "
+             "`moreau_pruner.estimate.lean.plan_memory` for the same configuration (upper bound; lower bound in "
              "brackets).", "",
              "| model | tokens | path | RSS peak MiB | tracked MiB | tracked ÷ floor | floor MiB | fwd+bwd MiB | "
              "tracked vs pure | plan MiB (lower) | plan ÷ tracked | at the peak (largest, MiB) |",
@@ -360,9 +360,9 @@ def goals(device: str, ops: dict | None, est: dict | None) -> list[tuple[str, st
 
 # ============================================================================ main
 def render_plans(doc: dict) -> list[str]:
-    """The 7B / 70B plans of ``python -m moreau_pruner.plans`` and the meta-device tracked steps."""
+    """The 7B / 70B plans of ``python -m moreau_pruner.estimate.plans`` and the meta-device tracked steps."""
     gib = 2 ** 30
-    lines = ["### Memory plans for the sizes people prune (`python -m moreau_pruner.plans`)", "",
+    lines = ["### Memory plans for the sizes people prune (`python -m moreau_pruner.estimate.plans`)", "",
              f"Per GPU, {doc['tokens']} calibration tokens, {doc['dtype']} weights, fp32 δ and acc; budget "
              f"{doc['budget_gib']:g} GiB per 80 GB GPU including a 1.5 GiB CUDA reserve. Shapes only (planned, "
              "not measured on a GPU); the first configuration that fits, in order of cost, is advised.", "",

@@ -376,7 +376,7 @@ class ModelReport:
         dense = next((d for d in self.records + self.ignored if d["method"] == "dense" and d["eval"] == ev), None)
         out = [f"Every cell is pruned to at most {target:,} of {before:,} parameters ({target / before:.2%}), at "
                "the smallest ratio that gets there (`quality.py --target-params`, "
-               "`moreau_pruner.prune.ratio_for_params`): the settings differ in *where* the parameters go, not "
+               "`moreau_pruner.prune.plan.ratio_for_params`): the settings differ in *where* the parameters go, not "
                "in how many. Local scope removes the same fraction of the units of every layer in the range, "
                "so a range of fewer layers needs a higher ratio; global scope ranks all heads and channels of "
                "the range by score per weight. Perplexity on the first "
@@ -478,7 +478,7 @@ class ModelReport:
                "`us-<metric>+trim` prunes with the same metric and the same ratio per matrix as `us-<metric>`, but "
                "each output row gets its own ratio, lowered step by step for the rows whose outputs lose the "
                "most and raised for the others (cosine similarity to the dense outputs on the calibration batch; TRIM, "
-               "arXiv 2505.16743; `moreau_pruner.trim`). Every matrix removes exactly as many weights as the "
+               "arXiv 2505.16743; `moreau_pruner.unstructured.trim`). Every matrix removes exactly as many weights as the "
                "uniform rows. Differences are TRIM − base metric, paired by seed (same calibration batch): "
                "negative = TRIM better."]
         cal = (self.us[0].get("calib") or {}) if self.us else {}

@@ -52,7 +52,7 @@ def variants(ratio: float, matched: float, n_layers: int) -> list[tuple[str, dic
 def matched_ratio(structure, scores, ratio: float) -> float:
     """The uniform ratio (3 decimals) whose parameter count is closest to the default-range plan's."""
     from moreau_pruner import PruneConfig
-    from moreau_pruner.prune import uniform_cost
+    from moreau_pruner.prune.plan import uniform_cost
 
     target = uniform_cost(structure, scores, PruneConfig(ratio=ratio, uniform=True))["per_layer_params_after"]
     best = min((abs(uniform_cost(structure, scores, PruneConfig(ratio=r / 1000, uniform=True))
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
 
     from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_structure, save_uniform
     from moreau_pruner.data import calibration_batch, calibration_text, heldout_text, tokenize_text
-    from moreau_pruner.evaluate import perplexity
-    from moreau_pruner.models import load_model
+    from moreau_pruner.evaluate.perplexity import perplexity
+    from moreau_pruner.model.loading import load_model
 
     meta = Meta("cpu")
     dense, tok = load_model()

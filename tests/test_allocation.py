@@ -1,4 +1,4 @@
-"""Layer-wise ratio allocation (moreau_pruner.allocation): OWL, AlphaPruning, FARMS."""
+"""Layer-wise ratio allocation (moreau_pruner.prune.allocation): OWL, AlphaPruning, FARMS."""
 import math
 
 import pytest
@@ -6,11 +6,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, discover, model_scores
-from moreau_pruner.allocation import (allocate, alpha_ratios, esd, farms_esd, hill_alpha, owl_outlier_ratios,
+from moreau_pruner.prune.allocation import (allocate, alpha_ratios, esd, farms_esd, hill_alpha, owl_outlier_ratios,
                                       owl_ratios, prune_structure_allocated, structured_removal, structured_sizes,
                                       unstructured_sizes)
-from moreau_pruner.prune import _n_remove
-from moreau_pruner.unstructured import unstructured_prune
+from moreau_pruner.prune.plan import _n_remove
+from moreau_pruner.unstructured.prune import unstructured_prune
 
 
 def make(seed=0, layers=4):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moreau_pruner import cli
+from moreau_pruner.cli import prune as cli
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")

@@ -1,4 +1,4 @@
-"""The FSDP2 path (moreau_pruner.distributed) against the one-process run, on CPU with gloo.
+"""The FSDP2 path (moreau_pruner.distributed.fsdp) against the one-process run, on CPU with gloo.
 
 Ranks are spawned from the test (torch.multiprocessing, or torchrun for the CLI) on a free port.
 The one-process reference splits the batch into the same micro-batches as the ranks, so on the
@@ -20,12 +20,12 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import moreau_kernels as mk
-from moreau_pruner.estimator import MoreauConfig, gradient, moreau_estimate
-from moreau_pruner.importance import model_scores, scored_parameter_names
-from moreau_pruner.io import load_pruned
-from moreau_pruner.prune import PruneConfig, plan_local
-from moreau_pruner.structure import discover
-from moreau_pruner.taylor import taylor_scores
+from moreau_pruner.estimate.estimator import MoreauConfig, gradient, moreau_estimate
+from moreau_pruner.score.importance import model_scores, scored_parameter_names
+from moreau_pruner.io.pruned import load_pruned
+from moreau_pruner.prune.plan import PruneConfig, plan_local
+from moreau_pruner.model.structure import discover
+from moreau_pruner.score.taylor import taylor_scores
 
 from _tiny import word_tokenizer
 
@@ -65,7 +65,7 @@ def _worker(rank, world, port, jobs, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from moreau_pruner import distributed as D
+    from moreau_pruner.distributed import fsdp as D
 
     mk.set_backend("reference")
     ctx = D.init("cpu")
@@ -250,7 +250,7 @@ def test_two_ranks_smollm2(tmp_path, smollm2_shared):
 
 # ----------------------------------------------------------------------------- launch errors
 def _cli(argv):
-    from moreau_pruner.cli import main
+    from moreau_pruner.cli.prune import main
 
     return main(argv)
 
@@ -274,7 +274,7 @@ def test_cli_refuses_options_without_a_distributed_path(capsys, extra, words):
 
 
 def test_device_checks():
-    from moreau_pruner.distributed import DistributedError, _device_of_rank, batch_rows, shard_range
+    from moreau_pruner.distributed.fsdp import DistributedError, _device_of_rank, batch_rows, shard_range
 
     assert _device_of_rank("cpu", 3) == ("cpu", None)
     assert "numbered device" in _device_of_rank("cuda:1", 0)[1]
@@ -302,7 +302,7 @@ def test_cli_torchrun_saves_a_model_that_reloads(tmp_path, uniform):
     """torchrun, 2 ranks: the saved model reloads through both loaders with the logits of the
     one-process pruned model; only rank 0 prints the report. With --uniform the directory is a
     stock one that loads without trust_remote_code."""
-    from moreau_pruner.cli import main
+    from moreau_pruner.cli.prune import main
 
     model_dir = _tiny_dir(tmp_path / "llama", "llama")
     common = ["--model", str(model_dir), "--iters", "3", "--ratio", "0.5", "--attn-layers", "0:3", "--num-examples",
@@ -343,7 +343,7 @@ def test_cli_torchrun_rejects_bad_device(tmp_path):
 def test_shard_noise_is_the_full_tensors_slice(monkeypatch, shape, offset, native):
     from moreau_kernels import _native
     from moreau_kernels.reference import normal_noise
-    from moreau_pruner.distributed import shard_noise
+    from moreau_pruner.distributed.fsdp import shard_noise
 
     if not native:  # the pure-PyTorch words
         monkeypatch.setattr(_native, "has_op", lambda op, device_type: False)

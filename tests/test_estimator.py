@@ -190,7 +190,7 @@ def test_nan_gradient_with_finite_loss_is_named():
 @pytest.mark.parametrize("group", ["row", "structure"])
 def test_sums_leave_the_device_once_per_step(monkeypatch, group):
     """Σδ² stays on the device until the end of a step: one transfer per step, not one per parameter."""
-    from moreau_pruner import estimator
+    from moreau_pruner.estimate import estimator
 
     calls = []
     real = estimator.sums_to_cpu
@@ -213,7 +213,7 @@ def test_sums_leave_the_device_once_per_step(monkeypatch, group):
 
 
 def test_sums_to_cpu_keeps_order_across_devices():
-    from moreau_pruner.estimator import sums_to_cpu
+    from moreau_pruner.estimate.estimator import sums_to_cpu
 
     out = sums_to_cpu([torch.tensor(1.5), torch.tensor([2.5]), torch.tensor(-3.0, dtype=torch.float64)])
     assert out.dtype == torch.float64 and out.tolist() == [1.5, 2.5, -3.0]

@@ -1,4 +1,4 @@
-"""Tests for moreau_pruner.evaluate: perplexity protocol and greedy generation."""
+"""Tests for moreau_pruner.evaluate.perplexity: perplexity protocol and greedy generation."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moreau_pruner import data
-from moreau_pruner.evaluate import evaluate_perplexity, generate_text, perplexity
+from moreau_pruner.evaluate.perplexity import evaluate_perplexity, generate_text, perplexity
 
 from _tiny import word_tokenizer
 

@@ -8,8 +8,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2Config, Qwen2ForCausalLM)
 
 from moreau_pruner import MoreauConfig, PruneConfig, prune_model, save_pruned
-from moreau_pruner.cli import main
-from moreau_pruner.export import save_uniform, stock_config
+from moreau_pruner.cli.prune import main
+from moreau_pruner.io.stock import save_uniform, stock_config
 
 from _tiny import word_tokenizer
 

@@ -199,7 +199,7 @@ def _tiny_llama():
 @pytest.mark.parametrize("path", ["reference", "lean"])
 def test_tiny_model_estimate_agrees_across_backends(path):
     from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover
-    from moreau_pruner.prune import plan_local
+    from moreau_pruner.prune.plan import plan_local
 
     batch = torch.randint(0, 64, (4, 16), generator=_gen(0)).to(DEV)
     cfg = MoreauConfig(iters=4, avg_last=2, seed=3)

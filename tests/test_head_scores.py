@@ -11,11 +11,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, compute_scores, discover, model_scores
-from moreau_pruner.cli import main as cli_main
+from moreau_pruner.cli.prune import main as cli_main
 from moreau_pruner.data import calibration_batch, calibration_text
-from moreau_pruner.importance import HEAD_SCORES, align_query_channels, attention_scores, layer_scores
-from moreau_pruner.prune import plan_local
-from moreau_pruner.structure import LayerStructure
+from moreau_pruner.score.importance import HEAD_SCORES, align_query_channels, attention_scores, layer_scores
+from moreau_pruner.prune.plan import plan_local
+from moreau_pruner.model.structure import LayerStructure
 
 from _tiny import word_tokenizer
 

@@ -1,4 +1,4 @@
-"""Saving and reloading structurally pruned LLaMA-family models (moreau_pruner.io, SPEC §6)."""
+"""Saving and reloading structurally pruned LLaMA-family models (moreau_pruner.io.pruned, SPEC §6)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from moreau_pruner import io as mio
+from moreau_pruner.io import pruned as mio
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,

@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import moreau_kernels as mk
 from moreau_pruner import EstimatorError, MoreauConfig, moreau_estimate
-from moreau_pruner.lean import (GiB, MemoryPlanError, activation_bytes, check_fits, estimate, layer_score, main,
+from moreau_pruner.estimate.lean import (GiB, MemoryPlanError, activation_bytes, check_fits, estimate, layer_score, main,
                                 meta_model, moreau_estimate_lean, plan_memory)
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moreau_pruner.memtrack import LiveTensorTracker, storage_bytes
+from moreau_pruner.estimate.memtrack import LiveTensorTracker, storage_bytes
 
 F32 = 4
 

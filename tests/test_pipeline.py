@@ -7,8 +7,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from moreau_pruner import MoreauConfig, PruneConfig, prune_model
-from moreau_pruner.cli import main
-from moreau_pruner.io import load_pruned, save_pruned
+from moreau_pruner.cli.prune import main
+from moreau_pruner.io.pruned import load_pruned, save_pruned
 
 from _tiny import word_tokenizer
 
@@ -124,7 +124,7 @@ def test_cli_unstructured_nm(model_dir, tmp_path, capsys, flag, sequential):
                                         (["--dtype", "bfloat16"], "native"), ([], None)])
 def test_cli_half_precision_products(model_dir, tmp_path, capsys, flags, half, monkeypatch):
     """fp16 on a CPU runs its matrix products with fp32 accumulation unless told otherwise."""
-    from moreau_pruner import precision
+    from moreau_pruner.model import precision
 
     seen = []
     real = precision._Fp32AccumulateGemms.__torch_function__
@@ -196,7 +196,7 @@ def test_cli_published_preset_end_to_end(model_dir, tmp_path, capsys):
     assert cli(model_dir, tmp_path, *common, "--json", str(tmp_path / "def.json")) == 0
     pub, new = (json.loads((tmp_path / f).read_text()) for f in ("pub.json", "def.json"))
     assert (pub["settings"]["mode"], pub["granularity"], pub["settings"]["published"]) == ("reference", "kv-group", True)
-    from moreau_pruner.cli import DEFAULTS
+    from moreau_pruner.cli.prune import DEFAULTS
 
     assert new["settings"]["published"] is False
     assert {k: new["settings"][k] for k in ("method", "mode", "granularity", "scope", "rounds")} == \

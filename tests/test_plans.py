@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from moreau_pruner.lean import GiB, plan_memory
-from moreau_pruner.plans import (Option, PLAN_SHAPES, candidate_options, main, meta_model, plan_rank,
+from moreau_pruner.estimate.lean import GiB, plan_memory
+from moreau_pruner.estimate.plans import (Option, PLAN_SHAPES, candidate_options, main, meta_model, plan_rank,
                                  plan_scenario, published_layers, tracked_step)
 
 SHORT_7B = dict(PLAN_SHAPES["llama-7b"], num_hidden_layers=8)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from moreau_pruner import PruneConfig, discover
-from moreau_pruner.policy import (MaskedForward, PolicyConfig, UnitTable, final_removal, keep_mask, log_prob_grad,
+from moreau_pruner.prune.policy import (MaskedForward, PolicyConfig, UnitTable, final_removal, keep_mask, log_prob_grad,
                                   loo_baseline, project_budget, score_function_gradient,
                                   shift_logits_to_budget)
-from moreau_pruner.pruner import prune_model
+from moreau_pruner.prune.pruner import prune_model
 
 
 def tiny(seed=0, layers=2, hidden=32, inter=16, heads=4, kv=2, vocab=48):
@@ -167,8 +167,8 @@ def test_masked_forward_equals_the_pruned_model():
         keep = keep_mask(table, probs, removed)
         masked = hooks.losses(batch, keep.unsqueeze(0))
         hooks.remove()
-        from moreau_pruner.importance import LayerScores
-        from moreau_pruner.prune import prune_structure
+        from moreau_pruner.score.importance import LayerScores
+        from moreau_pruner.prune.plan import prune_structure
 
         scores, counts = [], {}
         for ls in st.layers:
@@ -285,8 +285,8 @@ def _tiny_dir(tmp_path):
 
 
 def test_cli_runs_policy_gradient_and_refuses_what_does_not_apply(tmp_path, capsys):
-    from moreau_pruner.cli import main
-    from moreau_pruner.io import load_pruned
+    from moreau_pruner.cli.prune import main
+    from moreau_pruner.io.pruned import load_pruned
 
     d, text = _tiny_dir(tmp_path)
     common = ["--model", str(d), "--calib-file", str(text), "--eval-file", str(text), "--num-examples", "4",

@@ -1,9 +1,9 @@
-"""fp32-accumulated half-precision GEMMs on the CPU (moreau_pruner.precision)."""
+"""fp32-accumulated half-precision GEMMs on the CPU (moreau_pruner.model.precision)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moreau_pruner.precision import fp32_accumulate_gemms, slow_half_gemm
+from moreau_pruner.model.precision import fp32_accumulate_gemms, slow_half_gemm
 
 
 def _tiny_llama(dtype):

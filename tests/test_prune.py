@@ -6,9 +6,9 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from moreau_pruner import (PruneConfig, UnsupportedArchitecture, count_parameters, discover, model_scores,
                            prune_model, prune_structure)
-from moreau_pruner.importance import LayerScores, reduce_parts
-from moreau_pruner.prune import _n_remove
-from moreau_pruner.structure import default_layer_range
+from moreau_pruner.score.importance import LayerScores, reduce_parts
+from moreau_pruner.prune.plan import _n_remove
+from moreau_pruner.model.structure import default_layer_range
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, max_position_embeddings=64)
 

@@ -1,4 +1,4 @@
-"""LoRA recovery after pruning (moreau_pruner.recover, ``moreau-recover``)."""
+"""LoRA recovery after pruning (moreau_pruner.recover.train, ``moreau-recover``)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ pytest.importorskip("peft", reason="the optional extra 'recover' (peft) is part 
 
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
 
-from moreau_pruner import PruneConfig, io as mio, prune_model  # noqa: E402
-from moreau_pruner.recover import (  # noqa: E402
+from moreau_pruner import PruneConfig, prune_model  # noqa: E402
+from moreau_pruner.io import pruned as mio
+from moreau_pruner.recover.train import (  # noqa: E402
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     RecoverConfig,
@@ -160,7 +161,7 @@ def test_peft_wraps_every_pruned_linear_and_loss_decreases_on_a_fixed_batch():
     def callback(step, loss):
         seen[step] = loss
 
-    import moreau_pruner.recover as R
+    import moreau_pruner.recover.train as R
 
     wrapped = {}
     real_wrap = R._wrap
@@ -298,7 +299,7 @@ def test_cli_help_teaches():
 
 
 def test_missing_peft_names_the_extra(monkeypatch, tmp_path):
-    import moreau_pruner.recover as R
+    import moreau_pruner.recover.train as R
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(R.MissingExtraError, match=r"moreau-kernels\[recover\]"):

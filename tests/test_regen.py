@@ -10,9 +10,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import moreau_kernels as mk
 from moreau_pruner import MoreauConfig
-from moreau_pruner.lean import estimate, moreau_estimate_lean, plan_memory
-from moreau_pruner.memtrack import LiveTensorTracker
-from moreau_pruner.regen import moreau_estimate_regen, regen_modules
+from moreau_pruner.estimate.lean import estimate, moreau_estimate_lean, plan_memory
+from moreau_pruner.estimate.memtrack import LiveTensorTracker
+from moreau_pruner.estimate.regen import moreau_estimate_regen, regen_modules
 
 
 def qwen2(seed=0):

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, count_parameters, discover, prune_model, prune_structure
-from moreau_pruner.pruner import _share
+from moreau_pruner.prune.pruner import _share
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, max_position_embeddings=64,
              head_dim=8)

@@ -7,7 +7,7 @@ import torch
 
 from moreau_pruner import MoreauConfig, PruneConfig, discover, moreau_estimate, prune_model
 from moreau_pruner.data import calibration_batch, calibration_text, heldout_text, tokenize_text
-from moreau_pruner.evaluate import generate_text, perplexity
+from moreau_pruner.evaluate.perplexity import generate_text, perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,10 @@
-"""LLM-Pruner Taylor variants for the structured path (moreau_pruner.taylor)."""
+"""LLM-Pruner Taylor variants for the structured path (moreau_pruner.score.taylor)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, discover, gradient, model_scores, prune_structure
-from moreau_pruner.taylor import VARIANTS, effective_gradients, fisher_diagonal, taylor_scores
+from moreau_pruner.score.taylor import VARIANTS, effective_gradients, fisher_diagonal, taylor_scores
 
 ALL = PruneConfig(ratio=0.25, attn_layers="0:2", mlp_layers="0:2")
 

@@ -1,4 +1,4 @@
-"""TRIM (moreau_pruner.trim): per-row ratios, the adjustment step by hand, the driver and the CLI."""
+"""TRIM (moreau_pruner.unstructured.trim): per-row ratios, the adjustment step by hand, the driver and the CLI."""
 import copy
 import json
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner.allocation import CHOICES, parse_allocation
-from moreau_pruner.cli import main
-from moreau_pruner.trim import (OutputQuality, TrimConfig, mask_from_counts, project_mean, row_counts, trim_rows,
+from moreau_pruner.prune.allocation import CHOICES, parse_allocation
+from moreau_pruner.cli.prune import main
+from moreau_pruner.unstructured.trim import (OutputQuality, TrimConfig, mask_from_counts, project_mean, row_counts, trim_rows,
                                 trim_step)
-from moreau_pruner.unstructured import prunable_linears, unstructured_prune
+from moreau_pruner.unstructured.prune import prunable_linears, unstructured_prune
 
 from _tiny import word_tokenizer
 

@@ -1,12 +1,13 @@
-"""Unstructured / N:M pruning (moreau_pruner.unstructured): metrics, masks, the driver."""
+"""Unstructured / N:M pruning (moreau_pruner.unstructured.prune): metrics, masks, the driver."""
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner import MoreauConfig, estimator
-from moreau_pruner.estimator import MoreauResult
-from moreau_pruner.unstructured import (activation_norms, metric_gblm, metric_magnitude, metric_moreau, metric_wanda,
+from moreau_pruner import MoreauConfig
+from moreau_pruner.estimate import estimator
+from moreau_pruner.estimate.estimator import MoreauResult
+from moreau_pruner.unstructured.prune import (activation_norms, metric_gblm, metric_magnitude, metric_moreau, metric_wanda,
                                         nm_mask, per_sample_gradient_norms, prunable_linears, relax_mask, row_mask,
                                         unstructured_prune)
 
@@ -184,7 +185,7 @@ def test_moreau_uses_the_estimator_unchanged(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_moreau_unstructured_with_alpha_allocation(smollm2):
-    from moreau_pruner.allocation import allocate
+    from moreau_pruner.prune.allocation import allocate
 
     model, tok = smollm2
     text = "The quick brown fox jumps over the lazy dog. " * 20

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation with lm-evaluation-harness (moreau_pruner.zeroshot, ``moreau-eval``).
+"""Zero-shot evaluation with lm-evaluation-harness (moreau_pruner.evaluate.zeroshot, ``moreau-eval``).
 
 Everything runs offline on the shipped local task tests/data/zeroshot/moreau_tiny_facts.yaml
 (32 four-way completions). The tiny model is trained for a moment on the gold completions, so the
@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner import PruneConfig, prune_model, zeroshot
-from moreau_pruner.io import load_pruned, save_pruned
+from moreau_pruner import PruneConfig, prune_model
+from moreau_pruner.evaluate import zeroshot
+from moreau_pruner.io.pruned import load_pruned, save_pruned
 
 from _tiny import word_tokenizer
 
@@ -152,7 +153,7 @@ def test_smollm2_matches_hand_computation(smollm2_shared):
 
 
 def test_cli_dense_vs_pruned_end_to_end(tmp_path, dense, tok, capsys):
-    from moreau_pruner.zeroshot import main
+    from moreau_pruner.evaluate.zeroshot import main
 
     dense_dir = tmp_path / "dense"
     dense.save_pretrained(dense_dir)
@@ -212,7 +213,7 @@ def test_pruning_info_merge_keeps_other_tasks(tmp_path):
 
 @pytest.mark.slow
 def test_unknown_task_is_a_clear_error(tmp_path, capsys, tok, dense):
-    from moreau_pruner.zeroshot import main
+    from moreau_pruner.evaluate.zeroshot import main
 
     d = tmp_path / "m"
     save_pruned(_pruned_copy(dense, tok), d, tokenizer=tok, extra={"ratio": 0.5})
@@ -246,7 +247,7 @@ def test_paper_task_without_its_dataset_names_the_task(monkeypatch, tmp_path, to
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch, capsys):
-    from moreau_pruner.zeroshot import main
+    from moreau_pruner.evaluate.zeroshot import main
 
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -258,7 +259,7 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch, capsys):
 
 
 def test_bad_arguments(tmp_path, capsys, tok):
-    from moreau_pruner.zeroshot import main
+    from moreau_pruner.evaluate.zeroshot import main
 
     with pytest.raises(ValueError, match="no task names"):
         zeroshot.parse_tasks(" , ")

@@ -13,17 +13,17 @@ The pieces, each usable on its own:
 * :func:`save_pruned` / :func:`load_pruned` (``io``): reloadable safetensors directories.
 * :func:`save_uniform` (``export``): a uniformly pruned model as a stock Llama/Mistral/Qwen2 directory.
 """
-from .allocation import allocate
-from .estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
-from .importance import HEAD_SCORES, METHODS, REDUCTIONS, LayerScores, model_scores
-from .prune import PruneConfig, PruneReport, count_parameters, prune_structure, ratio_for_params
-from .pruner import PruneResult, compute_scores, prune_model
-from .io import load_pruned, save_pruned
-from .export import save_uniform
-from .lean import estimate, plan_memory
-from .structure import ModelStructure, UnsupportedArchitecture, discover
-from .taylor import taylor_scores
-from .unstructured import unstructured_prune
+from .prune.allocation import allocate
+from .estimate.estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
+from .score.importance import HEAD_SCORES, METHODS, REDUCTIONS, LayerScores, model_scores
+from .prune.plan import PruneConfig, PruneReport, count_parameters, prune_structure, ratio_for_params
+from .prune.pruner import PruneResult, compute_scores, prune_model
+from .io.pruned import load_pruned, save_pruned
+from .io.stock import save_uniform
+from .estimate.lean import estimate, plan_memory
+from .model.structure import ModelStructure, UnsupportedArchitecture, discover
+from .score.taylor import taylor_scores
+from .unstructured.prune import unstructured_prune
 
 __all__ = [
     "EstimatorError", "HEAD_SCORES", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult",

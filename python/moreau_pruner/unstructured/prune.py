@@ -1,7 +1,7 @@
 """Unstructured and N:M pruning: the model keeps its shapes, pruned weights become zeros.
 
 One estimator, two consumers: the Moreau metric reads the same Ĝ as the structured path
-(:func:`moreau_pruner.estimator.moreau_estimate`, called unchanged), so the two paths differ
+(:func:`moreau_pruner.estimate.estimator.moreau_estimate`, called unchanged), so the two paths differ
 only in what they do with it.
 
 Metrics (per weight W_ij of a Linear with output row i and input column j):
@@ -31,7 +31,7 @@ Masks (True = prune), computed per matrix:
   0, the plain method).
 
 Which weights: the q/k/v/o and gate/up/down Linear weights of every decoder layer (found by
-:func:`moreau_pruner.structure.discover`). The published script prunes every ≥2-D weight that
+:func:`moreau_pruner.model.structure.discover`). The published script prunes every ≥2-D weight that
 has a gradient, which also includes ``embed_tokens`` and ``lm_head``: ``include_embeddings=True``
 reproduces that (those take the global ratio; ``wanda``/``gblm`` need activation norms and so
 refuse it).
@@ -45,8 +45,8 @@ what the first implementation did). GBLM's gradients always come from the dense 
 released code (gradients are computed once, before pruning).
 
 Rows (``trim``): by default every output row of a matrix loses the same fraction r. With
-``trim=True`` (or a :class:`moreau_pruner.trim.TrimConfig`) each row gets its own ratio, TRIM's
-(:mod:`moreau_pruner.trim`): the rows' removed counts still add up to exactly the uniform mask's
+``trim=True`` (or a :class:`moreau_pruner.unstructured.trim.TrimConfig`) each row gets its own ratio, TRIM's
+(:mod:`moreau_pruner.unstructured.trim`): the rows' removed counts still add up to exactly the uniform mask's
 R·int(C·r) per matrix, and the metric still decides *which* weights of a row go. TRIM needs each
 Linear's calibration inputs (their Gram matrix Σ x xᵀ), so with it every metric, not only
 ``wanda``/``gblm``, runs the layer-by-layer loop above (or the one dense pass with
@@ -62,10 +62,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import estimator as _estimator
+from ..estimate import estimator as _estimator
 from . import trim as _trim
-from .estimator import MoreauConfig
-from .structure import discover
+from ..estimate.estimator import MoreauConfig
+from ..model.structure import discover
 from .trim import TrimConfig
 
 METHODS = ("moreau", "taylor", "magnitude", "wanda", "gblm")
@@ -121,7 +121,7 @@ def activation_norms(model: nn.Module, batch: torch.Tensor, modules: dict[str, n
 @contextlib.contextmanager
 def _input_sq_sums(modules: dict[str, nn.Module], gram: bool = False):
     """Yields {key: Σ x_j² over every token fed to the module while inside} (fp32), via forward pre-hooks;
-    with ``gram``, (those sums, {key: :class:`moreau_pruner.trim.InputStats`: the inputs, or once there are
+    with ``gram``, (those sums, {key: :class:`moreau_pruner.unstructured.trim.InputStats`: the inputs, or once there are
     more of them than ``in_features`` their Gram matrix Σ x xᵀ})."""
     sums = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device)
             for key, mod in modules.items()}
@@ -186,7 +186,7 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
     the hidden states the already pruned earlier layers produce, call ``prune_layer(index, norms)``
     ({key: norm} for that layer's modules) which prunes it, then run the pruned layer to get the next
     layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear). ``grams``: keep the inputs
-    too (:class:`moreau_pruner.trim.InputStats`) and call ``prune_layer(index, norms, stats)``."""
+    too (:class:`moreau_pruner.unstructured.trim.InputStats`) and call ``prune_layer(index, norms, stats)``."""
     n = batch.shape[0]
     mbs = micro_batch_size or n
     by_layer: dict[int, dict[str, nn.Module]] = {}
@@ -303,15 +303,15 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
 
     ``sparsity`` r is the fraction removed in every output row of every pruned matrix;
     ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
-    :mod:`moreau_pruner.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
+    :mod:`moreau_pruner.prune.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
     ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`moreau_estimate` (or the plain
     gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped.
     ``sequential`` (``wanda``/``gblm``, and every method with ``trim``): measure each layer's inputs
     on the outputs of the already pruned earlier layers (the papers' loop, default) instead of one
     dense pass.
-    ``trim`` (True or a :class:`~moreau_pruner.trim.TrimConfig`): TRIM's per-row ratios inside each
-    matrix (same removed count per matrix as the uniform rows; see :mod:`moreau_pruner.trim`).
+    ``trim`` (True or a :class:`~moreau_pruner.unstructured.trim.TrimConfig`): TRIM's per-row ratios inside each
+    matrix (same removed count per matrix as the uniform rows; see :mod:`moreau_pruner.unstructured.trim`).
 
     Report: ``layers`` (one entry per matrix: name, layer, shape, target, masked, zeros, numel,
     sparsity = zeros / numel measured after masking; with ``trim`` also ``trim``: the uniform and

@@ -1,8 +1,8 @@
 """Zero-shot accuracy with lm-evaluation-harness (``moreau-eval``).
 
 Runs lm-eval's ``simple_evaluate`` with its ``HFLM`` wrapper on a model this package loads itself
-(:func:`moreau_pruner.models.load_model`: a dense Hugging Face directory, a pruned or recovered
-directory written by :func:`moreau_pruner.io.save_pruned`, a GGUF file, or the embedded
+(:func:`moreau_pruner.model.loading.load_model`: a dense Hugging Face directory, a pruned or recovered
+directory written by :func:`moreau_pruner.io.pruned.save_pruned`, a GGUF file, or the embedded
 SmolLM2). The loaded model object is handed to ``HFLM``, so per-layer widths need no
 ``trust_remote_code``.
 
@@ -319,7 +319,7 @@ def evaluate_zero_shot(
 ) -> dict:
     """Zero-shot (or few-shot) accuracy of ``model`` on lm-eval ``tasks``.
 
-    ``model``: a loaded causal LM (e.g. from :func:`moreau_pruner.models.load_model`), evaluated on
+    ``model``: a loaded causal LM (e.g. from :func:`moreau_pruner.model.loading.load_model`), evaluated on
     its own device and dtype; ``tokenizer``: its tokenizer. ``tasks``: names or ``"a,b"``
     (``paper`` = :data:`PAPER_TASKS`). ``include_path``: directories of extra task YAMLs.
     ``limit``: at most this many documents per task (a float in (0, 1]: that fraction) -- for
@@ -378,7 +378,7 @@ def write_into_pruning_info(directory: str | os.PathLike, report: dict) -> Path 
     """Merges ``report``'s per-task results into ``directory/pruning_info.json`` under
     ``"zero_shot"`` (results of other tasks already there are kept; a task evaluated again is
     replaced). Returns the file, or None when the directory has no ``pruning_info.json``."""
-    from .io import PRUNING_INFO_FILE
+    from ..io.pruned import PRUNING_INFO_FILE
 
     path = Path(directory) / PRUNING_INFO_FILE
     if not path.is_file():
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import torch
 
-    from .models import load_model
+    from ..model.loading import load_model
 
     names = parse_tasks(args.tasks)
     include_paths = _include_paths(args.include_path)  # bad paths fail before the model loads

@@ -48,7 +48,7 @@ Final mask: units are removed in increasing s while the parameters removed stay 
 target (with ``query-heads``, one more query head from every KV group at a time, scored by the
 mean s of those heads, so n_rep stays uniform). The kept model is at most one unit's parameters
 larger than the target (an MLP channel, ~3·hidden, when channels are prunable) and never
-smaller; it then goes through :func:`moreau_pruner.prune.prune_structure` like every other plan.
+smaller; it then goes through :func:`moreau_pruner.prune.plan.prune_structure` like every other plan.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .prune import PruneConfig, count_parameters, local_unit_counts, prune_structure, unit_params
-from .structure import ModelStructure, discover
+from .plan import PruneConfig, count_parameters, local_unit_counts, prune_structure, unit_params
+from ..model.structure import ModelStructure, discover
 
 INITS = ("none", "taylor", "moreau", "magnitude")
 BASELINES = ("moving", "loo")
@@ -388,9 +388,9 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
 
     ``prune`` gives the layer ranges, granularity and ``ratio`` (the budget: the parameters the local
     rule removes at that ratio; ``target_params`` sets the kept parameter count instead). ``moreau``
-    configures the Moreau estimate of ``init='moreau'``. Returns a :class:`moreau_pruner.pruner.PruneResult`
+    configures the Moreau estimate of ``init='moreau'``. Returns a :class:`moreau_pruner.prune.pruner.PruneResult`
     whose ``policy`` dict holds the loss curve, the forward/backward counts and the budget."""
-    from .importance import LayerScores
+    from ..score.importance import LayerScores
     from .pruner import PruneResult, compute_scores
 
     policy = (policy or PolicyConfig()).validate()

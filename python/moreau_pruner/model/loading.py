@@ -45,7 +45,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
     """Load ``(model, tokenizer)`` without touching the network.
 
     ``spec``: None (the embedded SmolLM2-135M), a ``.gguf`` file, a local Hugging Face model
-    directory, or a directory written by :func:`moreau_pruner.io.save_pruned`.
+    directory, or a directory written by :func:`moreau_pruner.io.pruned.save_pruned`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +66,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
             raise FileNotFoundError(f"{cfg_file} not found: {path} is not a model directory")
         cfg = json.loads(cfg_file.read_text())
         if "layer_intermediate_size" in cfg:
-            from .io import load_pruned
+            from ..io.pruned import load_pruned
 
             model, tok = load_pruned(path, dtype=torch_dtype)
         else:

@@ -42,7 +42,7 @@ import torch
 
 import moreau_kernels as mk
 
-from .structure import GRANULARITIES, LayerStructure, ModelStructure
+from ..model.structure import GRANULARITIES, LayerStructure, ModelStructure
 
 METHODS = ("moreau", "taylor", "magnitude", "random")
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")

@@ -54,9 +54,9 @@ from torch import nn
 
 import moreau_kernels as mk
 
-from .estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
+from ..estimate.estimator import (EstimatorError, MoreauConfig, MoreauResult, _progress, check_finite_weights, finish_step,
                         lm_loss, unique_named_parameters)
-from .lean import _score_predicate
+from ..estimate.lean import _score_predicate
 
 MODES = ("fsdp",)
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -214,7 +214,7 @@ def fully_shard_model(model: nn.Module, ctx: Context) -> nn.Module:
     """FSDP2 on every decoder layer and the root, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from .structure import _find_layers
+    from ..model.structure import _find_layers
 
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in _find_layers(model):
@@ -283,10 +283,10 @@ class ShardedModel:
 
 
 def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
-    """Load ``spec`` (as :func:`moreau_pruner.models.load_model` understands it) sharded over ranks."""
+    """Load ``spec`` (as :func:`moreau_pruner.model.loading.load_model` understands it) sharded over ranks."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import embedded_model_path, load_model, parse_dtype
+    from ..model.loading import embedded_model_path, load_model, parse_dtype
 
     torch_dtype = parse_dtype(dtype) or torch.float32
     path = embedded_model_path() if spec is None else Path(spec).expanduser()
@@ -423,7 +423,7 @@ def moreau_estimate_fsdp(model: nn.Module, batch: torch.Tensor, ctx: Context, co
     groups = None
     if cfg.group == "structure":
         if structure is None:
-            from .structure import discover
+            from ..model.structure import discover
 
             structure = discover(model)
         groups = _sharded_groups(structure, states)
@@ -629,7 +629,7 @@ def fisher_fsdp(model: nn.Module, batch: torch.Tensor, ctx: Context, names) -> d
 
 # ============================================================================ scores
 def sharded_saliency(ctx: Context, grads: dict[str, torch.Tensor] | None):
-    """A ``saliency`` for :func:`moreau_pruner.importance.layer_scores` on sharded weights: row sums
+    """A ``saliency`` for :func:`moreau_pruner.score.importance.layer_scores` on sharded weights: row sums
     of the local rows are gathered, column sums are summed over ranks (identical on every rank)."""
 
     def saliency(lin, _grads, names, vectorize):
@@ -664,10 +664,10 @@ def compute_scores_fsdp(model: nn.Module, batch: torch.Tensor | None, ctx: Conte
     ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`)."""
     from dataclasses import replace
 
-    from .importance import METHODS, check_head_score, model_scores, scored_parameter_names
-    from .prune import PruneConfig
-    from .structure import discover
-    from .taylor import effective_gradients
+    from ..score.importance import METHODS, check_head_score, model_scores, scored_parameter_names
+    from ..prune.plan import PruneConfig
+    from ..model.structure import discover
+    from ..score.taylor import effective_gradients
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -742,8 +742,8 @@ def run(args) -> dict | None:
     prunes it with the common plan, evaluates and saves. An error on rank 0 after the gather is
     sent to every rank so none is left waiting.
     """
-    from .cli import _check_out, _check_uniform_args, _eval_lens
-    from .prune import PruneConfig
+    from ..cli.prune import _check_out, _check_uniform_args, _eval_lens
+    from ..prune.plan import PruneConfig
 
     check_options(args)
     if args.uniform:
@@ -769,10 +769,10 @@ def run(args) -> dict | None:
 
 
 def _run(args, ctx, lens, prune_cfg, moreau_cfg):
-    from . import data
-    from .cli import _half_gemm
-    from .precision import fp32_accumulate_gemms
-    from .structure import discover
+    from .. import data
+    from ..cli.prune import _half_gemm
+    from ..model.precision import fp32_accumulate_gemms
+    from ..model.structure import discover
 
     times: dict = {}
     t0 = time.perf_counter()
@@ -814,11 +814,11 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
                   sm, gemms):
     import json
 
-    from . import data
-    from .cli import _prune_and_report, perplexity_report
-    from .io import save_pruned
-    from .prune import prune_structure
-    from .structure import discover
+    from .. import data
+    from ..cli.prune import _prune_and_report, perplexity_report
+    from ..io.pruned import save_pruned
+    from ..prune.plan import prune_structure
+    from ..model.structure import discover
 
     device = ctx.device
     if lens:
@@ -844,7 +844,7 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
         report = _prune_and_report(args, plain, tok, batch.cpu(), eval_ids, ppl, prune_cfg, moreau_cfg, None,
                                    times, progress, half, structured=structured)
     if args.out:
-        from .export import save_uniform
+        from ..io.stock import save_uniform
 
         t = time.perf_counter()
         save = save_uniform if args.uniform else save_pruned

@@ -1,6 +1,6 @@
 """Modeling code for a structurally pruned LLaMA-family causal LM.
 
-Written into a saved directory by ``moreau_pruner.io.save_pruned``. The decoder layers of a
+Written into a saved directory by ``moreau_pruner.io.pruned.save_pruned``. The decoder layers of a
 pruned model have different widths: layer ``l`` keeps ``layer_num_attention_heads[l]`` query
 heads, ``layer_num_key_value_heads[l]`` key/value heads and ``layer_intermediate_size[l]`` MLP
 channels (head_dim and hidden_size are unchanged). This file builds the stock transformers model

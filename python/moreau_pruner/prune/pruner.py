@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .estimator import MoreauConfig, MoreauResult
-from .importance import METHODS, LayerScores, check_head_score, model_scores, scored_parameter_names
-from .prune import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
+from ..estimate.estimator import MoreauConfig, MoreauResult
+from ..score.importance import METHODS, LayerScores, check_head_score, model_scores, scored_parameter_names
+from .plan import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
                     prunable_weights, prune_structure)
-from .structure import ModelStructure, discover
+from ..model.structure import ModelStructure, discover
 
 
 @dataclass
@@ -59,14 +59,14 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
     if method in ("moreau", "taylor") and batch is None:
         raise ValueError(f"method {method!r} needs a calibration batch")
     if method == "taylor":  # every Taylor variant, the plain first order included, is one function
-        from .taylor import taylor_scores
+        from ..score.taylor import taylor_scores
 
         variant = "vectorize" if vectorize and taylor_variant == "param_first" else taylor_variant
         scores, info = taylor_scores(model, batch, variant, prune, reduction, micro_batch_size, structure, head_score)
         timings.update({k: v for k, v in info.items() if k.endswith("_s")})
         return scores, None, timings
     if method == "moreau":
-        from .lean import estimate
+        from ..estimate.lean import estimate
 
         t0 = time.perf_counter()
         cfg = moreau or MoreauConfig(seed=seed)

@@ -22,7 +22,7 @@ Training is deterministic given ``seed``: epoch ``e`` visits the examples in the
 ``torch.randperm(n, generator=seed + e)``, and a checkpoint (adapter weights, AdamW state, RNG
 states and the step reached) written every ``save_every`` steps under ``OUT/checkpoints`` lets a
 killed run continue to the same final adapter as an uninterrupted one. At the end the adapter is
-merged (peft ``merge_and_unload``), the model is saved with :func:`moreau_pruner.io.save_pruned`
+merged (peft ``merge_and_unload``), the model is saved with :func:`moreau_pruner.io.pruned.save_pruned`
 to ``OUT`` (reloadable with ``load_pruned`` or ``from_pretrained(OUT, trust_remote_code=True)``),
 the adapter alone goes to ``OUT/adapter`` (peft ``save_pretrained``) and the run's record
 (losses, perplexity before/after, steps, time) to ``OUT/recovery.json``.
@@ -161,13 +161,13 @@ class RecoverConfig:
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.dtype is not None:
-            from .models import parse_dtype
+            from ..model.loading import parse_dtype
 
             parse_dtype(self.dtype)
         return self
 
     def resolved_dtype(self) -> torch.dtype:
-        from .models import parse_dtype
+        from ..model.loading import parse_dtype
 
         if self.dtype is not None:
             return parse_dtype(self.dtype)
@@ -285,7 +285,7 @@ def _alpaca_example(tokenizer, row: dict, cutoff_len: int):
 def _text_blocks(tokenizer, text: str, cutoff_len: int) -> list[tuple[list[int], list[int]]]:
     """The text tokenised once and cut into blocks of ``cutoff_len`` tokens (a last shorter block
     is kept when it has at least 2 tokens); every token is labelled."""
-    from .data import tokenize_text
+    from ..data import tokenize_text
 
     ids = tokenize_text(tokenizer, text).tolist()
     blocks = []
@@ -308,7 +308,7 @@ def load_recovery_data(
     ``eval_source``: where the held-out perplexity text comes from instead (a corpus name or text
     file, its held-out side). Raises ValueError naming the file when it holds no usable row.
     """
-    from . import data as mdata
+    from .. import data as mdata
 
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
         raise ValueError(f"cutoff_len must be an int >= 2, got {cutoff_len!r}")
@@ -599,7 +599,7 @@ def _lr_at(cfg: RecoverConfig, step: int) -> float:
 
 
 def _ppl(model, tokenizer, text, cfg: RecoverConfig, progress: bool):
-    from .evaluate import evaluate_perplexity
+    from ..evaluate.perplexity import evaluate_perplexity
 
     if text is None or cfg.eval_windows == 0:
         return None
@@ -805,7 +805,7 @@ def recover(
 
 def _finish_output(out: Path, merged, tokenizer, adapter_tmp: Path, report: dict, extra_info, t_start) -> None:
     """Writes the merged model, the adapter and the report to a sibling directory, then swaps it in."""
-    from .io import save_pruned
+    from ..io.pruned import save_pruned
 
     info = dict(extra_info or {})
     info["recovery"] = {k: report[k] for k in ("steps", "ppl_before", "ppl_after", "trainable_parameters")}
@@ -924,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_out(out, args.overwrite, "always" if args.resume else "auto")
         if args.adapter is not None:
             _read_adapter_dir(Path(args.adapter))
-        from .models import load_model
+        from ..model.loading import load_model
 
         model, tokenizer = load_model(args.model, dtype=cfg.resolved_dtype(), device=cfg.device)
         if tokenizer is None:

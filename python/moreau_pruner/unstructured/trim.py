@@ -40,7 +40,7 @@ From the paper / its code: the two cosine metrics, the min-max normalised update
 amplitude 2η and zero mean, 10 iterations, the step-size ladder and its early stop, the
 negative step sizes, the ratio bounds [0, 0.95], best-iterate selection by Q, and the inputs
 of each decoder layer taken from the already pruned earlier layers (the sequential loop of
-:mod:`moreau_pruner.unstructured`), measured before any matrix of the layer is pruned.
+:mod:`moreau_pruner.unstructured.prune`), measured before any matrix of the layer is pruned.
 
 Our choices:
 

@@ -82,13 +82,13 @@ coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import CHOICES as ALLOCATIONS
-    from .estimator import GROUPS, MODES, NOISES
-    from .importance import HEAD_SCORES, METHODS, REDUCTIONS
-    from .taylor import VARIANTS as TAYLOR_VARIANTS
-    from .prune import SCOPES
-    from .structure import GRANULARITIES
-    from .policy import BASELINES, INITS, PARAMETRIZATIONS, PolicyConfig
+    from ..prune.allocation import CHOICES as ALLOCATIONS
+    from ..estimate.estimator import GROUPS, MODES, NOISES
+    from ..score.importance import HEAD_SCORES, METHODS, REDUCTIONS
+    from ..score.taylor import VARIANTS as TAYLOR_VARIANTS
+    from ..prune.plan import SCOPES
+    from ..model.structure import GRANULARITIES
+    from ..prune.policy import BASELINES, INITS, PARAMETRIZATIONS, PolicyConfig
 
     p = argparse.ArgumentParser(prog="moreau-prune", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _allocation(spec: str) -> str:
     """--allocation's type: a valid name (see allocation.parse_allocation), or argparse's error naming the problem."""
-    from .allocation import parse_allocation
+    from ..prune.allocation import parse_allocation
 
     try:
         layer, row = parse_allocation(spec)
@@ -318,20 +318,20 @@ def run(args) -> dict | None:
     """The whole pipeline; returns the report (None on ranks other than 0 with --distributed)."""
     apply_preset(args)
     if getattr(args, "distributed", None):
-        from .distributed import run as run_distributed
+        from ..distributed.fsdp import run as run_distributed
 
         return run_distributed(args)
     import torch
 
     import moreau_kernels as mk
 
-    from . import data
-    from .estimator import MoreauConfig
-    from .models import load_model
-    from .precision import fp32_accumulate_gemms
-    from .prune import PruneConfig
-    from .structure import discover
-    from .unstructured import METHODS as US_METHODS
+    from .. import data
+    from ..estimate.estimator import MoreauConfig
+    from ..model.loading import load_model
+    from ..model.precision import fp32_accumulate_gemms
+    from ..prune.plan import PruneConfig
+    from ..model.structure import discover
+    from ..unstructured.prune import METHODS as US_METHODS
 
     progress = not args.quiet
     lens = _eval_lens(args.eval_seq_lens) if args.eval else []
@@ -376,7 +376,7 @@ def run(args) -> dict | None:
     structure = discover(model)
     prune_cfg.validate(structure.num_layers)  # fail fast, before the long work
     if args.uniform:
-        from .prune import check_uniform_structure
+        from ..prune.plan import check_uniform_structure
 
         check_uniform_structure(structure)
 
@@ -393,8 +393,8 @@ def run(args) -> dict | None:
         report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
                                    progress, half, policy=policy_cfg)
     if args.out:
-        from .export import save_uniform
-        from .io import save_pruned
+        from ..io.stock import save_uniform
+        from ..io.pruned import save_pruned
 
         t = time.perf_counter()
         save = save_uniform if args.uniform else save_pruned
@@ -410,7 +410,7 @@ def run(args) -> dict | None:
 
 def _policy_config(args):
     """The PolicyConfig of --method policy-gradient (None otherwise); its flags are refused elsewhere."""
-    from .policy import PolicyConfig
+    from ..prune.policy import PolicyConfig
 
     if args.method != "policy-gradient":
         if args.init is not None:
@@ -448,7 +448,7 @@ def perplexity_report(model, eval_ids, lens: list[int], eval_tokens: int, times:
     """``ppl(tag)``: the model's perplexity at every window length in ``lens`` on the first
     ``eval_tokens`` held-out tokens (0: all), ``{str(n): ppl}``; each evaluation's time goes into
     ``times`` as ``eval_<tag>_<n>_s``."""
-    from . import evaluate
+    from ..evaluate import perplexity as evaluate
 
     def ppl(tag):
         out = {}
@@ -463,8 +463,8 @@ def perplexity_report(model, eval_ids, lens: list[int], eval_tokens: int, times:
 
 
 def _half_gemm(args) -> str | None:
-    """How half-precision matrix products run (None for fp32); see moreau_pruner.precision."""
-    from .precision import slow_half_gemm
+    """How half-precision matrix products run (None for fp32); see moreau_pruner.model.precision."""
+    from ..model.precision import slow_half_gemm
 
     if args.dtype == "float32":
         return None
@@ -484,8 +484,8 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
 
     import moreau_kernels as mk
 
-    from . import evaluate
-    from .pruner import prune_model
+    from ..evaluate import perplexity as evaluate
+    from ..prune.pruner import prune_model
 
     dense = ppl("dense")
     if args.unstructured:
@@ -551,7 +551,7 @@ class _UnstructuredReport:
     """The fields of a PruneReport that the CLI report reads, for the unstructured path."""
 
     def __init__(self, model, args):
-        from .structure import discover
+        from ..model.structure import discover
 
         s = discover(model)
         self.params_before = self.params_after = sum(p.numel() for p in model.parameters())
@@ -564,8 +564,8 @@ class _UnstructuredReport:
 
 
 def _unstructured(model, batch, args, moreau_cfg, nm, times):
-    from .allocation import allocate, parse_allocation
-    from .unstructured import unstructured_prune
+    from ..prune.allocation import allocate, parse_allocation
+    from ..unstructured.prune import unstructured_prune
 
     layer_alloc, row_alloc = parse_allocation(args.allocation)
     ratios = None
@@ -648,8 +648,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from moreau_kernels import BackendUnavailable
 
-    from .estimator import EstimatorError
-    from .structure import UnsupportedArchitecture
+    from ..estimate.estimator import EstimatorError
+    from ..model.structure import UnsupportedArchitecture
 
     try:
         report = run(args)

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .importance import LayerScores
-from .structure import GRANULARITIES, ModelStructure, parse_layer_range
+from ..score.importance import LayerScores
+from ..model.structure import GRANULARITIES, ModelStructure, parse_layer_range
 
 SCOPES = ("local", "global")
 

@@ -161,7 +161,7 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
     """Run the proximal loop of SPEC §2/§3 on ``batch`` (LongTensor [n, seq]) and return Ĝ.
 
     ``score`` selects the parameters whose Ĝ is returned (names, or a predicate; None = all):
-    only those keep an accumulator. ``structure`` (a :class:`~moreau_pruner.structure.ModelStructure`)
+    only those keep an accumulator. ``structure`` (a :class:`~moreau_pruner.model.structure.ModelStructure`)
     is needed for ``group='structure'``. ``on_step(t, {name: delta})`` is called after every
     update with the live fp32 iterates δ_{t+1} (for diagnostics; do not modify them).
     """
@@ -182,7 +182,7 @@ def moreau_estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig 
         wanted = names.__contains__
     states = [_ParamState(n, p, i, wanted(n)) for i, (n, p) in enumerate(named)]
     if cfg.group == "structure" and structure is None:
-        from .structure import discover
+        from ..model.structure import discover
 
         structure = discover(model)
     groups = _structure_groups(structure, states) if cfg.group == "structure" else None

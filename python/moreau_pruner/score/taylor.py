@@ -12,12 +12,12 @@ F = (1/N) Σ_n g_n ⊙ g_n the Fisher accumulator, g_n the gradient of calibrati
 mean token loss (LLM-Pruner runs the N samples one at a time and accumulates ``grad² / N`` in
 ``acc_grad``). A channel's score is Σ|s| over its row (output channel) or column (input
 channel), or |Σ s| for ``vectorize``; channel scores are then grouped into heads / MLP channels
-and combined across matrices exactly as :mod:`moreau_pruner.importance` does (``reduction``,
+and combined across matrices exactly as :mod:`moreau_pruner.score.importance` does (``reduction``,
 default ``sum`` as LLM-Pruner's ``group_reduction``).
 
 Every variant is W ⊙ G_eff for some effective gradient (G_eff = g, F ⊙ W, or g − ½ F ⊙ W), so
-the scores come from :func:`moreau_pruner.importance.model_scores` with ``method='taylor'``
-unchanged, in the same :class:`LayerScores` format that :func:`moreau_pruner.prune.prune_structure`
+the scores come from :func:`moreau_pruner.score.importance.model_scores` with ``method='taylor'``
+unchanged, in the same :class:`LayerScores` format that :func:`moreau_pruner.prune.plan.prune_structure`
 consumes.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ import time
 import torch
 from torch import nn
 
-from . import estimator as _estimator
+from ..estimate import estimator as _estimator
 from .importance import LayerScores, model_scores, scored_parameter_names
-from .prune import PruneConfig
-from .structure import ModelStructure, discover
+from ..prune.plan import PruneConfig
+from ..model.structure import ModelStructure, discover
 
 VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
 

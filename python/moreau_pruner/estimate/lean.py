@@ -1,6 +1,6 @@
 """The lean Moreau estimate and memory planning.
 
-:func:`moreau_estimate_lean` computes exactly what :func:`moreau_pruner.estimator.moreau_estimate`
+:func:`moreau_estimate_lean` computes exactly what :func:`moreau_pruner.estimate.estimator.moreau_estimate`
 computes for ``group="row"`` with Philox noise (SPEC §2 and §3), with less memory:
 
 * one work buffer per parameter (the perturbed weight, in the weight's dtype) allocated once and
@@ -19,7 +19,7 @@ computes for ``group="row"`` with Philox noise (SPEC §2 and §3), with less mem
 :func:`estimate` picks the lean path when it applies and the reference path otherwise and
 records which ran in ``result.path``. :func:`plan_memory` / :func:`check_fits` estimate the peak
 memory of either path from parameter shapes (a ``meta``-device model is enough) and say what to
-change when it does not fit; ``python -m moreau_pruner.lean --plan llama-7b --tokens 640`` prints
+change when it does not fit; ``python -m moreau_pruner.estimate.lean --plan llama-7b --tokens 640`` prints
 the plan of a LLaMA-7B-shaped estimate without materialising the model.
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def moreau_estimate_lean(model: nn.Module, batch: torch.Tensor, config: MoreauCo
                          gradient_checkpointing: bool = False) -> MoreauResult:
     """The proximal loop of SPEC §2/§3 (``group='row'``, Philox noise) with lean memory.
 
-    Same arguments and result as :func:`~moreau_pruner.estimator.moreau_estimate` (the log, δ and
+    Same arguments and result as :func:`~moreau_pruner.estimate.estimator.moreau_estimate` (the log, δ and
     Ĝ are identical on the same backend); ``result.path == "lean"``.
     """
     cfg = (config or MoreauConfig()).validate()
@@ -271,7 +271,7 @@ def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None 
     """The Moreau estimate on the lean path when it applies (``group='row'``, Philox noise), else
     the reference path; ``path`` forces one. ``result.path`` says which ran.
 
-    ``path="regen"`` (:mod:`moreau_pruner.regen`) is the lean path without the perturbed copy of the
+    ``path="regen"`` (:mod:`moreau_pruner.estimate.regen`) is the lean path without the perturbed copy of the
     linear weights (regenerated inside their forward and backward): the least memory, the same
     δ and Ĝ, one more perturb of each linear weight per backward.
 
@@ -584,7 +584,7 @@ def layer_score(first: int, stop: int) -> Callable[[str], bool]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moreau_pruner.lean",
+    ap = argparse.ArgumentParser(prog="python -m moreau_pruner.estimate.lean",
                                  description="Print the planned peak memory of a Moreau estimate without "
                                              "materialising the model.")
     ap.add_argument("--plan", default="llama-7b", choices=sorted(SHAPES))

@@ -1,6 +1,6 @@
 """The ``regen`` memory strategy of the Moreau estimate: no perturbed copy of the large weights.
 
-The lean path (:mod:`moreau_pruner.lean`) keeps one work buffer per parameter holding the
+The lean path (:mod:`moreau_pruner.estimate.lean`) keeps one work buffer per parameter holding the
 perturbed weight w̃ = w + ξ|c·w| + δ for the whole forward and backward. Since w̃ is a pure
 function of (w, δ, seed, step, index) (Philox noise, SPEC §2), it need not be stored: here every
 ``nn.Linear`` whose weight is scored by the estimate and used by that module alone runs through
@@ -23,7 +23,7 @@ the autograd of ``F.linear`` (same ``mm`` calls in the same layouts), so δ, Ĝ 
 bit-identical to the lean path on the same backend; the price is one more perturb of every linear
 weight per backward.
 
-Use it through :func:`moreau_pruner.lean.estimate` (``path="regen"``) or the CLI
+Use it through :func:`moreau_pruner.estimate.lean.estimate` (``path="regen"``) or the CLI
 (``--estimator-path regen``).
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ def moreau_estimate_regen(model: nn.Module, batch: torch.Tensor, config: MoreauC
                           gradient_checkpointing: bool = False) -> MoreauResult:
     """The proximal loop of SPEC §2/§3 (``group='row'``, Philox noise) with regenerated linear weights.
 
-    Same arguments and result as :func:`~moreau_pruner.lean.moreau_estimate_lean` (identical δ, Ĝ
+    Same arguments and result as :func:`~moreau_pruner.estimate.lean.moreau_estimate_lean` (identical δ, Ĝ
     and log on the same backend); ``result.path == "regen"``.
     """
     cfg = (config or MoreauConfig()).validate()

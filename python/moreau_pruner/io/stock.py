@@ -14,7 +14,7 @@ longer fill ``hidden_size``), so :func:`save_uniform` writes a plain Hugging Fac
 
 It loads with ``AutoModelForCausalLM.from_pretrained(dir)`` (no ``trust_remote_code``), which is
 what vLLM, SGLang, TensorRT-LLM and llama.cpp's ``convert_hf_to_gguf.py`` read. Models with
-per-layer widths go through :func:`moreau_pruner.io.save_pruned` instead; :func:`save_uniform`
+per-layer widths go through :func:`moreau_pruner.io.pruned.save_pruned` instead; :func:`save_uniform`
 refuses them and says so.
 
 Only tensors are written (no ``save_pretrained`` of the model), so models loaded from GGUF, which
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .io import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
+from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
                  WEIGHTS_FILE, _base_architecture, _dtype_name, _json_default, _model_dtype, layer_widths,
                  staged_directory, write_extras)
 

@@ -43,7 +43,7 @@ values of all windows are pooled (the average ESD of the submatrices) and α is 
 pooled spectrum with the same Hill estimator; then as AlphaPruning (block-wise mean, linear
 map with ε = 0.3).
 
-Rows (unstructured only): ``trim`` (:mod:`moreau_pruner.trim`) goes one level down and spreads a
+Rows (unstructured only): ``trim`` (:mod:`moreau_pruner.unstructured.trim`) goes one level down and spreads a
 matrix's ratio over its output rows. It combines with a layer allocator, written
 ``<layer>+trim``: ``owl+trim`` = OWL gives each layer its ratio, TRIM spreads it over the rows of
 each matrix; ``trim`` alone = uniform layer ratios (``uniform+trim`` is the same).
@@ -57,9 +57,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .importance import LayerScores
-from .prune import PruneConfig, PruneReport, prune_structure
-from .structure import ModelStructure, discover
+from ..score.importance import LayerScores
+from .plan import PruneConfig, PruneReport, prune_structure
+from ..model.structure import ModelStructure, discover
 
 METHODS = ("uniform", "owl", "alpha", "farms")  # layer allocators
 ROW_METHODS = ("trim",)  # row allocators (unstructured)
@@ -138,11 +138,11 @@ def structured_sizes(structure: ModelStructure, cfg: PruneConfig) -> dict[int, i
 
 
 def structured_removal(structure: ModelStructure, cfg: PruneConfig):
-    """removal(layer, r) -> parameters :func:`moreau_pruner.prune.plan_local` removes from that layer at
+    """removal(layer, r) -> parameters :func:`moreau_pruner.prune.plan.plan_local` removes from that layer at
     ratio r (its own unit-count rules: the heads' floor rule and ``round_to`` included), for the layers
     in ``cfg``'s ranges. The widths are read now: pruning the model afterwards does not change the
     function."""
-    from .prune import attention_units_removed, mlp_channels_removed, unit_params
+    from .plan import attention_units_removed, mlp_channels_removed, unit_params
 
     attn, mlp = cfg.validate(structure.num_layers)
     dims = {}
@@ -338,7 +338,7 @@ def owl_outlier_ratios(model: nn.Module, batch: torch.Tensor, layers=None, m: fl
                        micro_batch_size: int | None = None, structure: ModelStructure | None = None,
                        act_norms: dict[str, torch.Tensor] | None = None) -> dict[int, float]:
     """D_l in percent: weights of layer l whose Wanda metric exceeds ``m`` × the layer's mean metric."""
-    from .unstructured import activation_norms, metric_wanda
+    from ..unstructured.prune import activation_norms, metric_wanda
 
     structure = structure or discover(model)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import tokenize_text
+from ..data import tokenize_text
 
 __all__ = ["PerplexityResult", "evaluate_perplexity", "perplexity", "generate_text"]
 

@@ -1,6 +1,6 @@
 """Memory plans of the Moreau estimate for the sizes people prune, one GPU or FSDP2 ranks.
 
-``python -m moreau_pruner.plans`` prints, for LLaMA-7B on 1×80 GB and LLaMA-3-70B on 8×80 GB and
+``python -m moreau_pruner.estimate.plans`` prints, for LLaMA-7B on 1×80 GB and LLaMA-3-70B on 8×80 GB and
 16×80 GB, the per-GPU plan of each configuration tried, in order of cost, and the first one that
 fits. The knobs:
 
@@ -19,8 +19,8 @@ fits. The knobs:
   sum) is held until the step's last backward.
 
 Estimates are from shapes (a ``meta``-device model, no memory), with the activation model of
-:func:`moreau_pruner.lean.activation_bytes`. ``--track`` also runs one step of the single-GPU
-estimate on the ``meta`` device under :class:`~moreau_pruner.memtrack.LiveTensorTracker`, so the
+:func:`moreau_pruner.estimate.lean.activation_bytes`. ``--track`` also runs one step of the single-GPU
+estimate on the ``meta`` device under :class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`, so the
 plan is compared with the tensors the estimate really creates (shapes and dtypes are exact on
 ``meta``; only the arithmetic is skipped).
 """
@@ -243,11 +243,11 @@ def tracked_step(model: nn.Module, batch_shape: tuple[int, int], config: MoreauC
                  path: str = "regen", score: Callable[[str], bool] | None = None,
                  gradient_checkpointing: bool = False):
     """One step (perturb, forward, backward, prox updates) of the single-process ``lean`` or ``regen``
-    estimate under :class:`~moreau_pruner.memtrack.LiveTensorTracker`; returns the tracker.
+    estimate under :class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`; returns the tracker.
 
     Meant for a ``meta``-device model (exact shapes and dtypes, no memory, no arithmetic), so the
     loss and Σδ² are not read. Uses the estimate's own pieces (work buffers, hooks,
-    :class:`~moreau_pruner.regen.RegenLinear`); one backward per step (no micro-batches).
+    :class:`~moreau_pruner.estimate.regen.RegenLinear`); one backward per step (no micro-batches).
     """
     from .lean import _Control, _LeanState, _make_hook, _perturb_all, activation_checkpointing
     from .memtrack import LiveTensorTracker
@@ -314,14 +314,14 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m moreau_pruner.plans",
+        prog="python -m moreau_pruner.estimate.plans",
         description="Per-GPU memory plans of the Moreau estimate (bf16 weights, fp32 δ and acc) for LLaMA-7B on "
                     "1x80 GB and LLaMA-3-70B on 8x80 GB and 16x80 GB, trying configurations in order of cost "
                     "(path, FSDP2, activation checkpointing, CPUOffloadPolicy, micro-batches) and saying which "
                     "fits. Shapes only: nothing is materialised.",
-        epilog="examples:\n  python -m moreau_pruner.plans                      # the three standard scenarios\n"
-               "  python -m moreau_pruner.plans --shape llama-3-70b --gpus 8 --tokens 2048\n"
-               "  python -m moreau_pruner.plans --shape llama-7b --gpus 1 --track   # + tracked peak on meta",
+        epilog="examples:\n  python -m moreau_pruner.estimate.plans                      # the three standard scenarios\n"
+               "  python -m moreau_pruner.estimate.plans --shape llama-3-70b --gpus 8 --tokens 2048\n"
+               "  python -m moreau_pruner.estimate.plans --shape llama-7b --gpus 1 --track   # + tracked peak on meta",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(PLAN_SHAPES), help="one model shape (default: the standard scenarios)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs (FSDP2 ranks when > 1)")

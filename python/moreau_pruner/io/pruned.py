@@ -66,7 +66,7 @@ _MARKERS = ("moreau:base-config", "moreau:base-model", "moreau:model-type")
 
 
 def _template_source() -> str:
-    return (resources.files("moreau_pruner") / "templates" / _TEMPLATE_NAME).read_text(encoding="utf-8")
+    return (resources.files("moreau_pruner.io") / "templates" / _TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
 def _check_architecture(base_arch: str) -> tuple[str, str]:
