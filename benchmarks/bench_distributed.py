@@ -101,7 +101,6 @@ def main(argv=None) -> int:
     from moreau_pruner.distributed import fsdp as D
     from moreau_pruner.estimate import estimator as E
     from moreau_pruner.data import calibration_batch, calibration_text
-    from moreau_pruner.score.importance import scored_parameter_names
     from moreau_pruner.model.structure import discover
 
     torch.set_num_threads(1)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     text = calibration_text("pydoc")
     batch = calibration_batch(sm.tokenizer, text, args.num_examples, args.seq_len, 0).to(ctx.device)
-    names = scored_parameter_names(discover(sm.model))
+    names = discover(sm.model).projection_names()
     cfg = E.MoreauConfig(iters=args.iters, avg_last=min(5, args.iters))
     n_params = sum(p.numel() for p in sm.model.parameters())
 

@@ -43,7 +43,7 @@ from moreau_pruner import PruneConfig, discover, prune_structure
 from moreau_pruner import data as mp_data
 from moreau_pruner.estimate.estimator import gradient
 from moreau_pruner.evaluate.perplexity import evaluate_perplexity
-from moreau_pruner.score.importance import HEAD_SCORES, model_scores, scored_parameter_names
+from moreau_pruner.score.importance import HEAD_SCORES, model_scores
 from moreau_pruner.prune.plan import attention_units_removed
 
 ROOT = Path(__file__).resolve().parent
@@ -122,9 +122,9 @@ def run(args) -> list[dict]:
     model, tokenize, tag = load(args.model)
     structure = discover(model)
     cfg0 = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers, mlp_layers=args.attn_layers)
-    attn_range, _ = cfg0.validate(structure.num_layers)
+    attn_range, _ = cfg0.layer_ranges(structure.num_layers)
     layers = set(attn_range)
-    names = scored_parameter_names(structure, layers)
+    names = structure.projection_names(layers)
     calib = tokenize(mp_data.calibration_text(args.calib))
     held = {c: tokenize(mp_data.heldout_text(c)) for c in args.heldout}
     common = dict(model=tag, ratio=args.ratio, attn_layers=f"{attn_range.start}:{attn_range.stop}", mlp="unpruned",
@@ -162,7 +162,7 @@ def run(args) -> list[dict]:
                 else:
                     scores = model_scores(structure, "taylor", grads, "sum", False, gran, seed, layers, head_score=hs)
                 pruned = copy.deepcopy(model)
-                report = prune_structure(discover(pruned), scores, cfg, counts)
+                report = prune_structure(discover(pruned), scores, cfg, counts=counts)
                 kept = kept_attention(report)
                 key = json.dumps(kept, sort_keys=True)
                 t1 = time.perf_counter()

@@ -37,7 +37,7 @@ from quality import append_record, evaluate, host_details, load, log, machine_de
 from moreau_pruner import MoreauConfig, PruneConfig  # noqa: E402
 from moreau_pruner import data as mp_data  # noqa: E402
 from moreau_pruner.prune.policy import PolicyConfig  # noqa: E402
-from moreau_pruner.prune.pruner import prune_model  # noqa: E402
+from moreau_pruner import prune_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "policy"
 METHODS = ("taylor", "pg-taylor", "moreau-paper", "pg-moreau", "pg-none")
@@ -51,14 +51,14 @@ def cell(method: str, seed: int, args, dense, batch, held_ids) -> dict:
     t0 = time.perf_counter()
     if method.startswith("pg-"):
         policy = PolicyConfig(init=method[3:], seed=seed, steps=args.steps, parametrization=args.parametrization)
-        res = prune_model(model, batch, "policy-gradient", cfg, moreau, seed=seed, progress=args.progress,
+        res = prune_model(model, batch, "policy-gradient", cfg, moreau=moreau, seed=seed, progress=args.progress,
                           policy=policy)
         fwd, bwd = res.policy["forward_sequences"], res.policy["backward_sequences"]
         extra = {"policy": {k: v for k, v in res.policy.items() if k != "history"},
                  "loss_curve": [round(h["loss"], 4) for h in res.policy["history"]]}
     else:
         lib = "moreau" if method == "moreau-paper" else method
-        res = prune_model(model, batch, lib, cfg, moreau, seed=seed, progress=False)
+        res = prune_model(model, batch, lib, cfg, moreau=moreau, seed=seed, progress=False)
         fwd = bwd = n * (moreau.iters if lib == "moreau" else 1)
         extra = {}
     wall = time.perf_counter() - t0

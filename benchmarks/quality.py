@@ -71,7 +71,8 @@ from pathlib import Path
 
 import torch
 
-from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, prune_model, prune_structure
+from moreau_pruner import (MoreauConfig, PruneConfig, compute_scores, discover, prune_model, prune_structure,
+                           resolve_target)
 from moreau_pruner.score.importance import LayerScores
 from moreau_pruner.prune.plan import ratio_for_params
 from moreau_pruner.prune.allocation import allocate_structured
@@ -325,7 +326,7 @@ def run(args) -> list[dict]:
     held_ids = loaded.tokenize(mp_data.heldout_text(args.heldout))
     base_cfg = PruneConfig(ratio=0.5, attn_layers=args.attn_layers, mlp_layers=args.mlp_layers, scope=args.scope,
                            granularity=args.granularity, round_to=args.round_to)
-    a_rng, m_rng = base_cfg.validate(n_layers)
+    a_rng, m_rng = base_cfg.layer_ranges(n_layers)
     settings = dict(granularity=args.granularity, scope=args.scope, attn_layers=f"{a_rng.start}:{a_rng.stop}",
                     mlp_layers=f"{m_rng.start}:{m_rng.stop}", n_samples=args.n_samples, seq_len=args.seq_len,
                     calib=args.calib, heldout=args.heldout, iters=args.iters, windows_128=args.windows_128,
@@ -442,7 +443,7 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
             if disk is not None:  # every layer, so that any range can reuse them
                 score_cfg = replace(score_cfg, attn_layers=(0, structure0.num_layers),
                                     mlp_layers=(0, structure0.num_layers))
-            scores, _, _ = compute_scores(scoring_model, batch, spec.lib, prune=score_cfg,
+            scores, _, _ = compute_scores(scoring_model, batch, spec.lib, score_cfg,
                                           moreau=moreau_config(args, spec, seed), seed=seed, progress=False,
                                           taylor_variant=spec.variant)
         imp_s = time.perf_counter() - t0
@@ -462,8 +463,8 @@ def run_structured(method, spec, missing, *, args, dense, structure0, settings, 
         ratio, target = solved_ratio(args, settings, structure0, grid_ratio, scores)
         alloc = None
         if spec.allocation != "uniform":
-            alloc = allocate_structured(dense, prune_config(args, settings, ratio), spec.allocation, batch,
-                                        structure0)
+            alloc = allocate_structured(dense, resolve_target(structure0, prune_config(args, settings, ratio)),
+                                        spec.allocation, batch)
         cfg = prune_config(args, settings, ratio, alloc.ratios if alloc else None)
         pruned = copy.deepcopy(dense)
         report = prune_structure(discover(pruned), scores, cfg)
@@ -513,7 +514,7 @@ def run_rounds(method, spec, missing, *, args, dense, structure0, settings, batc
         ratio, target = solved_ratio(args, settings, structure0, grid_ratio)
         pruned = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        res = prune_model(pruned, batch, spec.lib, prune_config(args, settings, ratio), moreau_config(args, spec, seed),
+        res = prune_model(pruned, batch, spec.lib, prune_config(args, settings, ratio), moreau=moreau_config(args, spec, seed),
                           seed=seed, progress=False, allocation=spec.allocation, rounds=args.rounds,
                           taylor_variant=spec.variant)
         total_s = time.perf_counter() - t0

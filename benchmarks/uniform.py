@@ -51,12 +51,14 @@ def variants(ratio: float, matched: float, n_layers: int) -> list[tuple[str, dic
 
 def matched_ratio(structure, scores, ratio: float) -> float:
     """The uniform ratio (3 decimals) whose parameter count is closest to the default-range plan's."""
-    from moreau_pruner import PruneConfig
+    from moreau_pruner import PruneConfig, resolve_target
     from moreau_pruner.prune.plan import uniform_cost
 
-    target = uniform_cost(structure, scores, PruneConfig(ratio=ratio, uniform=True))["per_layer_params_after"]
-    best = min((abs(uniform_cost(structure, scores, PruneConfig(ratio=r / 1000, uniform=True))
-                    ["uniform_params_after"] - target), r / 1000) for r in range(1, int(ratio * 1000) + 1))
+    def cost(r):
+        return uniform_cost(resolve_target(structure, PruneConfig(ratio=r, uniform=True)), scores)
+
+    target = cost(ratio)["per_layer_params_after"]
+    best = min((abs(cost(r / 1000)["uniform_params_after"] - target), r / 1000) for r in range(1, int(ratio * 1000) + 1))
     return best[1]
 
 

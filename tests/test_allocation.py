@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner import PruneConfig, discover, model_scores
+from moreau_pruner import PruneConfig, discover, resolve_target
+from moreau_pruner.score.importance import model_scores
 from moreau_pruner.prune.allocation import (allocate, alpha_ratios, esd, farms_esd, hill_alpha, owl_outlier_ratios,
                                       owl_ratios, prune_structure_allocated, structured_removal, structured_sizes,
                                       unstructured_sizes)
@@ -98,12 +99,12 @@ def test_structured_allocation_total_within_one_channel_per_layer():
     m = make()
     s = discover(m)
     cfg = PruneConfig(ratio=0.3, attn_layers="0:1", mlp_layers="0:4")
-    sizes = structured_sizes(s, cfg)
+    sizes = structured_sizes(resolve_target(s, cfg))
     assert set(sizes) == {0, 1, 2, 3}
     sizes = {l: 3 * 32 * s.layers[l].intermediate_size for l in range(4)}  # MLP part only: ∝ channels
     a = allocate(m, 0.3, "alpha", sizes=sizes, structure=s)
     scores = model_scores(s, "magnitude")
-    rep = prune_structure_allocated(s, scores, cfg, a.ratios)
+    rep = prune_structure_allocated(resolve_target(s, cfg), scores, a.ratios)
     removed = [entry["removed_channels"] for entry in rep.layers]
     assert removed == [_n_remove(40, a.ratios[l]) for l in range(4)]
     assert abs(sum(removed) - 0.3 * 4 * 40) <= 4
@@ -129,8 +130,8 @@ def test_structured_removal_counts_what_pruning_removes(arch, granularity, round
     m = make() if arch == "llama" else _qwen2()
     s = discover(m)
     cfg = PruneConfig(ratio=0.3, attn_layers="0:4", mlp_layers="1:4", granularity=granularity, round_to=round_to)
-    removal = structured_removal(s, cfg)
-    rep = prune_structure_allocated(s, model_scores(s, "magnitude", granularity=granularity), cfg, ratios)
+    removal = structured_removal(resolve_target(s, cfg))
+    rep = prune_structure_allocated(resolve_target(s, cfg), model_scores(s, "magnitude", granularity=granularity), ratios)
     assert rep.params_before - rep.params_after == sum(removal(l, r) for l, r in ratios.items())
     assert removal(0, 0.0) == 0 and removal(1, 0.5) > removal(1, 0.3)
 
@@ -142,16 +143,16 @@ def test_structured_allocation_matches_the_parameters_uniform_removes(method):
     m = make(layers=6)
     s = discover(m)
     cfg = PruneConfig(ratio=0.3, attn_layers="0:6", mlp_layers="0:6", granularity="kv-group")
-    removal = structured_removal(s, cfg)
+    removal = structured_removal(resolve_target(s, cfg))
     uniform = sum(removal(l, 0.3) for l in range(6))
-    a = allocate(m, 0.3, method, batch=ids(), sizes=structured_sizes(s, cfg), structure=s, removal=removal)
+    a = allocate(m, 0.3, method, batch=ids(), sizes=structured_sizes(resolve_target(s, cfg)), structure=s, removal=removal)
     assert a.params["matched"] == "parameters removed" and len(set(a.ratios.values())) > 1
-    rep = prune_structure_allocated(s, model_scores(s, "magnitude"), cfg, a.ratios)
+    rep = prune_structure_allocated(resolve_target(s, cfg), model_scores(s, "magnitude"), a.ratios)
     kv_group = 4 * 8 * 32  # q, k, v rows and o columns of one KV group (n_rep = 2, head_dim 8, hidden 32)
     assert abs((rep.params_before - rep.params_after) - uniform) <= kv_group / 2
     m2 = make(layers=6)
     s2 = discover(m2)
-    plain = allocate(m2, 0.3, method, batch=ids(), sizes=structured_sizes(s2, cfg), structure=s2)
+    plain = allocate(m2, 0.3, method, batch=ids(), sizes=structured_sizes(resolve_target(s2, cfg)), structure=s2)
     assert plain.params["matched"] == "weighted mean ratio"
     # the fixture does show the problem: the weighted-mean fit removes more than uniform
     assert sum(removal(l, r) for l, r in plain.ratios.items()) - uniform > \
@@ -174,4 +175,5 @@ def test_global_scope_is_refused():
     m = make(layers=2)
     s = discover(m)
     with pytest.raises(ValueError, match="local"):
-        prune_structure_allocated(s, model_scores(s, "magnitude"), PruneConfig(ratio=0.2, scope="global"), {0: 0.1})
+        prune_structure_allocated(resolve_target(s, PruneConfig(ratio=0.2, scope="global")), model_scores(s, "magnitude"),
+                                  {0: 0.1})

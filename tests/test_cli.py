@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moreau_pruner.cli import options
 from moreau_pruner.cli import prune as cli
 
 
@@ -18,19 +19,19 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 def test_device_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="not a device name"):
-        cli.check_device("gpu0")
+        options.check_device("gpu0")
     with pytest.raises(ValueError, match="cpu or cuda"):
-        cli.check_device("meta")
+        options.check_device("meta")
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(ValueError, match="CPU-only build"):
-        cli.check_device("cuda")
+        options.check_device("cuda")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.check_device("cuda:0") == torch.device("cuda", 0)
+    assert options.check_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="1 CUDA device"):
-        cli.check_device("cuda:3")
-    assert cli.check_device("cpu") == torch.device("cpu")
+        options.check_device("cuda:3")
+    assert options.check_device("cpu") == torch.device("cpu")
 
 
 def _resolved(argv):

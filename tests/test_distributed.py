@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import moreau_kernels as mk
 from moreau_pruner.estimate.estimator import MoreauConfig, gradient, moreau_estimate
-from moreau_pruner.score.importance import model_scores, scored_parameter_names
+from moreau_pruner import compute_scores, resolve_target
+from moreau_pruner.score.importance import model_scores
 from moreau_pruner.io.pruned import load_pruned
-from moreau_pruner.prune.plan import PruneConfig, plan_local
+from moreau_pruner.prune.config import PruneConfig
+from moreau_pruner.prune.plan import plan_local
 from moreau_pruner.model.structure import discover
 from moreau_pruner.score.taylor import taylor_scores
 
@@ -73,10 +75,9 @@ def _worker(rank, world, port, jobs, out):
         for k, job in enumerate(jobs):
             mk.set_backend(job.get("backend", "reference"))
             sm = D.load_sharded(job["model"], "float32", ctx)
-            scores, est, _ = D.compute_scores_fsdp(sm.model, job["batch"], ctx, job["method"], PRUNE,
-                                                   job.get("moreau"), progress=False,
-                                                   taylor_variant=job.get("variant", "param_first"),
-                                                   head_score=job.get("head_score", "unit"))
+            scores, est, _ = compute_scores(sm.model, job["batch"], job["method"], PRUNE, job.get("moreau"),
+                                            progress=False, taylor_variant=job.get("variant", "param_first"),
+                                            head_score=job.get("head_score", "unit"), context=D.FsdpScoring(ctx))
             grads = est.grads if est else None
             if job["method"] == "taylor" and job.get("variant", "param_first") == "param_first":
                 names = [n for n in dict(sm.model.named_parameters()) if n.endswith("proj.weight")]
@@ -110,7 +111,7 @@ def _full(per_rank, name):
 def _single_scores(model, batch, job, world):
     """The one-process run on the same batch, micro-batched like the ranks."""
     structure = discover(model)
-    names = scored_parameter_names(structure, set(range(3)))  # PRUNE's layers
+    names = structure.projection_names(set(range(3)))  # PRUNE's layers
     mbs = batch.shape[0] // world if batch.shape[0] % world == 0 else None
     if job["method"] == "moreau":
         cfg = job["moreau"]
@@ -129,9 +130,9 @@ def _single_scores(model, batch, job, world):
 
 def _assert_same_plan(model, got, want):
     s = discover(model)
-    rng = range(3)  # PRUNE's layers
-    a = plan_local(s, got, PRUNE, rng, rng)
-    b = plan_local(s, want, PRUNE, rng, rng)
+    target = resolve_target(s, PRUNE)
+    a = plan_local(target, got)
+    b = plan_local(target, want)
     assert [(p.kv_keep, p.mlp_keep) for p in a] == [(p.kv_keep, p.mlp_keep) for p in b]
 
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner import EstimatorError, MoreauConfig, gradient, moreau_estimate
+from moreau_pruner import EstimatorError, MoreauConfig
+from moreau_pruner.estimate.estimator import gradient, moreau_estimate
 
 
 def tiny_llama(seed=0, **kw):

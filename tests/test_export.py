@@ -51,7 +51,7 @@ def test_uniform_export_reloads_stock_with_identical_logits(tmp_path, kind, tied
     m = tiny(kind, tied)
     assert m.model.layers[0].self_attn.q_proj.bias is not None or kind != "qwen2"
     res = prune_model(m, X, "moreau", PruneConfig(ratio=0.5, granularity=granularity, round_to=round_to,
-                                                  uniform=True), MoreauConfig(iters=2), progress=False)
+                                                  uniform=True), moreau=MoreauConfig(iters=2), progress=False)
     rep = res.report
     assert rep.params_after < rep.params_before
     widths = {(l["num_attention_heads"], l["num_key_value_heads"], l["intermediate_size"]) for l in rep.layers}

@@ -198,7 +198,7 @@ def _tiny_llama():
 
 @pytest.mark.parametrize("path", ["reference", "lean"])
 def test_tiny_model_estimate_agrees_across_backends(path):
-    from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover
+    from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, discover, resolve_target
     from moreau_pruner.prune.plan import plan_local
 
     batch = torch.randint(0, 64, (4, 16), generator=_gen(0)).to(DEV)
@@ -212,8 +212,7 @@ def test_tiny_model_estimate_agrees_across_backends(path):
             scores, est, _ = compute_scores(model, batch, "moreau", prune, cfg, progress=False,
                                             structure=structure, estimator_path=path)
         assert est.backend == backend
-        attn, mlp = prune.validate(structure.num_layers)
-        plans = plan_local(structure, scores, prune, attn, mlp)
+        plans = plan_local(resolve_target(structure, prune), scores)
         results[backend] = ({k: v.cpu() for k, v in est.grads.items()},
                             [(p.kv_keep, p.q_keep, p.mlp_keep) for p in plans])
     grads_ref, plan_ref = results["reference"]

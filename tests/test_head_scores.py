@@ -10,11 +10,13 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moreau_pruner import PruneConfig, compute_scores, discover, model_scores
+from moreau_pruner import PruneConfig, compute_scores, discover
+from moreau_pruner.score.importance import model_scores
 from moreau_pruner.cli.prune import main as cli_main
 from moreau_pruner.data import calibration_batch, calibration_text
 from moreau_pruner.score.importance import HEAD_SCORES, align_query_channels, attention_scores, layer_scores
 from moreau_pruner.prune.plan import plan_local
+from moreau_pruner.prune.target import PruneTarget
 from moreau_pruner.model.structure import LayerStructure
 
 from _tiny import word_tokenizer
@@ -97,7 +99,7 @@ def test_kv_group_choice_differs_only_with_upstreams_fold():
     for hs in HEAD_SCORES:
         sc = layer_scores(ls, grads, names, granularity="kv-group", head_score=hs)
         cfg = PruneConfig(ratio=0.5, attn_layers="0:1", mlp_layers="0:1")
-        kept[hs] = plan_local(discover_like(ls), [sc], cfg, range(0, 1), range(0, 0), {0: (1, None)})[0].kv_keep
+        kept[hs] = plan_local(PruneTarget(discover_like(ls), cfg, range(0, 1), range(0, 0)), [sc], {0: (1, None)})[0].kv_keep
     assert kept == {"unit": [0], "llm-pruner": [0], "llm-pruner-upstream": [1]}
 
 

@@ -4,7 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import moreau_kernels as mk
-from moreau_pruner import EstimatorError, MoreauConfig, moreau_estimate
+from moreau_pruner import EstimatorError, MoreauConfig
+from moreau_pruner.estimate.estimator import moreau_estimate
 from moreau_pruner.estimate.lean import (GiB, MemoryPlanError, activation_bytes, check_fits, estimate, layer_score, main,
                                 meta_model, moreau_estimate_lean, plan_memory)
 

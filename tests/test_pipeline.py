@@ -37,7 +37,7 @@ X = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 def test_prune_save_reload_identical_logits(tmp_path, kind, tied, granularity):
     m = tiny(kind, tied)
     res = prune_model(m, X, "moreau", PruneConfig(ratio=0.5, attn_layers="0:3", mlp_layers="1:3",
-                                                  granularity=granularity), MoreauConfig(iters=2), progress=False)
+                                                  granularity=granularity), moreau=MoreauConfig(iters=2), progress=False)
     assert res.report.params_after < res.report.params_before
     with torch.no_grad():
         want = m(X).logits

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from moreau_pruner import PruneConfig, discover
+from moreau_pruner import PruneConfig, discover, resolve_target
 from moreau_pruner.prune.policy import (MaskedForward, PolicyConfig, UnitTable, final_removal, keep_mask, log_prob_grad,
                                   loo_baseline, project_budget, score_function_gradient,
                                   shift_logits_to_budget)
-from moreau_pruner.prune.pruner import prune_model
+from moreau_pruner import prune_model
 
 
 def tiny(seed=0, layers=2, hidden=32, inter=16, heads=4, kv=2, vocab=48):
@@ -25,7 +25,7 @@ def tiny(seed=0, layers=2, hidden=32, inter=16, heads=4, kv=2, vocab=48):
 def _ablation_costs(model, batch, cfg):
     """Loss increase when each unit alone is masked, as a flat vector over the UnitTable."""
     st = discover(model)
-    table = UnitTable(st, cfg)
+    table = UnitTable(resolve_target(st, cfg))
     hooks = MaskedForward(st, table)
     masks = torch.ones(table.size + 1, table.size, dtype=torch.bool)
     masks[torch.arange(1, table.size + 1), torch.arange(table.size)] = False
@@ -149,7 +149,7 @@ def test_logit_shift_meets_the_budget_and_the_logit_search_runs():
                     policy=PolicyConfig(steps=10, init="magnitude", parametrization="logit", lr=0.1))
     assert 0 <= r.policy["budget_gap"] < 3 * 32
     with pytest.raises(ValueError, match="parametrization"):
-        PolicyConfig(parametrization="sigmoid").validate()
+        PolicyConfig(parametrization="sigmoid")
 
 
 def test_masked_forward_equals_the_pruned_model():
@@ -160,7 +160,7 @@ def test_masked_forward_equals_the_pruned_model():
         m = copy.deepcopy(model)
         st = discover(m)
         cfg = PruneConfig(ratio=0.3, attn_layers="0:2", mlp_layers="0:2", granularity=gran)
-        table = UnitTable(st, cfg)
+        table = UnitTable(resolve_target(st, cfg))
         probs = torch.rand(table.size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         removed = final_removal(table, probs, 900)
         hooks = MaskedForward(st, table)
@@ -168,7 +168,7 @@ def test_masked_forward_equals_the_pruned_model():
         masked = hooks.losses(batch, keep.unsqueeze(0))
         hooks.remove()
         from moreau_pruner.score.importance import LayerScores
-        from moreau_pruner.prune.plan import prune_structure
+        from moreau_pruner.prune.apply import prune_structure
 
         scores, counts = [], {}
         for ls in st.layers:
@@ -177,7 +177,7 @@ def test_masked_forward_equals_the_pruned_model():
             scores.append(LayerScores(ls.index, probs[a.start:a.start + a.n].float(),
                                       probs[c.start:c.start + c.n].float()))
             counts[ls.index] = (removed[(ls.index, "attn")], removed[(ls.index, "mlp")])
-        prune_structure(st, scores, cfg, counts)
+        prune_structure(st, scores, cfg, counts=counts)
         with torch.no_grad():
             logits = m(input_ids=batch).logits
         ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
@@ -213,7 +213,7 @@ def test_budget_is_met_exactly_and_the_seed_fixes_the_mask(gran):
 def test_policy_gradient_finds_planted_dead_units():
     """Budget = exactly the planted units: the search, from no prior, removes those and nothing else."""
     model, batch, cfg, dead = planted_model()
-    table = UnitTable(discover(model), cfg)
+    table = UnitTable(resolve_target(model, cfg))
     planted = int((table.cost * dead.double()).sum())
     before = sum(p.numel() for p in model.parameters())
     pol = PolicyConfig(steps=400, samples=16, batch_size=8, lr=0.02, init="none", baseline="loo", seed=0,
@@ -264,7 +264,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match="uniform"):
         prune_model(model, batch, "policy-gradient", PruneConfig(ratio=0.2, uniform=True), progress=False)
     with pytest.raises(ValueError, match="loo"):
-        PolicyConfig(samples=1, baseline="loo").validate()
+        PolicyConfig(samples=1, baseline="loo")
     with pytest.raises(ValueError, match="calibration batch"):
         prune_model(model, None, "policy-gradient", cfg, progress=False)
 

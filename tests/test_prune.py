@@ -4,9 +4,9 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from moreau_pruner import (PruneConfig, UnsupportedArchitecture, count_parameters, discover, model_scores,
-                           prune_model, prune_structure)
-from moreau_pruner.score.importance import LayerScores, reduce_parts
+from moreau_pruner import (PruneConfig, UnsupportedArchitecture, count_parameters, discover, prune_model,
+                           prune_structure)
+from moreau_pruner.score.importance import LayerScores, model_scores, reduce_parts
 from moreau_pruner.prune.plan import _n_remove
 from moreau_pruner.model.structure import default_layer_range
 
@@ -193,7 +193,7 @@ def test_every_method_prunes_and_runs(method):
     from moreau_pruner import MoreauConfig
 
     res = prune_model(m, x, method, PruneConfig(ratio=0.5, attn_layers="0:3", mlp_layers="0:3"),
-                      MoreauConfig(iters=2), progress=False)
+                      moreau=MoreauConfig(iters=2), progress=False)
     assert res.report.params_after < res.report.params_before
     assert torch.isfinite(m(x).logits).all()
     assert (res.estimate is not None) == (method == "moreau")
@@ -204,7 +204,7 @@ def test_every_method_prunes_and_runs(method):
                                      (dict(scope="both"), "scope"), (dict(granularity="heads"), "granularity")])
 def test_bad_prune_config(cfg, msg):
     with pytest.raises(ValueError, match=msg):
-        PruneConfig(**cfg).validate(3)
+        PruneConfig(**cfg).layer_ranges(3)
 
 
 def test_scores_that_do_not_match_are_rejected():
@@ -237,7 +237,8 @@ def test_ratio_for_params_local_reaches_the_target_by_less_than_one_step(granula
 
 
 def test_ratio_for_params_global_uses_the_scores():
-    from moreau_pruner import model_scores, ratio_for_params
+    from moreau_pruner import ratio_for_params
+    from moreau_pruner.score.importance import model_scores
 
     m = make(heads=4, kv=4)
     s = discover(m)
@@ -261,11 +262,11 @@ def test_ratio_for_params_unreachable(target, msg):
 
 
 def test_all_and_open_ended_layer_ranges():
-    assert PruneConfig(attn_layers="all", mlp_layers="ALL").validate(3) == (range(0, 3), range(0, 3))
-    assert PruneConfig(attn_layers="all", uniform=True).validate(3) == (range(0, 3), range(0, 3))
-    assert PruneConfig(attn_layers="1:", mlp_layers=":2").validate(3) == (range(1, 3), range(0, 2))
+    assert PruneConfig(attn_layers="all", mlp_layers="ALL").layer_ranges(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="all", uniform=True).layer_ranges(3) == (range(0, 3), range(0, 3))
+    assert PruneConfig(attn_layers="1:", mlp_layers=":2").layer_ranges(3) == (range(1, 3), range(0, 2))
     with pytest.raises(ValueError, match="outside"):
-        PruneConfig(attn_layers="3:").validate(3)
-    assert PruneConfig(attn_layers="published", mlp_layers="published-to-end").validate(30) == (range(4, 28),
+        PruneConfig(attn_layers="3:").layer_ranges(3)
+    assert PruneConfig(attn_layers="published", mlp_layers="published-to-end").layer_ranges(30) == (range(4, 28),
                                                                                                 range(4, 30))
-    assert PruneConfig(attn_layers="published-to-end").validate(32)[0] == range(4, 32)
+    assert PruneConfig(attn_layers="published-to-end").layer_ranges(32)[0] == range(4, 32)

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from moreau_pruner import MoreauConfig, PruneConfig, compute_scores, count_parameters, discover, prune_model, prune_structure
-from moreau_pruner.prune.pruner import _share
+from moreau_pruner.prune.rounds import share as _share
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, max_position_embeddings=64,
              head_dim=8)
@@ -36,7 +36,7 @@ def test_one_round_is_one_shot(method, scope):
     cfg = PruneConfig(ratio=0.5, attn_layers=(0, 3), mlp_layers=(0, 3), scope=scope)
     a, b = make(), make()
     ids = batch()
-    res = prune_model(a, ids, method, cfg, MOREAU, rounds=1, progress=False)
+    res = prune_model(a, ids, method, cfg, moreau=MOREAU, rounds=1, progress=False)
     s = discover(b)
     scores, _, _ = compute_scores(b, ids, method, cfg, MOREAU, progress=False, structure=s)
     rep = prune_structure(s, scores, cfg)
@@ -51,10 +51,10 @@ def test_rounds_reach_the_one_shot_size(granularity, kind, method):
     heads, kv = (8, 4) if granularity == "kv-group" else (8, 2)
     cfg = PruneConfig(ratio=0.5, attn_layers=(0, 3), mlp_layers=(1, 3), granularity=granularity)
     ids = batch()
-    one = prune_model(make(kind, heads, kv), ids, method, cfg, MOREAU, progress=False).report
+    one = prune_model(make(kind, heads, kv), ids, method, cfg, moreau=MOREAU, progress=False).report
     for k in (2, 3):
         model = make(kind, heads, kv)
-        rep = prune_model(model, ids, method, cfg, MOREAU, rounds=k, progress=False).report
+        rep = prune_model(model, ids, method, cfg, moreau=MOREAU, rounds=k, progress=False).report
         assert rep.rounds == k
         assert rep.params_after == one.params_after == count_parameters(model)
         assert [l["num_attention_heads"] for l in rep.layers] == [l["num_attention_heads"] for l in one.layers]

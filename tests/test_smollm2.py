@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from moreau_pruner import MoreauConfig, PruneConfig, discover, moreau_estimate, prune_model
+from moreau_pruner import MoreauConfig, PruneConfig, discover, prune_model
+from moreau_pruner.estimate.estimator import moreau_estimate
 from moreau_pruner.data import calibration_batch, calibration_text, heldout_text, tokenize_text
 from moreau_pruner.evaluate.perplexity import generate_text, perplexity
 
@@ -76,7 +77,7 @@ def test_prune_20_percent_still_works(smollm2, smollm2_shared, batch):
     del rand
     assert ppl_random > PPL_RATIO_BOUND * dense, (dense, ppl_random)
     res = prune_model(model, batch, "moreau", PruneConfig(ratio=0.2, granularity="query-heads"),
-                      MoreauConfig(iters=4), progress=False)
+                      moreau=MoreauConfig(iters=4), progress=False)
     rep = res.report
     assert rep.attn_layers == list(range(4, 28))
     pruned_layers = [l for l in rep.layers if l["layer"] in rep.attn_layers]

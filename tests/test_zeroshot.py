@@ -153,7 +153,7 @@ def test_smollm2_matches_hand_computation(smollm2_shared):
 
 
 def test_cli_dense_vs_pruned_end_to_end(tmp_path, dense, tok, capsys):
-    from moreau_pruner.evaluate.zeroshot import main
+    from moreau_pruner.cli.eval import main
 
     dense_dir = tmp_path / "dense"
     dense.save_pretrained(dense_dir)
@@ -164,8 +164,8 @@ def test_cli_dense_vs_pruned_end_to_end(tmp_path, dense, tok, capsys):
     reports = {}
     for name, d in (("dense", dense_dir), ("pruned", pruned_dir)):
         out = tmp_path / f"{name}.json"
-        rc = main(["--model", str(d), "--tasks", TASK, "--include-path", str(TASK_DIR), "--batch-size", "4",
-                   "--output", str(out)])
+        rc = main(["--model", str(d), "--tasks", TASK, "--include-path", str(TASK_DIR), "--eval-batch-size", "4",
+                   "--json", str(out)])
         assert rc == 0
         printed = capsys.readouterr().out
         assert TASK in printed and "acc_norm" in printed
@@ -213,7 +213,7 @@ def test_pruning_info_merge_keeps_other_tasks(tmp_path):
 
 @pytest.mark.slow
 def test_unknown_task_is_a_clear_error(tmp_path, capsys, tok, dense):
-    from moreau_pruner.evaluate.zeroshot import main
+    from moreau_pruner.cli.eval import main
 
     d = tmp_path / "m"
     save_pruned(_pruned_copy(dense, tok), d, tokenizer=tok, extra={"ratio": 0.5})
@@ -247,7 +247,7 @@ def test_paper_task_without_its_dataset_names_the_task(monkeypatch, tmp_path, to
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch, capsys):
-    from moreau_pruner.evaluate.zeroshot import main
+    from moreau_pruner.cli.eval import main
 
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -259,13 +259,14 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch, capsys):
 
 
 def test_bad_arguments(tmp_path, capsys, tok):
-    from moreau_pruner.evaluate.zeroshot import main
+    from moreau_pruner.cli.eval import main
 
     with pytest.raises(ValueError, match="no task names"):
         zeroshot.parse_tasks(" , ")
     assert zeroshot.parse_tasks("piqa, paper,piqa") == ["piqa", *[t for t in zeroshot.PAPER_TASKS if t != "piqa"]]
     for argv, phrase in ((["--limit", "0"], "--limit"), (["--limit", "1.5"], "--limit"),
-                         (["--batch-size", "0"], "--batch-size"), (["--num-fewshot", "-1"], "integer >= 0")):
+                         (["--eval-batch-size", "0"], "--eval-batch-size"),
+                         (["--batch-size", "0"], "--eval-batch-size"), (["--num-fewshot", "-1"], "integer >= 0")):
         with pytest.raises(SystemExit):
             main(["--tasks", TASK, *argv])
         assert phrase in capsys.readouterr().err

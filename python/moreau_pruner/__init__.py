@@ -1,35 +1,43 @@
 """MoreauPruner for LLaMA-family models: Moreau-envelope importance and structural pruning.
 
-The pieces, each usable on its own:
+The pipeline (:mod:`moreau_pruner.pipeline`) and where each stage lives:
 
-* :func:`moreau_estimate` (``estimator``): the Moreau gradient estimate Ĝ (SPEC §2/§3).
-* :func:`discover` (``structure``): heads, KV groups and MLP channels of a LLaMA/Mistral/Qwen2 model.
-* :func:`model_scores` (``importance``): per-unit scores from Ĝ, the gradient or the weights.
-* :func:`prune_structure` (``prune``): local or global structural pruning from the scores.
-* :func:`prune_model` (``pruner``): all of the above in one call.
-* :func:`estimate` (``lean``): the estimate on the lean path (no gradient buffer), with memory planning.
-* :func:`unstructured_prune` (``unstructured``), :func:`taylor_scores` (``taylor``, LLM-Pruner's
-  variants), :func:`allocate` (``allocation``: OWL, AlphaPruning, FARMS per-layer ratios).
-* :func:`save_pruned` / :func:`load_pruned` (``io``): reloadable safetensors directories.
-* :func:`save_uniform` (``export``): a uniformly pruned model as a stock Llama/Mistral/Qwen2 directory.
+* load: :func:`load_model` (``model.loading``): the embedded SmolLM2, GGUF files, HF and pruned directories.
+* resolve: :func:`resolve_target` (``prune.target``): heads, KV groups and MLP channels (``model.structure``)
+  and the layer ranges of a :class:`PruneConfig`, once.
+* estimate: :func:`estimate` (``estimate``): the Moreau gradient estimate Ĝ (SPEC §2/§3) with a memory
+  strategy (reference, lean, regen; FSDP2 on shards).
+* score: :func:`compute_scores` (``score.registry``): unit scores by method (:data:`METHODS`).
+* plan and apply: :func:`prune_structure` (``prune.plan``, ``prune.apply``): local, global or uniform.
+* one call: :func:`prune_model` (``pipeline``): all of the above, with per-layer allocation
+  (``prune.allocation``), iterative rounds and the policy-gradient search (:class:`PolicyConfig`);
+  :func:`unstructured_prune` (``unstructured``) zeroes single weights instead.
+* evaluate: :func:`evaluate_perplexity` (``evaluate.perplexity``); zero-shot tasks in ``evaluate.zeroshot``.
+* save: :func:`save_pruned` / :func:`load_pruned` (``io.pruned``), :func:`save_uniform` (``io.stock``).
+* recover: ``recover`` with a :class:`RecoverConfig` (LoRA fine-tuning).
 """
-from .prune.allocation import allocate
-from .estimate.estimator import EstimatorError, MoreauConfig, MoreauResult, gradient, moreau_estimate
-from .score.importance import HEAD_SCORES, METHODS, REDUCTIONS, LayerScores, model_scores
-from .prune.plan import PruneConfig, PruneReport, count_parameters, prune_structure, ratio_for_params
-from .prune.pruner import PruneResult, compute_scores, prune_model
+from .estimate.estimator import EstimatorError, MoreauConfig, MoreauResult
+from .estimate.lean import estimate
+from .evaluate.perplexity import evaluate_perplexity
 from .io.pruned import load_pruned, save_pruned
 from .io.stock import save_uniform
-from .estimate.lean import estimate, plan_memory
-from .model.structure import ModelStructure, UnsupportedArchitecture, discover
-from .score.taylor import taylor_scores
+from .model.loading import load_model
+from .model.structure import UnsupportedArchitecture, discover
+from .pipeline import prune_model
+from .prune.apply import PruneResult, prune_structure
+from .prune.config import PruneConfig
+from .prune.plan import count_parameters, ratio_for_params
+from .prune.policy import PolicyConfig
+from .prune.target import PruneTarget, resolve_target
+from .recover.train import RecoverConfig
+from .score.methods import METHODS
+from .score.registry import compute_scores
 from .unstructured.prune import unstructured_prune
 
 __all__ = [
-    "EstimatorError", "HEAD_SCORES", "LayerScores", "METHODS", "ModelStructure", "MoreauConfig", "MoreauResult",
-    "PruneConfig", "PruneReport", "PruneResult", "REDUCTIONS", "UnsupportedArchitecture", "compute_scores",
-    "count_parameters", "discover", "gradient", "model_scores", "moreau_estimate", "prune_model", "prune_structure",
-    "ratio_for_params", "allocate",
-    "estimate", "plan_memory", "load_pruned", "save_pruned", "save_uniform", "taylor_scores", "unstructured_prune",
+    "METHODS", "EstimatorError", "MoreauConfig", "MoreauResult", "PolicyConfig", "PruneConfig", "PruneResult",
+    "PruneTarget", "RecoverConfig", "UnsupportedArchitecture", "compute_scores", "count_parameters", "discover",
+    "estimate", "evaluate_perplexity", "load_model", "load_pruned", "prune_model", "prune_structure",
+    "ratio_for_params", "resolve_target", "save_pruned", "save_uniform", "unstructured_prune",
 ]
 __version__ = "0.1.0"

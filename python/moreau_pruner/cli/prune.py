@@ -1,13 +1,15 @@
-"""``moreau-prune``: prune a LLaMA-family model with Moreau-envelope importance and report."""
+"""``moreau-prune``: prune a LLaMA-family model with Moreau-envelope importance and report.
+
+This module parses the command line, checks it (:func:`job_from_args`: every option's value and every
+combination, before the model is loaded) and prints the report; the work is
+:func:`moreau_pruner.pipeline.run`.
+"""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import sys
-import time
-from pathlib import Path
+from typing import Sequence
+
+from . import options as opt
 
 DESCRIPTION = """\
 Structurally prune a LLaMA-family causal LM (LLaMA 1/2/3, Mistral, Qwen2) with MoreauPruner's
@@ -82,32 +84,32 @@ coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..prune.allocation import CHOICES as ALLOCATIONS
     from ..estimate.estimator import GROUPS, MODES, NOISES
-    from ..score.importance import HEAD_SCORES, METHODS, REDUCTIONS
-    from ..score.taylor import VARIANTS as TAYLOR_VARIANTS
-    from ..prune.plan import SCOPES
     from ..model.structure import GRANULARITIES
+    from ..prune.allocation import CHOICES as ALLOCATIONS
+    from ..prune.config import SCOPES
     from ..prune.policy import BASELINES, INITS, PARAMETRIZATIONS, PolicyConfig
+    from ..score.importance import HEAD_SCORES, REDUCTIONS
+    from ..score.methods import METHODS
+    from ..score.registry import ESTIMATOR_PATHS
+    from ..score.taylor import VARIANTS as TAYLOR_VARIANTS
 
     p = argparse.ArgumentParser(prog="moreau-prune", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="a .gguf file, a local HF model directory or a pruned directory "
-                                   "(default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype for estimation and evaluation (default: float32; δ stays fp32 regardless)")
+    opt.add_model(g, what="the model to prune")
+    opt.add_dtype(g, what="weight dtype for estimation and evaluation (δ stays fp32 regardless)")
     g.add_argument("--half-gemm", default="auto", choices=("auto", "native", "fp32-accumulate"),
                    help="bf16/fp16 matrix products: 'native' torch kernels or 'fp32-accumulate' (half operands, "
                         "fp32 accumulation, one rounding: what GPU tensor cores compute); auto = fp32-accumulate "
                         "for float16 on a CPU, whose native fp16 GEMM is ~20x slower than fp32")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    opt.add_device(g)
 
     g = p.add_argument_group("importance and pruning")
     g.add_argument("--published", action="store_true",
                    help="MoreauPruner's published settings for every option below that names a --published "
                         "value (the measured defaults otherwise; see 'defaults' at the end)")
-    g.add_argument("--method", default=None, choices=METHODS + ("policy-gradient", "wanda", "gblm"),
+    g.add_argument("--method", default=None, choices=METHODS,
                    help="moreau: Moreau-envelope estimate; taylor: plain gradient; magnitude: |W|; random; "
                         "policy-gradient: learn which units to remove from forward passes only (see its group "
                         f"below); wanda and gblm: unstructured only ({_default('method')})")
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({_default('mode')})")
     g.add_argument("--std", type=float, default=0.05, help="noise scale c: noise = xi * |c w| (default 0.05)")
     g.add_argument("--lamb", type=float, default=0.2, help="Moreau smoothing lambda (default 0.2)")
-    g.add_argument("--lr", type=float, default=2e-4, help="proximal step gamma (default 2e-4)")
+    g.add_argument("--prox-lr", type=float, default=2e-4, help="proximal step gamma (default 2e-4)")
+    opt.add_alias(g, "--lr", "--prox-lr", "prox_lr", type=float)
     g.add_argument("--soft", type=float, default=5e-6, help="soft threshold s (default 5e-6)")
     g.add_argument("--iters", type=int, default=10, help="proximal steps T (default 10)")
     g.add_argument("--avg-last", type=int, default=5, help="average the last K iterates (default 5)")
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="kernel backend (default: the fastest available; `python -m moreau_kernels.info` explains)")
     g.add_argument("--micro-batch-size", type=int, help="rows per forward/backward (gradients accumulate)")
-    g.add_argument("--estimator-path", default="auto", choices=["auto", "lean", "regen", "reference"],
+    g.add_argument("--estimator-path", default="auto", choices=ESTIMATOR_PATHS,
                    help="lean: reused work buffers, gradients consumed by hooks as they arrive (no gradient "
                         "buffer); regen: lean without the perturbed copy of the linear weights (regenerated "
                         "in their forward and backward: least memory, same result); reference: the plain "
@@ -235,12 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-file", help="use this whole text file for evaluation")
     g.add_argument("--num-examples", type=int, default=10, help="calibration samples (default 10)")
     g.add_argument("--seq-len", type=int, default=64, help="tokens per calibration sample (default 64)")
-    g.add_argument("--seed", type=int, default=0, help="seed for data, noise and random scores (default 0)")
-    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity evaluation")
-    g.add_argument("--eval-seq-lens", default="128,1024", help="window lengths for perplexity (default 128,1024)")
-    g.add_argument("--eval-tokens", type=int, default=8192,
-                   help="evaluate on the first N held-out tokens, for every window length (default 8192: "
-                        "64 windows of 128 and 8 of 1024; 0 = all of it, slow on a CPU)")
+    opt.add_seed(g, "data, noise and random scores")
+    opt.add_eval(g)
     g.add_argument("--generate", default="The Python interpreter", metavar="PROMPT",
                    help="prompt for a short greedy sample from the pruned model ('' to skip)")
 
@@ -256,10 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--allocation uniform, --noise philox")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="save the pruned model here (safetensors, tokenizer, config, report)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    g.add_argument("--json", help="also write the report to this JSON file")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.add_output(g, "save the pruned model here (safetensors, tokenizer, config, report)")
+    opt.add_report(g, " as well")
+    opt.add_quiet(g)
     return p
 
 
@@ -274,267 +272,61 @@ def _allocation(spec: str) -> str:
     return f"{layer}+{row}" if row and layer != "uniform" else (row or layer)
 
 
-def _eval_lens(spec: str) -> list[int]:
-    try:
-        lens = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--eval-seq-lens must be comma-separated integers, got {spec!r}") from None
-    if not lens or any(n < 2 for n in lens):
-        raise ValueError(f"--eval-seq-lens needs window lengths >= 2, got {spec!r}")
-    return lens
+def job_from_args(args):
+    """The :class:`~moreau_pruner.job.PruneJob` of parsed arguments (with the preset applied),
+    every value and every combination checked: a ValueError names the first problem, before the
+    model is loaded."""
+    from ..estimate.estimator import MoreauConfig
+    from ..job import DataSettings, PruneJob, UnstructuredSettings
+    from ..prune import rules
+    from ..prune.config import PruneConfig
+    from ..prune.policy import PolicyConfig
+    from ..score.registry import ScoringOptions
 
+    if not 0 < args.ratio < 1:
+        raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
+    nm = _parse_nm(args.nm) if args.nm else None
+    request = rules.Request(args.method, unstructured=args.unstructured, nm=args.nm, allocation=args.allocation,
+                            rounds=args.rounds, uniform=args.uniform, scope=args.scope, round_to=args.round_to,
+                            init=args.init, noise=args.noise, distributed=args.distributed is not None)
+    rules.check(request, cli=True)
+    if args.distributed:
+        from ..distributed.fsdp import check_environment
 
-def _check_out(args) -> None:
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-
-
-def check_device(spec: str):
-    """``--device`` as a torch.device, or a ValueError that says why this machine cannot use it."""
-    import torch
-
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise ValueError(f"--device {spec!r} is not a device name (use cpu, cuda or cuda:N): {e}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {spec!r}: moreau-prune runs on cpu or cuda[:N], not {dev.type}")
-    if dev.type == "cuda":
-        if torch.version.cuda is None:
-            raise ValueError(f"--device {spec}: this torch ({torch.__version__}) is a CPU-only build; install a "
-                             "CUDA build of torch, or use --device cpu")
-        if not torch.cuda.is_available():
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            extra = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-            raise ValueError(f"--device {spec}: no CUDA device is visible on this machine{extra}; "
-                             "use --device cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
-    return dev
+        check_environment()
+    else:
+        opt.check_device(args.device)
+    lens = opt.parse_eval_lens(args.eval_seq_lens) if args.eval else []
+    opt.check_out(args.out, args.overwrite)
+    prune = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers, mlp_layers=args.mlp_layers or args.attn_layers,
+                        scope=args.scope, granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
+    moreau = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.prox_lr, soft=args.soft,
+                          iters=args.iters, avg_last=args.avg_last, group=args.group, n_samples=args.noise_samples,
+                          noise=args.noise, seed=args.seed, micro_batch_size=args.micro_batch_size).validate()
+    options = ScoringOptions(args.reduction, args.vectorize, args.head_score, args.taylor_variant, args.seed,
+                             args.micro_batch_size, args.estimator_path, args.gradient_checkpointing,
+                             args.memory_check)
+    policy = None
+    if args.method == "policy-gradient":
+        policy = PolicyConfig(steps=args.pg_steps, lr=args.pg_lr, samples=args.pg_samples,
+                              batch_size=args.pg_batch_size, baseline=args.pg_baseline, init=args.init or "taylor",
+                              seed=args.seed, parametrization=args.pg_parametrization)
+    unstructured = None
+    if args.unstructured:
+        unstructured = UnstructuredSettings(nm, args.keep_low_ratio, args.one_pass_activations, args.allocation)
+    data = DataSettings(args.calib, args.calib_file, args.eval_file, args.num_examples, args.seq_len, args.seed,
+                        tuple(lens), args.eval_tokens, args.generate or None)
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    return PruneJob(args.model, args.dtype, args.device, args.half_gemm, args.backend, args.method, prune, moreau,
+                    options, policy, args.allocation, args.rounds, unstructured, data, args.out, args.overwrite,
+                    args.json, args.distributed, not args.quiet, settings)
 
 
 def run(args) -> dict | None:
-    """The whole pipeline; returns the report (None on ranks other than 0 with --distributed)."""
-    apply_preset(args)
-    if getattr(args, "distributed", None):
-        from ..distributed.fsdp import run as run_distributed
+    """The whole run of parsed arguments; returns the report (None on FSDP2 ranks other than 0)."""
+    from .. import pipeline
 
-        return run_distributed(args)
-    import torch
-
-    import moreau_kernels as mk
-
-    from .. import data
-    from ..estimate.estimator import MoreauConfig
-    from ..model.loading import load_model
-    from ..model.precision import fp32_accumulate_gemms
-    from ..prune.plan import PruneConfig
-    from ..model.structure import discover
-    from ..unstructured.prune import METHODS as US_METHODS
-
-    progress = not args.quiet
-    lens = _eval_lens(args.eval_seq_lens) if args.eval else []
-    check_device(args.device)
-    _check_out(args)
-    prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
-                            mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,
-                            granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
-    moreau_cfg = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.lr, soft=args.soft,
-                              iters=args.iters, avg_last=args.avg_last, group=args.group,
-                              n_samples=args.noise_samples, noise=args.noise, seed=args.seed,
-                              micro_batch_size=args.micro_batch_size).validate()
-    if not 0 < args.ratio < 1:
-        raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
-    if args.method in ("wanda", "gblm") and not args.unstructured:
-        raise ValueError(f"--method {args.method} is an unstructured method: add --unstructured")
-    if args.unstructured and args.method not in US_METHODS:
-        raise ValueError(f"--unstructured supports methods {', '.join(US_METHODS)}; got {args.method}")
-    nm = _parse_nm(args.nm) if args.nm else None
-    if nm and not args.unstructured:
-        raise ValueError("--nm needs --unstructured")
-    if args.allocation.endswith("trim"):
-        if not args.unstructured:
-            raise ValueError(f"--allocation {args.allocation}: TRIM gives each output row of a matrix its own "
-                             "sparsity, which only --unstructured pruning has (structural pruning removes whole "
-                             "heads and channels); add --unstructured or use a layer allocator")
-        if nm:
-            raise ValueError(f"--allocation {args.allocation} does not combine with --nm {args.nm}: N:M fixes n of "
-                             "every m weights in each row, TRIM varies the rows' sparsity")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.rounds > 1 and args.unstructured:
-        raise ValueError("--rounds applies to structured pruning; --unstructured prunes in one shot")
-    if args.uniform:
-        _check_uniform_args(args)
-    policy_cfg = _policy_config(args)
-    mk.set_backend(args.backend)
-    times = {}
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device)
-    times["load_s"] = time.perf_counter() - t0
-    structure = discover(model)
-    prune_cfg.validate(structure.num_layers)  # fail fast, before the long work
-    if args.uniform:
-        from ..prune.plan import check_uniform_structure
-
-        check_uniform_structure(structure)
-
-    calib_text = data.load_text(args.calib_file) if args.calib_file else data.calibration_text(args.calib)
-    eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
-    batch = data.calibration_batch(tok, calib_text, args.num_examples, args.seq_len, args.seed).to(args.device)
-    eval_ids = data.tokenize_text(tok, eval_text) if lens else None
-
-    ppl = perplexity_report(model, eval_ids, lens, args.eval_tokens, times, progress)
-
-    half = _half_gemm(args)
-    with (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
-          else contextlib.nullcontext()):
-        report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
-                                   progress, half, policy=policy_cfg)
-    if args.out:
-        from ..io.stock import save_uniform
-        from ..io.pruned import save_pruned
-
-        t = time.perf_counter()
-        save = save_uniform if args.uniform else save_pruned
-        save(model, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
-        times["save_s"] = time.perf_counter() - t
-        report["out"] = str(Path(args.out).resolve())
-    for path in [args.json] if args.json else []:
-        tmp = Path(path).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, path)
-    return report
-
-
-def _policy_config(args):
-    """The PolicyConfig of --method policy-gradient (None otherwise); its flags are refused elsewhere."""
-    from ..prune.policy import PolicyConfig
-
-    if args.method != "policy-gradient":
-        if args.init is not None:
-            raise ValueError(f"--init starts the policy-gradient pruner from a method's scores; it does not apply "
-                             f"to --method {args.method}")
-        return None
-    if args.unstructured:
-        raise ValueError("--method policy-gradient removes whole units (structural pruning); it does not combine "
-                         "with --unstructured")
-    if args.allocation != "uniform":
-        raise ValueError(f"--method policy-gradient allocates the budget across layers itself; --allocation "
-                         f"{args.allocation} does not apply")
-    if args.rounds != 1:
-        raise ValueError("--method policy-gradient searches the whole mask at once; --rounds does not apply")
-    if args.uniform:
-        raise ValueError("--method policy-gradient gives layers different widths; it cannot make a --uniform model")
-    return PolicyConfig(steps=args.pg_steps, lr=args.pg_lr, samples=args.pg_samples, batch_size=args.pg_batch_size,
-                        baseline=args.pg_baseline, init=args.init or "taylor", seed=args.seed,
-                        parametrization=args.pg_parametrization).validate()
-
-
-def _check_uniform_args(args) -> None:
-    """--uniform settings that cannot give every layer the same widths, refused before any work."""
-    if args.unstructured:
-        raise ValueError("--uniform is for structural pruning; --unstructured keeps every layer's shape already")
-    if args.scope != "local":
-        raise ValueError(f"--uniform prunes the same counts in every layer (the local rule); --scope {args.scope} "
-                         "varies them per layer")
-    if args.allocation != "uniform":
-        raise ValueError(f"--uniform keeps every layer at the same width; --allocation {args.allocation} gives "
-                         "layers different ratios")
-
-
-def perplexity_report(model, eval_ids, lens: list[int], eval_tokens: int, times: dict, progress: bool):
-    """``ppl(tag)``: the model's perplexity at every window length in ``lens`` on the first
-    ``eval_tokens`` held-out tokens (0: all), ``{str(n): ppl}``; each evaluation's time goes into
-    ``times`` as ``eval_<tag>_<n>_s``."""
-    from ..evaluate import perplexity as evaluate
-
-    def ppl(tag):
-        out = {}
-        for n in lens:
-            t = time.perf_counter()
-            max_windows = max(1, eval_tokens // n) if eval_tokens else None
-            out[str(n)] = evaluate.perplexity(model, None, eval_ids, seq_len=n, max_windows=max_windows,
-                                              progress=progress)
-            times[f"eval_{tag}_{n}_s"] = time.perf_counter() - t
-        return out
-    return ppl
-
-
-def _half_gemm(args) -> str | None:
-    """How half-precision matrix products run (None for fp32); see moreau_pruner.model.precision."""
-    from ..model.precision import slow_half_gemm
-
-    if args.dtype == "float32":
-        return None
-    if args.half_gemm == "auto":
-        import torch
-
-        return "fp32-accumulate" if slow_half_gemm(getattr(torch, args.dtype), args.device) else "native"
-    return args.half_gemm
-
-
-def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half,
-                      structured=None, policy=None):
-    """Dense perplexity, pruning, pruned perplexity and the report. ``structured(model) -> (PruneReport,
-    extra report fields)`` replaces the one-process structured pruning (the FSDP2 path prunes with
-    scores computed on the ranks)."""
-    import torch
-
-    import moreau_kernels as mk
-
-    from ..evaluate import perplexity as evaluate
-    from ..prune.pruner import prune_model
-
-    dense = ppl("dense")
-    if args.unstructured:
-        rep, extra = _unstructured(model, batch, args, moreau_cfg, nm, times)
-    elif structured is not None:
-        rep, extra = structured(model)
-    else:
-        result = prune_model(model, batch, args.method, prune_cfg, moreau_cfg, args.reduction, args.vectorize,
-                             args.seed, args.micro_batch_size, progress, allocation=args.allocation, rounds=args.rounds,
-                             taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
-                             head_score=args.head_score,
-                             gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check,
-                             **({"policy": policy} if policy is not None else {}))
-        times.update(result.timings)
-        rep = result.report
-        est = result.estimate
-        extra = {"moreau": est.summary() if est else None, "allocation": result.allocation,
-                 "backend": est.backend if est else mk.get_backend(),
-                 "estimator_path": getattr(est, "path", None)}
-        if result.policy is not None:
-            extra["policy"] = result.policy
-    pruned = ppl("pruned")
-    sample = evaluate.generate_text(model, tok, args.generate, max_new_tokens=24) if args.generate else None
-    report = {
-        "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
-        "method": args.method,
-        **extra,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-        "params_before": rep.params_before,
-        "params_after": rep.params_after,
-        "kept_fraction": rep.kept_fraction,
-        "granularity": rep.granularity,
-        "scope": rep.scope,
-        "rounds": rep.rounds,
-        "attn_layers": [rep.attn_layers[0], rep.attn_layers[-1] + 1] if rep.attn_layers else None,
-        "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
-        "layers": rep.layers,
-        "uniform": getattr(rep, "uniform", None),
-        "ppl_dense": dense,
-        "ppl_pruned": pruned,
-        "calibration": {"source": args.calib_file or args.calib, "shape": list(batch.shape)},
-        "evaluation": {"source": args.eval_file or f"{args.calib} (held-out part)",
-                       "tokens": int(eval_ids.numel()) if eval_ids is not None else 0},
-        "sample": sample,
-        "half_gemm": half,
-        "torch": torch.__version__,
-        "times_s": times,
-    }
-    return report
+    return pipeline.run(job_from_args(apply_preset(args)))
 
 
 def _parse_nm(spec: str) -> tuple[int, int]:
@@ -545,49 +337,6 @@ def _parse_nm(spec: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise ValueError(f"--nm needs 0 < N < M, got {spec!r}")
     return n, m
-
-
-class _UnstructuredReport:
-    """The fields of a PruneReport that the CLI report reads, for the unstructured path."""
-
-    def __init__(self, model, args):
-        from ..model.structure import discover
-
-        s = discover(model)
-        self.params_before = self.params_after = sum(p.numel() for p in model.parameters())
-        self.kept_fraction = 1.0
-        self.rounds = 1
-        self.granularity = f"unstructured {args.nm or 'per-row'}"
-        self.scope = "per-row"
-        self.attn_layers = self.mlp_layers = list(range(s.num_layers))
-        self.layers = s.widths()
-
-
-def _unstructured(model, batch, args, moreau_cfg, nm, times):
-    from ..prune.allocation import allocate, parse_allocation
-    from ..unstructured.prune import unstructured_prune
-
-    layer_alloc, row_alloc = parse_allocation(args.allocation)
-    ratios = None
-    if layer_alloc != "uniform":
-        t = time.perf_counter()
-        ratios = allocate(model, args.ratio, layer_alloc, batch).ratios
-        times["allocation_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rep = unstructured_prune(model, batch, args.method, sparsity=args.ratio, nm=nm, layer_ratios=ratios,
-                             moreau=moreau_cfg, seed=args.seed, keep_low_ratio=args.keep_low_ratio,
-                             micro_batch_size=args.micro_batch_size, progress=not args.quiet,
-                             sequential=not args.one_pass_activations, trim=row_alloc == "trim")
-    times["unstructured_s"] = time.perf_counter() - t
-    extra = {"moreau": rep.get("moreau"), "unstructured": {"overall": rep["overall"], "per_layer": rep["per_layer"],
-                                                           "layer_ratios": ratios,
-                                                           "sequential": rep.get("sequential"),
-                                                           "rows": row_alloc or "uniform",
-                                                           "trim": rep.get("trim_summary"),
-                                                           "trim_matrices": [
-                                                               {"name": r["name"], **r["trim"]}
-                                                               for r in rep["layers"] if "trim" in r] or None}}
-    return _UnstructuredReport(model, args), extra
 
 
 def format_report(report: dict) -> str:
@@ -644,23 +393,9 @@ def format_report(report: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from moreau_kernels import BackendUnavailable
-
-    from ..estimate.estimator import EstimatorError
-    from ..model.structure import UnsupportedArchitecture
-
-    try:
-        report = run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, UnsupportedArchitecture,
-            EstimatorError, BackendUnavailable, FloatingPointError) as e:
-        print(f"moreau-prune: error: {e}", file=sys.stderr)
-        return 2
-    if report is not None:  # None: a rank other than 0 of a distributed run
-        print(format_report(report))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return opt.main("moreau-prune", build_parser(), run, lambda report: print(format_report(report)), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

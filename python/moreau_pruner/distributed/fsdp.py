@@ -61,7 +61,6 @@ from ..estimate.lean import _score_predicate
 MODES = ("fsdp",)
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH = "torchrun --nproc-per-node N -m moreau_pruner.cli --distributed fsdp ..."
-TAYLOR_VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
 
 
 class DistributedError(ValueError):
@@ -316,17 +315,6 @@ def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
     materialize(model, ctx, lambda n, a, b: state[n].detach()[a:b])
     del state, full
     return ShardedModel(model, tok, factory, torch_dtype, False)
-
-
-def shard_module(model: nn.Module, ctx: Context, factory: Callable[[], nn.Module] | None = None) -> ShardedModel:
-    """Shard an already built (full) model: its twin is built on meta and filled with its rows."""
-    dtype = next(model.parameters()).dtype
-    cls, config = type(model), model.config
-    factory = factory or (lambda: cls(config))
-    state = dict(unique_named_parameters(model))
-    sharded = fully_shard_model(meta_model(factory, dtype), ctx)
-    materialize(sharded, ctx, lambda n, a, b: state[n].detach()[a:b])
-    return ShardedModel(sharded, None, factory, dtype, False)
 
 
 def gather_to_rank0(sm: ShardedModel, ctx: Context) -> nn.Module | None:
@@ -655,150 +643,81 @@ def sharded_saliency(ctx: Context, grads: dict[str, torch.Tensor] | None):
     return saliency
 
 
-def compute_scores_fsdp(model: nn.Module, batch: torch.Tensor | None, ctx: Context, method: str = "moreau",
-                        prune=None, moreau: MoreauConfig | None = None, reduction: str = "sum",
-                        vectorize: bool = False, seed: int = 0, micro_batch_size: int | None = None,
-                        progress: bool = True, taylor_variant: str = "param_first", head_score: str = "unit"):
-    """Unit scores of the layers to prune (the same on every rank); returns (scores, estimate, timings).
+class FsdpScoring:
+    """The scoring context (:mod:`moreau_pruner.score.context`) of an FSDP2-sharded model: the Moreau
+    estimate and the gradients on local shards, column sums over ranks, so every rank computes the
+    same unit scores."""
 
-    ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`)."""
-    from dataclasses import replace
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._comm0 = ctx.comm_s
 
-    from ..score.importance import METHODS, check_head_score, model_scores, scored_parameter_names
-    from ..prune.plan import PruneConfig
-    from ..model.structure import discover
-    from ..score.taylor import effective_gradients
+    def estimate(self, model, batch, config, target, options, progress):
+        return moreau_estimate_fsdp(model, batch, self.ctx, config, target.scored_names, progress,
+                                    structure=target.structure)
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_head_score(head_score)
-    structure = discover(model)
-    prune = prune or PruneConfig()
-    attn_range, mlp_range = prune.validate(structure.num_layers)
-    layers = set(attn_range) | set(mlp_range)
-    names = scored_parameter_names(structure, layers)
-    if method in ("moreau", "taylor") and batch is None:
-        raise ValueError(f"method {method!r} needs a calibration batch")
-    timings: dict = {}
-    est = None
-    grads = None
-    t0 = time.perf_counter()
-    comm0 = ctx.comm_s
-    if method == "moreau":
-        cfg = moreau or MoreauConfig(seed=seed)
-        if micro_batch_size and cfg.micro_batch_size is None:
-            cfg = replace(cfg, micro_batch_size=micro_batch_size)
-        est = moreau_estimate_fsdp(model, batch, ctx, cfg, names, progress, structure=structure)
-        grads = est.grads
-    elif method == "taylor":
-        if taylor_variant not in TAYLOR_VARIANTS:
-            raise ValueError(f"taylor variant must be one of {TAYLOR_VARIANTS}, got {taylor_variant!r}")
-        if vectorize and taylor_variant == "param_first":
-            taylor_variant = "vectorize"
-        g = gradient_fsdp(model, batch, ctx, names, micro_batch_size) if taylor_variant != "param_second" else None
-        f = fisher_fsdp(model, batch, ctx, names) if taylor_variant in ("param_second", "param_mix") else None
-        if f is not None:  # F ⊙ W needs the local rows of W
-            local_w = {n: p.to_local() for n, p in unique_named_parameters(model) if n in f}
-            grads = {n: (fv * local_w[n].detach().float() if taylor_variant == "param_second"
-                         else g[n].float() - 0.5 * fv * local_w[n].detach().float()) for n, fv in f.items()}
-        else:
-            grads = effective_gradients(model, taylor_variant, g, None)
-        vectorize = taylor_variant == "vectorize"
-    timings["importance_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = model_scores(structure, "taylor" if method == "taylor" else method, grads, reduction, vectorize,
-                          prune.granularity, seed, layers,
-                          saliency=sharded_saliency(ctx, grads if method != "magnitude" else None),
-                          head_score=head_score)
-    timings["scoring_s"] = time.perf_counter() - t0
-    timings["collectives_s"] = ctx.comm_s - comm0
-    return scores, est, timings
+    def gradient(self, model, batch, names, micro_batch_size):
+        return gradient_fsdp(model, batch, self.ctx, names, micro_batch_size)
+
+    def fisher(self, model, batch, names):
+        return fisher_fsdp(model, batch, self.ctx, names)
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        """The local rows of every weight (F ⊙ W is elementwise)."""
+        return {n: p.to_local() for n, p in unique_named_parameters(model)}
+
+    def saliency(self, grads):
+        return sharded_saliency(self.ctx, grads)
+
+    def timings(self) -> dict[str, float]:
+        return {"collectives_s": self.ctx.comm_s - self._comm0}
 
 
-# ============================================================================ whole pipeline (CLI)
-UNSUPPORTED = (
-    ("unstructured", lambda a: a.unstructured, "--unstructured has no distributed path yet (structured methods only)"),
-    ("allocation", lambda a: a.allocation != "uniform",
-     "--allocation {value} has no distributed path yet (only uniform)"),
-    ("noise", lambda a: a.noise != "philox", "--noise torch has no distributed path yet (use philox)"),
-    ("method", lambda a: a.method in ("wanda", "gblm"), "--method {value} is unstructured; no distributed path yet"),
-    ("method", lambda a: a.method == "policy-gradient",
-     "--method policy-gradient has no distributed path yet (its masked forwards run in one process)"),
-    ("rounds", lambda a: a.rounds != 1, "--rounds {value} has no distributed path yet (one-shot only)"),
-)
+# ============================================================================ a whole run
+def run_job(job, finish_rank0) -> dict | None:
+    """A :class:`moreau_pruner.job.PruneJob` on the FSDP2 ranks of a torchrun job; rank 0 returns
+    the report, the others None.
 
-
-def check_options(args) -> None:
-    """Refuse, before any work, the options that have no distributed path yet (naming each)."""
-    problems = [msg.format(value=getattr(args, key)) for key, bad, msg in UNSUPPORTED if bad(args)]
-    if problems:
-        raise DistributedError("; ".join(problems))
-
-
-def run(args) -> dict | None:
-    """The one-process CLI pipeline on FSDP2 ranks; rank 0 returns the report, the others None.
-
-    Every rank runs the estimate and the scores on its shards; rank 0 gathers the full model,
-    prunes it with the common plan, evaluates and saves. An error on rank 0 after the gather is
-    sent to every rank so none is left waiting.
+    Every rank loads its shards, draws the calibration batch and scores its shards (the scores are
+    the same on every rank); rank 0 gathers the full model and ``finish_rank0`` prunes it with those
+    scores, evaluates, reports and saves. An error on rank 0 after the gather is sent to every rank so
+    none is left waiting.
     """
-    from ..cli.prune import _check_out, _check_uniform_args, _eval_lens
-    from ..prune.plan import PruneConfig
-
-    check_options(args)
-    if args.uniform:
-        _check_uniform_args(args)
     check_environment()
-    lens = _eval_lens(args.eval_seq_lens) if args.eval else []
-    _check_out(args)
-    prune_cfg = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers,
-                            mlp_layers=args.mlp_layers or args.attn_layers, scope=args.scope,
-                            granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
-    moreau_cfg = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.lr, soft=args.soft,
-                              iters=args.iters, avg_last=args.avg_last, group=args.group,
-                              n_samples=args.noise_samples, noise=args.noise, seed=args.seed,
-                              micro_batch_size=args.micro_batch_size).validate()
-    if not 0 < args.ratio < 1:
-        raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
-    mk.set_backend(args.backend)
-    ctx = init(args.device)
+    mk.set_backend(job.backend)
+    ctx = init(job.device)
     try:
-        return _run(args, ctx, lens, prune_cfg, moreau_cfg)
+        return _run_job(job, ctx, finish_rank0)
     finally:
         dist.destroy_process_group()
 
 
-def _run(args, ctx, lens, prune_cfg, moreau_cfg):
-    from .. import data
-    from ..cli.prune import _half_gemm
-    from ..model.precision import fp32_accumulate_gemms
-    from ..model.structure import discover
+def _run_job(job, ctx: Context, finish_rank0):
+    from ..job import calibrate, half_gemm_context, half_gemm_mode
+    from ..prune.target import resolve_target
+    from ..score.registry import score_units
 
     times: dict = {}
     t0 = time.perf_counter()
-    sm = load_sharded(args.model, args.dtype, ctx)
+    sm = load_sharded(job.model, job.dtype, ctx)
     times["load_s"] = time.perf_counter() - t0
-    model, tok = sm.model, sm.tokenizer
-    prune_cfg.validate(discover(model).num_layers)
-    calib_text = data.load_text(args.calib_file) if args.calib_file else data.calibration_text(args.calib)
-    batch = data.calibration_batch(tok, calib_text, args.num_examples, args.seq_len, args.seed).to(ctx.device)
-    progress = not args.quiet
-    half = _half_gemm(args)
-    gemms = (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
-             else contextlib.nullcontext())
-    with gemms:
-        scores, est, more = compute_scores_fsdp(model, batch, ctx, args.method, prune_cfg, moreau_cfg,
-                                                args.reduction, args.vectorize, args.seed, args.micro_batch_size,
-                                                progress, args.taylor_variant, args.head_score)
+    target = resolve_target(sm.model, job.prune)
+    batch = calibrate(sm.tokenizer, job.data, ctx.device)
+    half = half_gemm_mode(job)
+    with half_gemm_context(job.dtype, half):
+        scores, est, more = score_units(sm.model, batch, job.method, target, job.moreau, job.options,
+                                        FsdpScoring(ctx), job.progress)
     times.update(more)
     t0 = time.perf_counter()
     plain = gather_to_rank0(sm, ctx)
     times["gather_s"] = time.perf_counter() - t0
     report, error = None, None
     if ctx.is_main:
+        extra = {"distributed": {"mode": "fsdp", "world_size": ctx.world, "device": str(ctx.device),
+                                 "sliced_loading": sm.sliced_loading,
+                                 "pruned_on": "rank 0, gathered full model (CPU)"}}
         try:
-            report = _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, est, times, half,
-                                   progress, ctx, sm, gemms)
+            report = finish_rank0(job, plain, sm.tokenizer, batch, scores, est, times, half, extra, ctx.device)
         except Exception as e:  # noqa: BLE001 - sent to every rank, then raised
             error = e
     status = [None if error is None else (type(error).__name__, str(error))]
@@ -807,52 +726,4 @@ def _run(args, ctx, lens, prune_cfg, moreau_cfg):
         raise error
     if status[0] is not None:
         raise DistributedError(f"rank 0 failed: {status[0][0]}: {status[0][1]}")
-    return report
-
-
-def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, est, times, half, progress, ctx,
-                  sm, gemms):
-    import json
-
-    from .. import data
-    from ..cli.prune import _prune_and_report, perplexity_report
-    from ..io.pruned import save_pruned
-    from ..prune.plan import prune_structure
-    from ..model.structure import discover
-
-    device = ctx.device
-    if lens:
-        plain.to(device)
-    eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
-    eval_ids = data.tokenize_text(tok, eval_text) if lens else None
-
-    ppl = perplexity_report(plain, eval_ids, lens, args.eval_tokens, times, progress)
-
-    def structured(model):
-        t = time.perf_counter()
-        rep = prune_structure(discover(model), scores, prune_cfg)
-        times["prune_s"] = time.perf_counter() - t
-        model.to(device)
-        extra = {"moreau": est.summary() if est else None, "allocation": None,
-                 "backend": est.backend if est else mk.get_backend(), "estimator_path": "fsdp" if est else None,
-                 "distributed": {"mode": "fsdp", "world_size": ctx.world, "device": str(device),
-                                 "sliced_loading": sm.sliced_loading,
-                                 "pruned_on": "rank 0, gathered full model (CPU)"}}
-        return rep, extra
-
-    with gemms:
-        report = _prune_and_report(args, plain, tok, batch.cpu(), eval_ids, ppl, prune_cfg, moreau_cfg, None,
-                                   times, progress, half, structured=structured)
-    if args.out:
-        from ..io.stock import save_uniform
-
-        t = time.perf_counter()
-        save = save_uniform if args.uniform else save_pruned
-        save(plain, args.out, tokenizer=tok, extra=report, overwrite=args.overwrite)
-        times["save_s"] = time.perf_counter() - t
-        report["out"] = str(Path(args.out).resolve())
-    if args.json:
-        tmp = Path(args.json).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, args.json)
     return report

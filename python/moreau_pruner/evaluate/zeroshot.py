@@ -20,18 +20,16 @@ The extra ``eval`` provides lm-eval: ``pip install moreau-kernels[eval]``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
 import difflib
 import json
 import logging
 import os
-import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from ..io.atomic import write_json
 
 __all__ = [
     "PAPER_TASKS",
@@ -42,8 +40,7 @@ __all__ = [
     "hub_offline",
     "evaluate_zero_shot",
     "write_into_pruning_info",
-    "build_parser",
-    "main",
+    "format_table",
 ]
 
 #: The zero-shot tasks of LLM-Pruner's and MoreauPruner's tables (lm-eval task names).
@@ -144,7 +141,7 @@ def _lm_eval_logging(verbose: bool):
 # --------------------------------------------------------------------------- tasks
 
 
-def _include_paths(include_path) -> list[str]:
+def resolve_include_paths(include_path) -> list[str]:
     if include_path is None:
         return []
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
@@ -335,7 +332,7 @@ def evaluate_zero_shot(
     _check_settings(num_fewshot, batch_size, limit)
     if tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer, and none was given (the directory has none?)")
-    include_paths = _include_paths(include_path)
+    include_paths = resolve_include_paths(include_path)
     lm_eval = require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -362,18 +359,6 @@ def evaluate_zero_shot(
 # --------------------------------------------------------------------------- writing results
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"  # serialise first: a failure leaves the old file as it was
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_into_pruning_info(directory: str | os.PathLike, report: dict) -> Path | None:
     """Merges ``report``'s per-task results into ``directory/pruning_info.json`` under
     ``"zero_shot"`` (results of other tasks already there are kept; a task evaluated again is
@@ -395,7 +380,7 @@ def write_into_pruning_info(directory: str | os.PathLike, report: dict) -> Path 
     for task, entry in report["tasks"].items():
         section[task] = {**entry, **common}
     info[ZERO_SHOT_KEY] = section
-    _write_json_atomic(path, info)
+    write_json(path, info)
     return path
 
 
@@ -413,145 +398,3 @@ def format_table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-DESCRIPTION = f"""\
-Zero-shot accuracy of a dense, pruned or recovered model with lm-evaluation-harness.
-
-The model is loaded by this package (a pruned directory needs no trust_remote_code) and handed to
-lm-eval's HFLM; every task is scored by log-likelihood: acc (the most likely choice) and, where the
-task defines it, acc_norm (likelihood per character), each with its standard error. The table is
-printed, saved with --output, and written into the model directory's pruning_info.json under
-"zero_shot" when it has one.
-
---tasks paper is the set of LLM-Pruner's and MoreauPruner's tables:
-{", ".join(PAPER_TASKS)}.
-Their datasets come from the Hugging Face hub: nothing is downloaded unless --allow-download is
-given, so without it they run only where the local datasets cache has them. Local tasks
-(lm-eval YAML + data files) run offline with --include-path DIR.
-
-Needs the extra `eval`: {INSTALL_HINT}"""
-
-EPILOG = """\
-examples:
-  moreau-eval --model pruned-smollm2 --tasks paper
-  moreau-eval --model pruned-smollm2 --tasks piqa,arc_easy --device cuda --dtype bfloat16 --output zs.json
-  moreau-eval --model pruned-smollm2 --tasks moreau_tiny_facts --include-path tests/data/zeroshot
-  moreau-eval --tasks moreau_tiny_facts --include-path tests/data/zeroshot   # the embedded dense SmolLM2
-  moreau-eval --model pruned-smollm2 --tasks hellaswag --limit 200           # quick look, not the full task
-"""
-
-
-def _limit(text: str) -> int | float:
-    try:
-        value = float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit must be a number of documents or a fraction, got {text!r}") from None
-    if value <= 0 or (isinstance(value, float) and value > 1):
-        raise argparse.ArgumentTypeError(f"--limit must be a positive integer or a fraction in (0, 1], got {text!r}")
-    return value
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-size must be a positive integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--batch-size must be a positive integer or 'auto', got {text!r}")
-    return value
-
-
-def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moreau-eval", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a pruned/recovered directory (save_pruned), a local HF model directory or a "
-                                   ".gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tasks", required=True,
-                   help="comma-separated lm-eval task names; 'paper' = " + ",".join(PAPER_TASKS))
-    p.add_argument("--include-path", action="append", metavar="DIR",
-                   help="a directory of extra task YAMLs (lm-eval's --include_path); may be repeated")
-    p.add_argument("--num-fewshot", type=_nonnegative, default=0, help="examples in the prompt (default: 0)")
-    p.add_argument("--batch-size", type=_batch_size, default=8, help="requests per forward pass, or 'auto' "
-                                                                     "(default: 8)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: float32)")
-    p.add_argument("--limit", type=_limit, help="at most this many documents per task (a fraction if < 1): "
-                                                "for quick checks, the accuracy is then not the task's")
-    p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's samplers (default: 0)")
-    p.add_argument("--output", "--report", dest="output", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--no-update-info", action="store_true",
-                   help="do not write the results into the model directory's pruning_info.json")
-    p.add_argument("--allow-download", action="store_true",
-                   help="let lm-eval download task datasets from the Hugging Face hub (default: offline)")
-    p.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
-    return p
-
-
-def run(args) -> dict:
-    import torch
-
-    from ..model.loading import load_model
-
-    names = parse_tasks(args.tasks)
-    include_paths = _include_paths(args.include_path)  # bad paths fail before the model loads
-    require_lm_eval()
-    if args.output and Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output} is a directory; give a file name")
-    t0 = time.perf_counter()
-    print(f"moreau-eval: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
-    model, tok = load_model(args.model, args.dtype, args.device)
-    load_s = time.perf_counter() - t0
-    result = evaluate_zero_shot(model, tok, names, include_path=include_paths, num_fewshot=args.num_fewshot,
-                                batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-                                allow_download=args.allow_download, verbose=args.verbose)
-    report = {
-        "model": str(Path(args.model).resolve()) if args.model else "embedded SmolLM2-135M-Instruct",
-        "params": sum(p.numel() for p in model.parameters()),
-        "dtype": args.dtype,
-        "device": args.device,
-        **result,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "load_s": round(load_s, 2),
-    }
-    if args.output:
-        _write_json_atomic(Path(args.output), report)
-    if args.model and not args.no_update_info and Path(args.model).is_dir():
-        written = write_into_pruning_info(args.model, report)
-        if written is not None:
-            report["pruning_info"] = str(written)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
-            TaskDataUnavailable) as e:
-        print(f"moreau-eval: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    if report.get("pruning_info"):
-        print(f"(written into {report['pruning_info']} under \"{ZERO_SHOT_KEY}\")")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

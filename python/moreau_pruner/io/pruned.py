@@ -19,18 +19,17 @@ template inside this package.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import json_default, staged_directory
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -212,20 +211,6 @@ def _model_dtype(model) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, torch.dtype):
-        return _dtype_name(obj)
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return obj.tolist()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
 def _pruned_config_dict(model, base_arch: str, widths: dict[str, list[int]], tied: bool) -> dict:
     _, model_type = SUPPORTED_ARCHITECTURES[base_arch]
     d = model.config.to_dict()
@@ -321,13 +306,13 @@ def save_pruned(
     config_dict = _pruned_config_dict(model, base_arch, widths, tied)
     cfg = template.PrunedConfig.from_dict(dict(config_dict))
     try:
-        config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default) + "\n"
+        config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=json_default) + "\n"
     except TypeError as e:
         raise ValueError(f"the model config cannot be written as JSON: {e}") from e
     info_json = None
     if extra is not None:
         try:
-            info_json = json.dumps(extra, indent=2, default=_json_default) + "\n"
+            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
         except (TypeError, ValueError) as e:
             raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
     tensors = _weights_to_save(model, template, cfg, tied)
@@ -352,36 +337,6 @@ def write_extras(directory: Path, model, tokenizer=None, info_json: str | None =
         tokenizer.save_pretrained(directory)
     if info_json is not None:
         (directory / PRUNING_INFO_FILE).write_text(info_json, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def staged_directory(out_dir: Path):
-    """Yields an empty temporary sibling of ``out_dir`` to write into; when the block ends without
-    an error it replaces ``out_dir`` (an existing one is moved aside first and removed last), and
-    on any error the temporary directory is removed and ``out_dir`` is left as it was."""
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = parent / f".{out_dir.name}.tmp-{tag}"
-    old = parent / f".{out_dir.name}.old-{tag}"
-    moved_old = False
-    try:
-        tmp.mkdir()
-        yield tmp
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                os.replace(out_dir, old)
-                moved_old = True
-            else:
-                out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved_old and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    if moved_old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- load

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import json_default, staged_directory
 from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
-                 WEIGHTS_FILE, _base_architecture, _dtype_name, _json_default, _model_dtype, layer_widths,
-                 staged_directory, write_extras)
+                     WEIGHTS_FILE, _base_architecture, _dtype_name, _model_dtype, layer_widths, write_extras)
 
 __all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
 
@@ -141,11 +141,11 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
 
     cfg = stock_config(model)
     tensors = _stock_tensors(model, cfg)
-    config_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
+    config_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=json_default) + "\n"
     info_json = None
     if extra is not None:
         try:
-            info_json = json.dumps(extra, indent=2, default=_json_default) + "\n"
+            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
         except (TypeError, ValueError) as e:
             raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
 

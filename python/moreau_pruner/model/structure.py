@@ -93,9 +93,6 @@ class LayerStructure:
                 out.append((lin.bias, 0, ch))
         return out
 
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.attention_params() + self.mlp_params())
-
 
 @dataclass
 class ModelStructure:
@@ -108,6 +105,12 @@ class ModelStructure:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def projection_names(self, layers: set[int] | None = None) -> list[str]:
+        """Names of the q/k/v/o and gate/up/down weights of ``layers`` (None: all), layer by layer."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(lin.weight)] for ls in self.layers if layers is None or ls.index in layers
+                for lin in (ls.q, ls.k, ls.v, ls.o, ls.gate, ls.up, ls.down)]
 
     def widths(self) -> list[dict]:
         return [{"layer": ls.index, "num_attention_heads": ls.n_heads, "num_key_value_heads": ls.n_kv_heads,

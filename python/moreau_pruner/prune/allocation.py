@@ -57,9 +57,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from ..score.importance import LayerScores
-from .plan import PruneConfig, PruneReport, prune_structure
 from ..model.structure import ModelStructure, discover
+from ..score.importance import LayerScores
+from .apply import PruneReport, prune_structure
+from .plan import attention_units_removed, mlp_channels_removed, unit_params
+from .target import PruneTarget
 
 METHODS = ("uniform", "owl", "alpha", "farms")  # layer allocators
 ROW_METHODS = ("trim",)  # row allocators (unstructured)
@@ -122,11 +124,11 @@ def unstructured_sizes(structure: ModelStructure, layers=None) -> dict[int, int]
             if layers is None or ls.index in layers}
 
 
-def structured_sizes(structure: ModelStructure, cfg: PruneConfig) -> dict[int, int]:
-    """Parameters of the prunable units per layer in ``cfg``'s attention / MLP ranges."""
-    attn, mlp = cfg.validate(structure.num_layers)
+def structured_sizes(target: PruneTarget) -> dict[int, int]:
+    """Parameters of the prunable units per layer in the target's attention / MLP ranges."""
+    attn, mlp = target.attn_range, target.mlp_range
     out = {}
-    for ls in structure.layers:
+    for ls in target.structure.layers:
         n = 0
         if ls.index in attn:
             n += sum(p.numel() for p in ls.attention_params())
@@ -137,14 +139,12 @@ def structured_sizes(structure: ModelStructure, cfg: PruneConfig) -> dict[int, i
     return out
 
 
-def structured_removal(structure: ModelStructure, cfg: PruneConfig):
+def structured_removal(target: PruneTarget):
     """removal(layer, r) -> parameters :func:`moreau_pruner.prune.plan.plan_local` removes from that layer at
     ratio r (its own unit-count rules: the heads' floor rule and ``round_to`` included), for the layers
-    in ``cfg``'s ranges. The widths are read now: pruning the model afterwards does not change the
+    in the target's ranges. The widths are read now: pruning the model afterwards does not change the
     function."""
-    from .plan import attention_units_removed, mlp_channels_removed, unit_params
-
-    attn, mlp = cfg.validate(structure.num_layers)
+    structure, cfg, attn, mlp = target.structure, target.config, target.attn_range, target.mlp_range
     dims = {}
     for ls in structure.layers:
         head, kv, channel = unit_params(ls, structure.hidden_size)
@@ -164,14 +164,13 @@ def structured_removal(structure: ModelStructure, cfg: PruneConfig):
     return removal
 
 
-def allocate_structured(model: nn.Module, cfg: PruneConfig, method: str, batch: torch.Tensor | None = None,
-                        structure: ModelStructure | None = None, micro_batch_size: int | None = None,
-                        **options) -> Allocation:
-    """:func:`allocate` for the structured path: the layers and sizes of ``cfg``'s ranges, fitted so the
-    parameters removed match uniform ``cfg.ratio``'s (:func:`structured_removal`)."""
-    structure = structure or discover(model)
-    return allocate(model, cfg.ratio, method, batch, sizes=structured_sizes(structure, cfg), structure=structure,
-                    micro_batch_size=micro_batch_size, removal=structured_removal(structure, cfg), **options)
+def allocate_structured(model: nn.Module, target: PruneTarget, method: str, batch: torch.Tensor | None = None,
+                        micro_batch_size: int | None = None, **options) -> Allocation:
+    """:func:`allocate` for the structured path: the layers and sizes of the target's ranges, fitted so the
+    parameters removed match uniform ratio's (:func:`structured_removal`)."""
+    return allocate(model, target.config.ratio, method, batch, sizes=structured_sizes(target),
+                    structure=target.structure, micro_batch_size=micro_batch_size,
+                    removal=structured_removal(target), **options)
 
 
 # ----------------------------------------------------------------------------- ratio fitting
@@ -404,10 +403,10 @@ def allocate(model: nn.Module, ratio: float, method: str = "owl", batch: torch.T
 
 
 # ----------------------------------------------------------------------------- structured use
-def prune_structure_allocated(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
+def prune_structure_allocated(target: PruneTarget, scores: list[LayerScores],
                               layer_ratios: dict[int, float]) -> PruneReport:
-    """Local structural pruning with ratio ``layer_ratios[l]`` in layer l (``cfg.ratio`` elsewhere):
-    prune.py's own :func:`prune_structure` with ``PruneConfig.layer_ratios`` set; each layer entry
-    of the report carries its ``ratio``.
+    """Local structural pruning with ratio ``layer_ratios[l]`` in layer l (the target's ratio elsewhere):
+    :func:`~moreau_pruner.prune.apply.prune_structure` with ``PruneConfig.layer_ratios`` set; each layer
+    entry of the report carries its ``ratio``.
     """
-    return prune_structure(structure, scores, replace(cfg, layer_ratios=dict(layer_ratios)))
+    return prune_structure(target.with_config(replace(target.config, layer_ratios=dict(layer_ratios))), scores)

@@ -12,7 +12,7 @@ r of the weights of all prunable units in the layer ranges are gone.
 
 ``uniform``: every layer keeps the same number of KV groups / query heads per group and MLP
 channels, so the result is a stock LlamaConfig / MistralConfig / Qwen2Config model (see
-:mod:`.export`). Each layer still keeps its own highest-scoring units; only the counts are shared.
+:mod:`moreau_pruner.io.stock`). Each layer still keeps its own highest-scoring units; only the counts are shared.
 It applies the local rule to *all* layers: a layer range that leaves some layers at full width is
 refused (the model would not be uniform), as are global scope and per-layer ratios (they vary the
 count by design), and a model whose layers already differ in width.
@@ -24,73 +24,16 @@ widths are already whole heads.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
-from torch import nn
 
 from ..score.importance import LayerScores
-from ..model.structure import GRANULARITIES, ModelStructure, parse_layer_range
+from ..model.structure import ModelStructure
+from .config import PruneConfig
+from .target import PruneTarget, as_target
 
-SCOPES = ("local", "global")
-
-
-@dataclass
-class PruneConfig:
-    """ratio r: fraction removed from each pruned layer's units (local) or from all of them
-    (global). Layer ranges are ``(start, end)`` or ``"start:end"``, end exclusive; None: the
-    published choice scaled to the model (LLaMA-7B: 4:30 of 32)."""
-
-    ratio: float = 0.2
-    attn_layers: tuple[int, int] | str | None = None
-    mlp_layers: tuple[int, int] | str | None = None
-    scope: str = "local"
-    granularity: str = "kv-group"
-    round_to: int | None = None
-    layer_ratios: dict[int, float] | None = None  # per-layer r (local scope), e.g. from allocation.allocate
-    uniform: bool = False  # same widths in every layer: a stock config (module docstring)
-
-    def ratio_of(self, layer: int) -> float:
-        return (self.layer_ratios or {}).get(layer, self.ratio)
-
-    def validate(self, num_layers: int) -> tuple[range, range]:
-        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
-        if self.layer_ratios:
-            if self.scope != "local":
-                raise ValueError("per-layer ratios apply to local pruning (scope='local')")
-            for layer, r in self.layer_ratios.items():
-                if not 0.0 <= r < 1.0:
-                    raise ValueError(f"layer {layer}: ratio must be in [0, 1), got {r}")
-        if self.uniform:
-            return self._validate_uniform(num_layers)
-        a = parse_layer_range(self.attn_layers, num_layers, "attention layer range")
-        m = parse_layer_range(self.mlp_layers, num_layers, "MLP layer range")
-        return range(*a), range(*m)
-
-    def _validate_uniform(self, num_layers: int) -> tuple[range, range]:
-        """Uniform pruning prunes every layer by the local rule (module docstring)."""
-        if self.scope != "local":
-            raise ValueError("uniform pruning keeps the same unit counts in every layer (the local rule); "
-                             f"scope {self.scope!r} varies them per layer: use scope='local'")
-        if self.layer_ratios:
-            raise ValueError("uniform pruning uses one ratio for every layer; per-layer ratios (an allocation "
-                             "such as owl/alpha/farms) would give layers different widths")
-        for spec, what in ((self.attn_layers, "attention layer range"), (self.mlp_layers, "MLP layer range")):
-            if spec is None:
-                continue
-            start, end = parse_layer_range(spec, num_layers, what)
-            if (start, end) != (0, num_layers):
-                raise ValueError(f"uniform pruning prunes all {num_layers} layers so that every layer has the "
-                                 f"same width; the {what} {start}:{end} would leave the other layers at full width "
-                                 f"(give 0:{num_layers} or no range)")
-        return range(num_layers), range(num_layers)
+Counts = dict[int, tuple[int | None, int | None]]
 
 
 @dataclass
@@ -101,30 +44,7 @@ class LayerPlan:
     mlp_keep: list[int] | None = None
 
 
-@dataclass
-class PruneReport:
-    params_before: int
-    params_after: int
-    ratio: float
-    scope: str
-    granularity: str
-    attn_layers: list[int]
-    mlp_layers: list[int]
-    layers: list[dict] = field(default_factory=list)
-    rounds: int = 1  # iterative pruning: scoring rounds that led to this model
-    uniform: dict | None = None  # uniform pruning: what it costs against the per-layer plan (uniform_cost)
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.params_after / self.params_before
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["kept_fraction"] = self.kept_fraction
-        return d
-
-
-def count_parameters(model: nn.Module) -> int:
+def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
@@ -170,27 +90,26 @@ def mlp_channels_removed(channels: int, ratio: float, round_to: int | None) -> i
     return channels - max(keep, 1)
 
 
-def local_unit_counts(structure: ModelStructure, cfg: PruneConfig, attn_range: range,
-                      mlp_range: range) -> dict[int, tuple[int | None, int | None]]:
+def local_unit_counts(target: PruneTarget) -> Counts:
     """Per layer, (attention units, MLP channels) the local rule removes; None where the layer is
     outside the range. Attention units are KV groups (``kv-group``) or query heads taken from every
     KV group (``query-heads``)."""
-    counts = {}
-    for ls in structure.layers:
+    cfg, counts = target.config, {}
+    for ls in target.structure.layers:
         ratio = cfg.ratio_of(ls.index)
         attn = (attention_units_removed(ls.n_heads, ls.head_dim, ls.n_kv_heads, ratio, cfg.granularity)
-                if ls.index in attn_range else None)
-        mlp = mlp_channels_removed(ls.intermediate_size, ratio, cfg.round_to) if ls.index in mlp_range else None
+                if ls.index in target.attn_range else None)
+        mlp = (mlp_channels_removed(ls.intermediate_size, ratio, cfg.round_to)
+               if ls.index in target.mlp_range else None)
         counts[ls.index] = (attn, mlp)
     return counts
 
 
-def plan_local(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
-               attn_range: range, mlp_range: range,
-               counts: dict[int, tuple[int | None, int | None]] | None = None) -> list[LayerPlan]:
+def plan_local(target: PruneTarget, scores: list[LayerScores], counts: Counts | None = None) -> list[LayerPlan]:
     """Remove the lowest-scoring units of each layer: ``counts`` of them (see :func:`local_unit_counts`,
     its default), so iterative pruning can give each round its share of the final removal."""
-    counts = local_unit_counts(structure, cfg, attn_range, mlp_range) if counts is None else counts
+    structure, cfg = target.structure, target.config
+    counts = local_unit_counts(target) if counts is None else counts
     plans = []
     for ls, sc in zip(structure.layers, scores):
         plan = LayerPlan(ls.index)
@@ -220,9 +139,9 @@ def prunable_weights(structure: ModelStructure, granularity: str, attn_range: ra
     return total
 
 
-def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
-                attn_range: range, mlp_range: range) -> list[LayerPlan]:
+def plan_global(target: PruneTarget, scores: list[LayerScores]) -> list[LayerPlan]:
     """Greedy removal by score per weight across layers (see the module docstring)."""
+    structure, cfg, attn_range, mlp_range = target.structure, target.config, target.attn_range, target.mlp_range
     hidden = structure.hidden_size
     cands = []  # (score per weight, size, layer, kind, unit)
     for ls, sc in zip(structure.layers, scores):
@@ -242,13 +161,13 @@ def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: Prune
             size = 3 * hidden
             for c, v in enumerate(sc.mlp.tolist()):  # the same Python floats as float(sc.mlp[c]), faster
                 cands.append((v / size, size, ls.index, "mlp", c))
-    target = cfg.ratio * prunable_weights(structure, cfg.granularity, attn_range, mlp_range)
+    goal = cfg.ratio * prunable_weights(structure, cfg.granularity, attn_range, mlp_range)
     removed = {ls.index: {"kv": set(), "qrank": set(), "mlp": set()} for ls in structure.layers}
     limits = {ls.index: {"kv": ls.n_kv_heads - 1, "qrank": ls.n_rep - 1, "mlp": ls.intermediate_size - 1}
               for ls in structure.layers}
     done = 0
     for score, size, layer, kind, unit in sorted(cands, key=lambda c: c[0]):
-        if done >= target:
+        if done >= goal:
             break
         if len(removed[layer][kind]) >= limits[layer][kind]:
             continue
@@ -272,62 +191,22 @@ def plan_global(structure: ModelStructure, scores: list[LayerScores], cfg: Prune
     return plans
 
 
-def _select(lin: nn.Linear, idx: torch.Tensor, axis: int) -> None:
-    """Keep rows (axis 0) or input columns (axis 1) ``idx`` of a Linear, in place."""
-    w = lin.weight
-    lin.weight = nn.Parameter(w.data.index_select(axis, idx.to(w.device)).contiguous(), requires_grad=w.requires_grad)
-    if axis == 0:
-        lin.out_features = len(idx)
-        if lin.bias is not None:
-            b = lin.bias
-            lin.bias = nn.Parameter(b.data.index_select(0, idx.to(b.device)).contiguous(), requires_grad=b.requires_grad)
-    else:
-        lin.in_features = len(idx)
-
-
-def _rows(units: list[int], width: int) -> torch.Tensor:
-    """Row indices of whole units of ``width`` consecutive rows."""
-    return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
-
-
-def apply_plan(structure: ModelStructure, plans: list[LayerPlan]) -> None:
-    """Index-select the kept rows/columns and update each attention's head bookkeeping."""
-    for ls, plan in zip(structure.layers, plans):
-        d = ls.head_dim
-        attn = ls.attn
-        if plan.kv_keep is not None and len(plan.kv_keep) < ls.n_kv_heads:
-            n_rep = ls.n_rep
-            _select(ls.q, _rows(plan.kv_keep, n_rep * d), 0)
-            _select(ls.o, _rows(plan.kv_keep, n_rep * d), 1)
-            _select(ls.k, _rows(plan.kv_keep, d), 0)
-            _select(ls.v, _rows(plan.kv_keep, d), 0)
-        elif plan.q_keep is not None and len(plan.q_keep[0]) < ls.n_rep:
-            n_rep = ls.n_rep
-            heads = [g * n_rep + j for g, keep in enumerate(plan.q_keep) for j in keep]
-            _select(ls.q, _rows(heads, d), 0)
-            _select(ls.o, _rows(heads, d), 1)
-            attn.num_key_value_groups = len(plan.q_keep[0])
-        if plan.mlp_keep is not None and len(plan.mlp_keep) < ls.intermediate_size:
-            idx = torch.tensor(plan.mlp_keep, dtype=torch.long)
-            _select(ls.gate, idx, 0)
-            _select(ls.up, idx, 0)
-            _select(ls.down, idx, 1)
-        # attributes older transformers versions read in forward
-        for attr, value in (("num_heads", ls.n_heads), ("num_key_value_heads", ls.n_kv_heads)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
-        if hasattr(ls.mlp, "intermediate_size"):
-            ls.mlp.intermediate_size = ls.intermediate_size
-
-
-def check_uniform_structure(structure: ModelStructure) -> None:
-    """Uniform pruning starts from a model whose layers all have the same widths."""
-    widths = {(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in structure.widths()}
-    dims = {ls.head_dim for ls in structure.layers}
-    if len(widths) > 1 or len(dims) > 1:
-        seen = ", ".join(f"{h} heads/{kv} KV heads/{m} MLP channels" for h, kv, m in sorted(widths))
-        raise ValueError(f"uniform pruning needs a model whose layers all have the same widths; this one has "
-                         f"{seen} (an already per-layer pruned model cannot be made stock by pruning more)")
+def check_scores(target: PruneTarget, scores: list[LayerScores]) -> None:
+    """Scores fit the target: one entry per layer, the right number of finite scores where a layer is pruned."""
+    structure, cfg = target.structure, target.config
+    if len(scores) != structure.num_layers:
+        raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
+    for ls, sc in zip(structure.layers, scores):
+        n_att = ls.n_kv_heads if cfg.granularity == "kv-group" else ls.n_heads
+        for part, n, in_range, what in ((sc.attention, n_att, ls.index in target.attn_range, "attention"),
+                                        (sc.mlp, ls.intermediate_size, ls.index in target.mlp_range, "MLP")):
+            if not in_range:
+                continue
+            if part is None or part.numel() != n:
+                raise ValueError(f"layer {ls.index}: {what} scores do not match the structure "
+                                 f"(granularity {cfg.granularity!r} needs {n} {what} scores)")
+            if not torch.isfinite(part).all():
+                raise ValueError(f"layer {ls.index}: {what} importance scores contain NaN or inf")
 
 
 def _removed_params(ls, plan: LayerPlan) -> int:
@@ -354,14 +233,16 @@ def _removed_params(ls, plan: LayerPlan) -> int:
     return removed
 
 
-def planned_params_after(structure: ModelStructure, plans: list[LayerPlan]) -> int:
+def planned_params_after(target: PruneTarget, plans: list[LayerPlan]) -> int:
     """The model's parameter count after ``plans`` would be applied (nothing is changed)."""
+    structure = target.structure
     return count_parameters(structure.model) - sum(_removed_params(ls, p) for ls, p in zip(structure.layers, plans))
 
 
-def ratio_for_params(structure: ModelStructure, target_params: int, cfg: PruneConfig | None = None,
+def ratio_for_params(target: PruneTarget | ModelStructure, target_params: int, cfg: PruneConfig | None = None,
                      scores: list[LayerScores] | None = None) -> float:
-    """The smallest ratio at which ``cfg``'s pruning leaves at most ``target_params`` parameters.
+    """The smallest ratio at which ``target``'s pruning (a :class:`~.target.PruneTarget`, or a structure
+    with its PruneConfig ``cfg``) leaves at most ``target_params`` parameters.
 
     Used to compare layer ranges, scopes and granularities at equal size: the unit counts move in
     whole steps (one MLP channel in every pruned layer, one query head per KV group, ...), so the
@@ -371,14 +252,15 @@ def ratio_for_params(structure: ModelStructure, target_params: int, cfg: PruneCo
 
     Local scope needs no scores (the counts depend on the ratio only). Global scope ranks units by
     score, so ``scores`` (those ``prune_structure`` will get) are required: the solved ratio then
-    holds for those scores only. ``cfg.ratio`` is ignored; per-layer ratios are refused (they fix
+    holds for those scores only. The target's ratio is ignored; per-layer ratios are refused (they fix
     the ratio of every layer already). A target the ranges cannot reach (even removing all but one
     unit of each kind) or one at or above the model's size is a ValueError.
     """
-    cfg = cfg or PruneConfig()
+    target = as_target(target, cfg)
+    structure, cfg = target.structure, target.config
     if cfg.layer_ratios:
         raise ValueError("ratio_for_params solves one ratio; the config already has per-layer ratios")
-    attn_range, mlp_range = replace(cfg, ratio=0.5).validate(structure.num_layers)
+    attn_range, mlp_range = target.attn_range, target.mlp_range
     if cfg.scope == "global" and scores is None:
         raise ValueError("with global scope the parameters removed depend on the scores: pass scores=")
     if scores is None:  # the local rule's counts do not look at the scores' values
@@ -386,24 +268,23 @@ def ratio_for_params(structure: ModelStructure, target_params: int, cfg: PruneCo
         scores = [LayerScores(ls.index, torch.zeros(n_att(ls)), torch.zeros(ls.intermediate_size))
                   for ls in structure.layers]
     before = count_parameters(structure.model)
-    target = int(target_params)
-    if target >= before:
-        raise ValueError(f"target of {target:,} parameters is not below the model's {before:,}")
+    goal = int(target_params)
+    if goal >= before:
+        raise ValueError(f"target of {goal:,} parameters is not below the model's {before:,}")
 
     def after(r: float) -> int:
-        c = replace(cfg, ratio=r)
-        plan = plan_local if cfg.scope == "local" else plan_global
-        return planned_params_after(structure, plan(structure, scores, c, attn_range, mlp_range))
+        t = target.with_config(replace(cfg, ratio=r))
+        return planned_params_after(t, plan_local(t, scores) if cfg.scope == "local" else plan_global(t, scores))
 
     lo, hi = 0.0, 1.0 - 1e-9
     smallest = after(hi)
-    if smallest > target:
-        raise ValueError(f"target of {target:,} parameters is out of reach: pruning attention layers "
+    if smallest > goal:
+        raise ValueError(f"target of {goal:,} parameters is out of reach: pruning attention layers "
                          f"{attn_range.start}:{attn_range.stop} and MLP layers {mlp_range.start}:{mlp_range.stop} "
                          f"({cfg.scope}, {cfg.granularity}) leaves at least {smallest:,}")
-    for _ in range(60):  # after() is non-increasing in r: keep after(lo) > target >= after(hi)
+    for _ in range(60):  # after() is non-increasing in r: keep after(lo) > goal >= after(hi)
         mid = (lo + hi) / 2
-        if after(mid) <= target:
+        if after(mid) <= goal:
             hi = mid
         else:
             lo = mid
@@ -415,7 +296,7 @@ def ratio_for_params(structure: ModelStructure, target_params: int, cfg: PruneCo
     return hi
 
 
-def uniform_cost(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig) -> dict:
+def uniform_cost(target: PruneTarget, scores: list[LayerScores]) -> dict:
     """Parameters of the uniform plan against the per-layer plan at the same ratio.
 
     The per-layer plan is what the same settings give without ``uniform``: the local rule in the
@@ -423,70 +304,11 @@ def uniform_cost(structure: ModelStructure, scores: list[LayerScores], cfg: Prun
     full width, which a stock config cannot express). ``params_difference`` = uniform - per-layer:
     positive when the uniform model is larger.
     """
+    structure, cfg = target.structure, target.config
     per_layer = PruneConfig(**{**asdict(cfg), "uniform": False})
-    a, m = per_layer.validate(structure.num_layers)
-    u_attn, u_mlp = cfg.validate(structure.num_layers)
-    after_pl = planned_params_after(structure, plan_local(structure, scores, per_layer, a, m))
-    after_u = planned_params_after(structure, plan_local(structure, scores, cfg, u_attn, u_mlp))
+    a, m = per_layer.layer_ranges(structure.num_layers)
+    after_pl = planned_params_after(target, plan_local(PruneTarget(structure, per_layer, a, m), scores))
+    after_u = planned_params_after(target, plan_local(target, scores))
     return {"uniform_params_after": after_u, "per_layer_params_after": after_pl,
             "params_difference": after_u - after_pl,
             "per_layer_attn_layers": [a.start, a.stop], "per_layer_mlp_layers": [m.start, m.stop]}
-
-
-def _set_stock_config(structure: ModelStructure) -> None:
-    """After uniform pruning the in-memory config describes the model (so save_pretrained is right too)."""
-    ls = structure.layers[0]
-    config = structure.model.config
-    config.num_attention_heads = ls.n_heads
-    config.num_key_value_heads = ls.n_kv_heads
-    config.intermediate_size = ls.intermediate_size
-    config.head_dim = ls.head_dim
-
-
-def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
-                    counts: dict[int, tuple[int | None, int | None]] | None = None) -> PruneReport:
-    """Plan and apply the pruning; returns the report (parameters before/after, widths).
-
-    ``counts`` (local scope only) overrides how many units each layer loses (see
-    :func:`local_unit_counts`); iterative pruning uses it to spread one final size over rounds."""
-    attn_range, mlp_range = cfg.validate(structure.num_layers)
-    if len(scores) != structure.num_layers:
-        raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
-    for ls, sc in zip(structure.layers, scores):
-        n_att = ls.n_kv_heads if cfg.granularity == "kv-group" else ls.n_heads
-        for part, n, in_range, what in ((sc.attention, n_att, ls.index in attn_range, "attention"),
-                                        (sc.mlp, ls.intermediate_size, ls.index in mlp_range, "MLP")):
-            if not in_range:
-                continue
-            if part is None or part.numel() != n:
-                raise ValueError(f"layer {ls.index}: {what} scores do not match the structure "
-                                 f"(granularity {cfg.granularity!r} needs {n} {what} scores)")
-            if not torch.isfinite(part).all():
-                raise ValueError(f"layer {ls.index}: {what} importance scores contain NaN or inf")
-    cost = None
-    if cfg.uniform:
-        check_uniform_structure(structure)
-        cost = uniform_cost(structure, scores, cfg)
-    before = count_parameters(structure.model)
-    if counts is not None and cfg.scope != "local":
-        raise ValueError("explicit unit counts apply to local pruning (scope='local')")
-    if cfg.scope == "local":
-        plans = plan_local(structure, scores, cfg, attn_range, mlp_range, counts)
-    else:
-        plans = plan_global(structure, scores, cfg, attn_range, mlp_range)
-    old = structure.widths()
-    apply_plan(structure, plans)
-    new = structure.widths()
-    if cfg.uniform:
-        check_uniform_structure(structure)  # the local rule at one ratio gives every layer the same counts
-        _set_stock_config(structure)
-    layers = []
-    for o, n, plan in zip(old, new, plans):
-        layers.append({**n, "ratio": cfg.ratio_of(n["layer"]), "removed_heads": o["num_attention_heads"] - n["num_attention_heads"],
-                       "removed_kv_heads": o["num_key_value_heads"] - n["num_key_value_heads"],
-                       "removed_channels": o["intermediate_size"] - n["intermediate_size"],
-                       "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep,
-                       "kept_channels": plan.mlp_keep})
-    return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
-                       list(attn_range), list(mlp_range), layers, uniform=cost)
-

@@ -48,7 +48,7 @@ Final mask: units are removed in increasing s while the parameters removed stay 
 target (with ``query-heads``, one more query head from every KV group at a time, scored by the
 mean s of those heads, so n_rep stays uniform). The kept model is at most one unit's parameters
 larger than the target (an MLP channel, ~3·hidden, when channels are prunable) and never
-smaller; it then goes through :func:`moreau_pruner.prune.plan.prune_structure` like every other plan.
+smaller; it then goes through :func:`moreau_pruner.prune.apply.prune_structure` like every other plan.
 """
 from __future__ import annotations
 
@@ -59,10 +59,15 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .plan import PruneConfig, count_parameters, local_unit_counts, prune_structure, unit_params
-from ..model.structure import ModelStructure, discover
-
-INITS = ("none", "taylor", "moreau", "magnitude")
+from ..score import registry
+from ..score.importance import LayerScores
+from ..score.methods import POLICY_INITS as INITS
+from . import rules
+from .apply import PruneResult, prune_structure
+from .config import PruneConfig
+from .plan import count_parameters, local_unit_counts, unit_params
+from ..model.structure import ModelStructure
+from .target import PruneTarget, as_target
 BASELINES = ("moving", "loo")
 PARAMETRIZATIONS = ("probability", "logit")
 
@@ -85,7 +90,7 @@ class PolicyConfig:
     seed: int = 0
     parametrization: str = "logit"  # Adam on the logit θ of s (default) or on s itself (the paper's)
 
-    def validate(self) -> "PolicyConfig":
+    def __post_init__(self) -> None:
         for name in ("steps", "samples", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -109,7 +114,6 @@ class PolicyConfig:
             raise ValueError(f"policy parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
         if not 0.0 < self.eps < 0.5:
             raise ValueError(f"policy eps must be in (0, 0.5), got {self.eps}")
-        return self
 
 
 @dataclass
@@ -130,8 +134,8 @@ class Segment:
 class UnitTable:
     """Every prunable unit of the model in the configured ranges, as one flat vector."""
 
-    def __init__(self, structure: ModelStructure, cfg: PruneConfig):
-        attn, mlp = cfg.validate(structure.num_layers)
+    def __init__(self, target: PruneTarget):
+        structure, cfg, attn, mlp = target.structure, target.config, target.attn_range, target.mlp_range
         self.segments: list[Segment] = []
         pos = 0
         for ls in structure.layers:
@@ -287,13 +291,13 @@ class MaskedForward:
 
 
 # ----------------------------------------------------------------------------- initialisation
-def init_probs(table: UnitTable, budget: float, scores=None, cfg: PruneConfig | None = None,
-               structure: ModelStructure | None = None, sharpness: float = 10.0) -> torch.Tensor:
-    """Starting keep-probabilities (module docstring): uniform, or σ(κ (q − r_l)) from ``scores``."""
+def init_probs(table: UnitTable, budget: float, scores=None, target: PruneTarget | None = None,
+               sharpness: float = 10.0) -> torch.Tensor:
+    """Starting keep-probabilities (module docstring): uniform, or σ(κ (q − r_l)) from ``scores``
+    (the local rule's counts in ``target`` give each layer's r_l)."""
     if scores is None:
         return torch.full((table.size,), budget / table.total, dtype=torch.float64)
-    attn_range, mlp_range = cfg.validate(structure.num_layers)
-    counts = local_unit_counts(structure, replace(cfg, scope="local"), attn_range, mlp_range)
+    counts = local_unit_counts(target.with_config(replace(target.config, scope="local")))
     by_layer = {sc.layer: sc for sc in scores}
     s = torch.empty(table.size, dtype=torch.float64)
     for seg in table.segments:
@@ -356,80 +360,72 @@ def keep_mask(table: UnitTable, probs: torch.Tensor, removed: dict[tuple[int, st
     return keep
 
 
-def removal_target(structure: ModelStructure, table: UnitTable, cfg: PruneConfig,
-                   target_params: int | None) -> int:
-    """Parameters to remove: the local rule's at ``cfg.ratio``, or down to ``target_params`` kept."""
+def removal_target(target: PruneTarget, table: UnitTable, target_params: int | None) -> int:
+    """Parameters to remove: the local rule's at the target's ratio, or down to ``target_params`` kept."""
     from .allocation import structured_removal
 
-    before = count_parameters(structure.model)
+    cfg = target.config
+    before = count_parameters(target.structure.model)
     if target_params is None:
-        removal = structured_removal(structure, replace(cfg, scope="local"))
+        removal = structured_removal(target.with_config(replace(cfg, scope="local")))
         layers = sorted({seg.layer for seg in table.segments})
-        target = sum(removal(layer, cfg.ratio) for layer in layers)
+        goal = sum(removal(layer, cfg.ratio) for layer in layers)
     else:
-        target = before - int(target_params)
+        goal = before - int(target_params)
     most = table.max_removable()
-    if target <= 0:
-        raise ValueError(f"the budget removes nothing (target {before - target:,} of {before:,} parameters kept); "
+    if goal <= 0:
+        raise ValueError(f"the budget removes nothing (target {before - goal:,} of {before:,} parameters kept); "
                          "raise the ratio or lower target_params")
-    if target > most:
-        raise ValueError(f"the prunable units cannot meet the budget: it asks to remove {target:,} parameters but "
+    if goal > most:
+        raise ValueError(f"the prunable units cannot meet the budget: it asks to remove {goal:,} parameters but "
                          f"removing every unit but one per layer and kind removes {most:,} "
                          f"(at least {before - most:,} of {before:,} parameters stay); lower the ratio or widen "
                          "the layer ranges")
-    return target
+    return goal
 
 
 # ----------------------------------------------------------------------------- the pruner
-def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | None = None,
-                 policy: PolicyConfig | None = None, moreau=None, target_params: int | None = None,
-                 progress: bool = True, micro_batch_size: int | None = None, **score_options):
+def policy_prune(model: nn.Module, batch: torch.Tensor, target: PruneTarget | PruneConfig | None = None,
+                 policy: PolicyConfig | None = None, *, scorer=None, target_params: int | None = None,
+                 progress: bool = True) -> PruneResult:
     """Learn keep-probabilities by policy gradient and prune ``model`` in place to the budget.
 
-    ``prune`` gives the layer ranges, granularity and ``ratio`` (the budget: the parameters the local
-    rule removes at that ratio; ``target_params`` sets the kept parameter count instead). ``moreau``
-    configures the Moreau estimate of ``init='moreau'``. Returns a :class:`moreau_pruner.prune.pruner.PruneResult`
+    ``target`` (a :class:`~moreau_pruner.prune.target.PruneTarget`, or a PruneConfig resolved against
+    the model) gives the layer ranges, granularity and ratio (the budget: the parameters the local
+    rule removes at that ratio; ``target_params`` sets the kept parameter count instead).
+    ``scorer(method, target) -> (scores, estimate, timings)`` gives the metric initialisation's scores
+    (:func:`moreau_pruner.score.registry.scorer`; default: that of ``model`` and ``batch`` with the
+    default Moreau settings and ``policy.seed``). Returns a :class:`~moreau_pruner.prune.apply.PruneResult`
     whose ``policy`` dict holds the loss curve, the forward/backward counts and the budget."""
-    from ..score.importance import LayerScores
-    from .pruner import PruneResult, compute_scores
-
-    policy = (policy or PolicyConfig()).validate()
-    prune = prune or PruneConfig()
-    if prune.uniform:
-        raise ValueError("the policy-gradient pruner gives layers different widths; it cannot make a uniform "
-                         "(stock-config) model: drop uniform")
-    if prune.layer_ratios:
-        raise ValueError("the policy-gradient pruner allocates the budget across layers itself; per-layer ratios "
-                         "(an allocation) do not apply")
-    if prune.round_to:
-        raise ValueError("round_to is not supported by the policy-gradient pruner (its widths follow the budget)")
+    policy = policy or PolicyConfig()
+    target = target if isinstance(target, PruneTarget) else as_target(model, target)
+    prune = target.config
+    rules.check(rules.Request("policy-gradient", uniform=prune.uniform, scope=prune.scope, round_to=prune.round_to,
+                              layer_ratios=bool(prune.layer_ratios)))
     if batch is None or batch.dim() != 2 or batch.shape[1] < 2:
         raise ValueError("the policy-gradient pruner needs a calibration batch of token ids [rows, tokens >= 2]")
-    structure = discover(model)
-    prune.validate(structure.num_layers)
-    table = UnitTable(structure, prune)
+    structure = target.structure
+    table = UnitTable(target)
     before = count_parameters(model)
-    target = removal_target(structure, table, prune, target_params)
-    budget = table.total - target
+    goal = removal_target(target, table, target_params)
+    budget = table.total - goal
     timings: dict[str, float] = {}
     backward_seq = forward_seq = 0
     t0 = time.perf_counter()
     scores = None
     if policy.init != "none":
-        init_cfg = replace(prune, scope="local")
-        scores, _est, more = compute_scores(model, batch if policy.init != "magnitude" else None, policy.init,
-                                            init_cfg, moreau, seed=policy.seed, progress=progress,
-                                            structure=structure, micro_batch_size=micro_batch_size, **score_options)
+        score = scorer or registry.scorer(model, batch, None, registry.ScoringOptions(seed=policy.seed),
+                                          progress=progress)
+        scores, est, more = score(policy.init, target.with_config(replace(prune, scope="local")))
         timings.update({f"init_{k}": v for k, v in more.items()})
         if policy.init == "taylor":
             forward_seq += batch.shape[0]
             backward_seq += batch.shape[0]
         elif policy.init == "moreau":
-            m = moreau
-            steps = (m.iters * getattr(m, "n_samples", 1)) if m is not None else 10
+            steps = est.config.iters * est.config.n_samples
             forward_seq += steps * batch.shape[0]
             backward_seq += steps * batch.shape[0]
-    probs = init_probs(table, budget, scores, prune, structure, policy.sharpness)
+    probs = init_probs(table, budget, scores, target, policy.sharpness)
     timings["init_s"] = time.perf_counter() - t0
 
     hooks = MaskedForward(structure, table)
@@ -437,7 +433,7 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
     model.eval()
 
     def mask_loss(p):  # calibration loss of the deterministic final mask of probabilities p
-        keep = keep_mask(table, p, final_removal(table, p, target)).unsqueeze(0)
+        keep = keep_mask(table, p, final_removal(table, p, goal)).unsqueeze(0)
         return float(torch.cat([hooks.losses(rows, keep) for rows in torch.split(batch, policy.batch_size)]).mean())
 
     gen = torch.Generator().manual_seed(policy.seed)
@@ -499,7 +495,7 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
         model.train(was_training)
     timings["policy_s"] = time.perf_counter() - t0
 
-    removed = final_removal(table, probs, target)
+    removed = final_removal(table, probs, goal)
     layer_scores, counts = [], {}
     segs = {(seg.layer, seg.kind): seg for seg in table.segments}
     for ls in structure.layers:
@@ -509,11 +505,11 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
                                         probs[m.start:m.start + m.n].float() if m else None))
         counts[ls.index] = (removed[(ls.index, "attn")] if a else None, removed[(ls.index, "mlp")] if m else None)
     t0 = time.perf_counter()
-    report = prune_structure(structure, layer_scores, replace(prune, scope="local"), counts)
+    report = prune_structure(target.with_config(replace(prune, scope="local")), layer_scores, counts=counts)
     report.scope = "global"
     timings["prune_s"] = time.perf_counter() - t0
-    info = {"config": asdict(policy), "target_removed": target, "removed": before - report.params_after,
-            "budget_gap": target - (before - report.params_after), "units": table.size,
+    info = {"config": asdict(policy), "target_removed": goal, "removed": before - report.params_after,
+            "budget_gap": goal - (before - report.params_after), "units": table.size,
             "forward_sequences": forward_seq, "backward_sequences": backward_seq,
             "final_loss": history[-1]["loss"] if history else None,
             "loss_first": history[0]["loss"] if history else None,

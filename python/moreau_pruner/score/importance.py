@@ -43,8 +43,8 @@ import torch
 import moreau_kernels as mk
 
 from ..model.structure import GRANULARITIES, LayerStructure, ModelStructure
+from .methods import UNIT_SCORERS
 
-METHODS = ("moreau", "taylor", "magnitude", "random")
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 HEAD_SCORES = ("unit", "llm-pruner", "llm-pruner-upstream")
 
@@ -155,8 +155,8 @@ def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.
 
     ``grads`` is Ĝ for ``moreau``, the gradient for ``taylor``; ``saliency`` and ``head_score``: see
     :func:`layer_scores`."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in UNIT_SCORERS:
+        raise ValueError(f"method must be one of {UNIT_SCORERS}, got {method!r}")
     check_head_score(head_score)
     if method == "random":
         gen = torch.Generator().manual_seed(seed)
@@ -176,15 +176,3 @@ def model_scores(structure: ModelStructure, method: str, grads: dict[str, torch.
     return [layer_scores(ls, use, names, reduction, vectorize, granularity, saliency, head_score)
             if layers is None or ls.index in layers else LayerScores(ls.index, None, None)
             for ls in structure.layers]
-
-
-def scored_parameter_names(structure: ModelStructure, layers: set[int] | None = None) -> list[str]:
-    """Names of the weights whose Ĝ the importance reads (the estimator keeps acc only for these)."""
-    names = {id(p): n for n, p in structure.model.named_parameters()}
-    out = []
-    for ls in structure.layers:
-        if layers is not None and ls.index not in layers:
-            continue
-        for lin in (ls.q, ls.k, ls.v, ls.o, ls.gate, ls.up, ls.down):
-            out.append(names[id(lin.weight)])
-    return out

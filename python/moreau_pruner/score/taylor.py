@@ -17,7 +17,7 @@ default ``sum`` as LLM-Pruner's ``group_reduction``).
 
 Every variant is W ⊙ G_eff for some effective gradient (G_eff = g, F ⊙ W, or g − ½ F ⊙ W), so
 the scores come from :func:`moreau_pruner.score.importance.model_scores` with ``method='taylor'``
-unchanged, in the same :class:`LayerScores` format that :func:`moreau_pruner.prune.plan.prune_structure`
+unchanged, in the same :class:`LayerScores` format that :func:`moreau_pruner.prune.apply.prune_structure`
 consumes.
 """
 from __future__ import annotations
@@ -27,25 +27,30 @@ import time
 import torch
 from torch import nn
 
-from ..estimate import estimator as _estimator
-from .importance import LayerScores, model_scores, scored_parameter_names
-from ..prune.plan import PruneConfig
-from ..model.structure import ModelStructure, discover
+from ..prune.target import PruneTarget, as_target
+from .context import LocalScoring
+from .importance import LayerScores, model_scores
 
 VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
 
 
-def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32, via ``estimator.gradient``)."""
-    n = batch.shape[0]
-    return _estimator.per_sample_gradient_sum(model, batch, names, lambda g: g.square_().div_(n))
-
-
-def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.Tensor] | None,
-                        fisher: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """G_eff with s = W ⊙ G_eff for ``variant`` (see the module docstring)."""
+def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
+def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32)."""
+    return LocalScoring().fisher(model, batch, names)
+
+
+def effective_gradients(weights: dict[str, torch.Tensor] | nn.Module, variant: str,
+                        grads: dict[str, torch.Tensor] | None,
+                        fisher: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """G_eff with s = W ⊙ G_eff for ``variant`` (see the module docstring); ``weights`` maps names to
+    the weights (a model: its parameters)."""
+    check_variant(variant)
     if variant in ("param_first", "vectorize"):
         if grads is None:
             raise ValueError(f"{variant} needs the gradient")
@@ -53,7 +58,7 @@ def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.T
     if fisher is None or (variant == "param_mix" and grads is None):
         raise ValueError(f"{variant} needs the Fisher accumulator" + (" and the gradient" if variant == "param_mix"
                                                                         else ""))
-    params = dict(model.named_parameters())
+    params = dict(weights.named_parameters()) if isinstance(weights, nn.Module) else weights
     out = {}
     for name, f in fisher.items():
         fw = f * params[name].detach().float()
@@ -61,35 +66,37 @@ def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.T
     return out
 
 
-def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_first",
-                  prune: PruneConfig | None = None, reduction: str = "sum", micro_batch_size: int | None = None,
-                  structure: ModelStructure | None = None, head_score: str = "unit") -> tuple[list[LayerScores], dict]:
-    """Unit scores of the layers ``prune`` will prune (others get None), and timings.
+def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_first", target=None,
+                  reduction: str = "sum", micro_batch_size: int | None = None, structure=None,
+                  head_score: str = "unit", context=None) -> tuple[list[LayerScores], dict]:
+    """Unit scores of the layers ``target`` prunes (others get None), and timings.
 
+    ``target``: a :class:`~moreau_pruner.prune.target.PruneTarget`, or a
+    :class:`~moreau_pruner.prune.config.PruneConfig` resolved against ``structure`` (or the model).
     ``batch``: LongTensor [n, seq]; the second-order variants run n extra backward passes of one
-    row each. Feed the scores to ``prune.prune_structure(structure, scores, prune)``.
+    row each. Feed the scores to :func:`moreau_pruner.prune.apply.prune_structure`.
     ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`).
+    ``context``: where the gradients are computed (:class:`~.context.LocalScoring` by default; the
+    FSDP2 path passes its own).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check_variant(variant)
     if batch is None:
         raise ValueError("the Taylor variants need a calibration batch")
-    structure = structure or discover(model)
-    prune = prune or PruneConfig()
-    attn_range, mlp_range = prune.validate(structure.num_layers)
-    layers = set(attn_range) | set(mlp_range)
-    names = scored_parameter_names(structure, layers)
+    target = target if isinstance(target, PruneTarget) else as_target(structure or model, target)
+    ctx = context or LocalScoring()
+    names = target.scored_names
     info: dict = {"variant": variant}
     t0 = time.perf_counter()
     grads = fisher = None
     if variant != "param_second":
-        grads = _estimator.gradient(model, batch, names, micro_batch_size)
+        grads = ctx.gradient(model, batch, names, micro_batch_size)
     if variant in ("param_second", "param_mix"):
-        fisher = fisher_diagonal(model, batch, names)
+        fisher = ctx.fisher(model, batch, names)
+    eff = effective_gradients(ctx.weights(model), variant, grads, fisher)
     info["importance_s"] = time.perf_counter() - t0
-    eff = effective_gradients(model, variant, grads, fisher)
     t0 = time.perf_counter()
-    scores = model_scores(structure, "taylor", eff, reduction, variant == "vectorize", prune.granularity, 0, layers,
+    scores = model_scores(target.structure, "taylor", eff, reduction, variant == "vectorize",
+                          target.config.granularity, 0, target.layers, saliency=ctx.saliency(eff),
                           head_score=head_score)
     info["scoring_s"] = time.perf_counter() - t0
     return scores, info

@@ -63,12 +63,14 @@ import torch
 from torch import nn
 
 from ..estimate import estimator as _estimator
-from . import trim as _trim
 from ..estimate.estimator import MoreauConfig
 from ..model.structure import discover
+from ..prune import rules
+from ..score.methods import UNSTRUCTURED
+from . import trim as _trim
 from .trim import TrimConfig
 
-METHODS = ("moreau", "taylor", "magnitude", "wanda", "gblm")
+METHODS = UNSTRUCTURED  # the methods with a per-weight metric
 GBLM_NORMS = ("l1", "l2")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -349,8 +351,7 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
             raise TypeError(f"trim must be True, False/None or a TrimConfig, got {type(trim).__name__}")
         trim_cfg.validate()
         if nm is not None:
-            raise ValueError("TRIM gives every output row its own ratio; N:M sparsity fixes n of every m weights "
-                             "in each row, so the two do not combine (drop nm or trim)")
+            rules.check(rules.Request(method, unstructured=True, nm=f"{nm[0]}:{nm[1]}", allocation="trim"))
         if include_embeddings:
             raise ValueError("TRIM needs each pruned matrix's input activations, which embeddings do not have; "
                              "use include_embeddings=False")
