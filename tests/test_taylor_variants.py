@@ -4,7 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, discover, gradient, model_scores, prune_structure
-from moreau_pruner.score.taylor import VARIANTS, effective_gradients, fisher_diagonal, taylor_scores
+from moreau_pruner.estimate.gradients import fisher_diagonal
+from moreau_pruner.score.taylor import VARIANTS, effective_gradients, taylor_scores
 
 ALL = PruneConfig(ratio=0.25, attn_layers="0:2", mlp_layers="0:2")
 

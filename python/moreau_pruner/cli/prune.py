@@ -83,7 +83,7 @@ coarse to remove any).
 
 def build_parser() -> argparse.ArgumentParser:
     from ..prune.allocation import CHOICES as ALLOCATIONS
-    from ..estimate.estimator import GROUPS, MODES, NOISES
+    from ..estimate.config import GROUPS, MODES, NOISES
     from ..score.importance import HEAD_SCORES, METHODS, REDUCTIONS
     from ..score.taylor import VARIANTS as TAYLOR_VARIANTS
     from ..prune.plan import SCOPES
@@ -326,7 +326,7 @@ def run(args) -> dict | None:
     import moreau_kernels as mk
 
     from .. import data
-    from ..estimate.estimator import MoreauConfig
+    from ..estimate.config import MoreauConfig
     from ..model.loading import load_model
     from ..model.precision import fp32_accumulate_gemms
     from ..prune.plan import PruneConfig
@@ -648,7 +648,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from moreau_kernels import BackendUnavailable
 
-    from ..estimate.estimator import EstimatorError
+    from ..estimate.config import EstimatorError
     from ..model.structure import UnsupportedArchitecture
 
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..estimate.estimator import MoreauConfig, MoreauResult
+from ..estimate import MoreauConfig, MoreauResult, estimate
 from ..score.importance import METHODS, LayerScores, check_head_score, model_scores, scored_parameter_names
 from .plan import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
                     prunable_weights, prune_structure)
@@ -44,7 +44,8 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
 
     ``taylor_variant`` (method ``taylor``): LLM-Pruner's ``param_first`` (default), ``param_second``,
     ``param_mix`` or ``vectorize`` (see :mod:`.taylor`). ``estimator_path`` (method ``moreau``):
-    ``auto`` (the lean path when it applies), ``lean`` or ``reference`` (see :mod:`.lean`).
+    ``auto`` (the lean path when it applies), ``reference``, ``lean`` or ``regen`` (the memory strategies of
+    :func:`moreau_pruner.estimate.estimate`).
     ``head_score``: how attention units combine their channels (:data:`.importance.HEAD_SCORES`).
     """
     if method not in METHODS:
@@ -66,13 +67,11 @@ def compute_scores(model: nn.Module, batch: torch.Tensor | None, method: str = "
         timings.update({k: v for k, v in info.items() if k.endswith("_s")})
         return scores, None, timings
     if method == "moreau":
-        from ..estimate.lean import estimate
-
         t0 = time.perf_counter()
         cfg = moreau or MoreauConfig(seed=seed)
         if micro_batch_size and cfg.micro_batch_size is None:
             cfg = replace(cfg, micro_batch_size=micro_batch_size)
-        est = estimate(model, batch, cfg, estimator_path, score=names, progress=progress, structure=structure,
+        est = estimate(model, batch, cfg, strategy=estimator_path, score=names, progress=progress, structure=structure,
                        gradient_checkpointing=gradient_checkpointing, check_memory=check_memory)
         grads = est.grads
         timings["importance_s"] = time.perf_counter() - t0

@@ -27,18 +27,13 @@ import time
 import torch
 from torch import nn
 
-from ..estimate import estimator as _estimator
+from ..estimate import gradients as _gradients
+from ..estimate.gradients import fisher_diagonal
 from .importance import LayerScores, model_scores, scored_parameter_names
 from ..prune.plan import PruneConfig
 from ..model.structure import ModelStructure, discover
 
 VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
-
-
-def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32, via ``estimator.gradient``)."""
-    n = batch.shape[0]
-    return _estimator.per_sample_gradient_sum(model, batch, names, lambda g: g.square_().div_(n))
 
 
 def effective_gradients(model: nn.Module, variant: str, grads: dict[str, torch.Tensor] | None,
@@ -83,7 +78,7 @@ def taylor_scores(model: nn.Module, batch: torch.Tensor, variant: str = "param_f
     t0 = time.perf_counter()
     grads = fisher = None
     if variant != "param_second":
-        grads = _estimator.gradient(model, batch, names, micro_batch_size)
+        grads = _gradients.gradient(model, batch, names, micro_batch_size)
     if variant in ("param_second", "param_mix"):
         fisher = fisher_diagonal(model, batch, names)
     info["importance_s"] = time.perf_counter() - t0
