@@ -36,9 +36,9 @@ import _common as C  # noqa: E402
 OUT = C.RESULTS / "distributed"
 
 
-def _timed(module, name, totals, key):
-    """Wrap module.name so its wall time accumulates in totals[key]."""
-    fn = getattr(module, name)
+def _timed(obj, name, totals, key):
+    """Wrap obj.name (a module's function or an object's method) so its wall time accumulates in totals[key]."""
+    fn = getattr(obj, name)
 
     def wrapper(*a, **kw):
         t = time.perf_counter()
@@ -47,7 +47,7 @@ def _timed(module, name, totals, key):
         finally:
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - t
 
-    setattr(module, name, wrapper)
+    setattr(obj, name, wrapper)
     return fn
 
 
@@ -98,33 +98,33 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import moreau_kernels as mk
-    from moreau_pruner.distributed import fsdp as D
-    from moreau_pruner.estimate import estimator as E
     from moreau_pruner.data import calibration_batch, calibration_text
+    from moreau_pruner.distributed.context import DataParallel, batch_rows, init
+    from moreau_pruner.distributed.loading import gather_to_rank0, load_sharded
+    from moreau_pruner.estimate import FsdpStrategy, MoreauConfig, estimate
+    from moreau_pruner.estimate.runner import ONE_PROCESS
     from moreau_pruner.model.structure import discover
 
     torch.set_num_threads(1)
     mk.set_backend(args.backend)
-    ctx = D.init(args.device)
+    ctx = init(args.device)
     t0 = time.perf_counter()
-    sm = D.load_sharded(args.model, "float32", ctx)
+    sm = load_sharded(args.model, "float32", ctx)
     load_s = time.perf_counter() - t0
     text = calibration_text("pydoc")
     batch = calibration_batch(sm.tokenizer, text, args.num_examples, args.seq_len, 0).to(ctx.device)
     names = discover(sm.model).projection_names()
-    cfg = E.MoreauConfig(iters=args.iters, avg_last=min(5, args.iters))
+    cfg = MoreauConfig(iters=args.iters, avg_last=min(5, args.iters))
     n_params = sum(p.numel() for p in sm.model.parameters())
 
     def run_fsdp():
         totals: dict = {}
-        fns = [(_timed(D, "_perturb_shards", totals, "perturb_s"), "_perturb_shards"),
-               (_timed(D, "_forward_backward", totals, "forward_backward_s"), "_forward_backward")]
+        runner = DataParallel(ctx)
+        strategy = FsdpStrategy(runner)
+        _timed(strategy, "perturb", totals, "perturb_s")
+        _timed(runner, "forward_backward", totals, "forward_backward_s")
         comm0 = ctx.comm_s
-        try:
-            est = D.moreau_estimate_fsdp(sm.model, batch, ctx, cfg, names, progress=False)
-        finally:
-            for fn, name in fns:
-                setattr(D, name, fn)
+        est = estimate(sm.model, batch, cfg, strategy, score=names, progress=False)
         totals["own_collectives_s"] = ctx.comm_s - comm0
         totals["step_s"] = sum(r["seconds"] for r in est.log)
         return _per_step(totals, args.iters), [r["seconds"] for r in est.log]
@@ -144,16 +144,16 @@ def main(argv=None) -> int:
     serialized.update(_per_step(totals_ser, args.iters))
     per_rank = [None] * ctx.world
     dist.all_gather_object(per_rank, {"fsdp": overlapped, "fsdp-serialized": serialized, "steps": steps})
-    plain = D.gather_to_rank0(sm, ctx)
+    plain = gather_to_rank0(sm, ctx)
     one = None
     if ctx.is_main:  # the one-process estimate on rank 0's rows: one rank's compute, no communication
-        a, b = D.batch_rows(batch.shape[0], ctx.world, 0)
+        a, b = batch_rows(batch.shape[0], ctx.world, 0)
         totals: dict = {}
-        fb = _timed(E, "forward_backward", totals, "forward_backward_s")
+        _timed(ONE_PROCESS, "forward_backward", totals, "forward_backward_s")
         try:
-            est = E.moreau_estimate(plain.to(ctx.device), batch[a:b], cfg, names, progress=False)
+            est = estimate(plain.to(ctx.device), batch[a:b], cfg, "reference", score=names, progress=False)
         finally:
-            E.forward_backward = fb
+            del ONE_PROCESS.forward_backward  # drop the timing wrapper: the class's method again
         totals["step_s"] = sum(r["seconds"] for r in est.log)
         one = _per_step(totals, args.iters)
     dist.barrier()
@@ -169,13 +169,14 @@ def _track_memory(args, ctx, sm, batch, cfg, names, n_params) -> int:
 
     import torch.distributed as dist
 
-    from moreau_pruner.distributed import fsdp as D
+    from moreau_pruner.distributed.context import DataParallel
+    from moreau_pruner.estimate import FsdpStrategy, estimate
     from moreau_pruner.estimate.memtrack import LiveTensorTracker
 
     local = [p.to_local() if hasattr(p, "to_local") else p for p in sm.model.parameters()]
     dist.barrier()
     with LiveTensorTracker(baseline=local + list(sm.model.buffers())) as tr:
-        D.moreau_estimate_fsdp(sm.model, batch, ctx, cfg, names, progress=False)
+        estimate(sm.model, batch, cfg, FsdpStrategy(DataParallel(ctx)), score=names, progress=False)
     mine = {"rank": ctx.rank, "peak_bytes": tr.peak_bytes, "baseline_bytes": tr.baseline_bytes,
             "peak_op": tr.peak_op, "peak_breakdown": tr.peak_breakdown}
     per_rank = [None] * ctx.world

@@ -15,18 +15,18 @@ configuration alone), on the same calibration batch:
   counted as the baseline) of a short estimate (``--track-iters`` steps: the peak is reached in the
   first) and of a plain forward+backward, the memory floor (that forward+backward's tracked peak
   + δ + acc: weights, activations, estimator state and nothing else) and the memory plan of
-  ``moreau_pruner.estimate.lean.plan_memory`` for the same configuration, so the plan is checked against a
+  ``moreau_pruner.estimate.memory.plan_memory`` for the same configuration, so the plan is checked against a
   measurement;
 * the bandwidth floor of the elementwise work: minimum bytes per step (perturb: read w and δ,
   write w̃; update: read g and δ, write δ; acc read+write on averaged steps) ÷ the copy bandwidth
   measured in the same run, and overhead ÷ floor.
 
-Paths: ``pure`` = the published loop: ``moreau_kernels.use_backend("reference")`` with
-``moreau_estimate`` and ``noise="torch"`` (noise drawn from the CPU torch generator, as the
-published code does); ``fused`` = ``moreau_estimate`` on the auto-selected backend with Philox
-noise; ``lean`` = ``moreau_pruner.estimate.lean.moreau_estimate_lean`` (auto backend); ``regen`` =
-``moreau_pruner.estimate.regen.moreau_estimate_regen`` (lean without perturbed copies of the linear
-weights); ``published`` (memory only, ``--memory-only``) = the memory pattern of the published
+Paths (strategies of ``moreau_pruner.estimate.estimate``): ``pure`` = the published loop:
+``moreau_kernels.use_backend("reference")`` with the ``reference`` strategy and ``noise="torch"``
+(noise drawn from the CPU torch generator, as the published code does); ``fused`` = the
+``reference`` strategy on the auto-selected backend with Philox noise; ``lean`` = the ``lean``
+strategy (auto backend); ``regen`` = the ``regen`` strategy (lean without perturbed copies of the
+linear weights); ``published`` (memory only, ``--memory-only``) = the memory pattern of the published
 code: weights perturbed in place, the noise of every parameter held until the weights are restored
 by subtraction, every gradient in ``.grad``, pure-PyTorch updates.
 
@@ -144,21 +144,13 @@ def elementwise_bytes(model, iters: int, avg_last: int) -> dict:
 def run_path(path: str, model, batch, cfg):
     """One estimate on a benchmark path (the result, or None for ``published``)."""
     import moreau_kernels as mk
-    from moreau_pruner.estimate.estimator import moreau_estimate
+    from moreau_pruner.estimate import estimate
 
     if path == "pure":
         with mk.use_backend("reference"):
-            return moreau_estimate(model, batch, cfg, progress=False)
-    if path == "fused":
-        return moreau_estimate(model, batch, cfg, progress=False)
-    if path == "lean":
-        from moreau_pruner.estimate.lean import moreau_estimate_lean
-
-        return moreau_estimate_lean(model, batch, cfg, progress=False)
-    if path == "regen":
-        from moreau_pruner.estimate.regen import moreau_estimate_regen
-
-        return moreau_estimate_regen(model, batch, cfg, progress=False)
+            return estimate(model, batch, cfg, "reference", progress=False)
+    if path in ("fused", "lean", "regen"):
+        return estimate(model, batch, cfg, "reference" if path == "fused" else path, progress=False)
     if path == "published":
         return published_loop(model, batch, cfg)
     raise ValueError(path)
@@ -181,7 +173,7 @@ def published_loop(model, batch, cfg) -> None:
     until they are restored by subtraction after the backward, every gradient in ``.grad``, the
     prox step in plain PyTorch. For memory measurement only: the weights drift by ulps (the
     caller restores them)."""
-    from moreau_pruner.estimate.estimator import forward_backward
+    from moreau_pruner.estimate.runner import forward_backward
 
     params = list(model.parameters())
     deltas = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
@@ -212,8 +204,8 @@ def published_loop(model, batch, cfg) -> None:
 
 def tracked(spec: dict, model, batch, out: dict) -> None:
     """Tracked live-tensor peaks of a plain forward+backward and of a short estimate, and the plan."""
-    from moreau_pruner.estimate.estimator import MoreauConfig, forward_backward
-    from moreau_pruner.estimate.lean import plan_memory
+    from moreau_pruner.estimate import MoreauConfig, plan_memory
+    from moreau_pruner.estimate.runner import forward_backward
     from moreau_pruner.estimate.memtrack import LiveTensorTracker
 
     path = spec["path"]
@@ -259,7 +251,8 @@ def worker(spec: dict) -> dict:
     device = spec["device"]
     if device == "cpu":
         C.set_threads()
-    from moreau_pruner.estimate.estimator import MoreauConfig, forward_backward
+    from moreau_pruner.estimate import MoreauConfig
+    from moreau_pruner.estimate.runner import forward_backward
 
     out: dict = {"spec": spec}
     model, batch, desc = build(spec, device)
@@ -332,14 +325,6 @@ def run_worker(spec: dict, timeout: float) -> dict:
         return json.loads(Path(tmp).read_text())
     finally:
         os.unlink(tmp)
-
-
-def lean_exists() -> bool:
-    try:
-        from moreau_pruner.estimate.lean import moreau_estimate_lean  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def configs(args, device: str) -> list[dict]:
@@ -492,9 +477,6 @@ def main(argv=None) -> Path:
     if not args.memory_only and any(p in MEMORY_ONLY_PATHS for p in paths):
         notes.append(f"paths {[p for p in paths if p in MEMORY_ONLY_PATHS]} are measured with --memory-only only")
         paths = [p for p in paths if p not in MEMORY_ONLY_PATHS]
-    if "lean" in paths and not lean_exists():
-        paths.remove("lean")
-        notes.append("lean path not run: moreau_pruner.estimate.lean.moreau_estimate_lean is not importable")
     copy_bytes = (256 if device == "cpu" else 1024) * 2**20
     out_dir = Path(args.out) if args.out else C.RESULTS / C.device_name(device)
     old = C.read_results(out_dir / "estimate.json") if (out_dir / "estimate.json").exists() else None

@@ -32,9 +32,9 @@ import _common as C  # noqa: E402
 
 
 def scaled_shape(scale: int, layers: int) -> dict:
-    from moreau_pruner.estimate.plans import PLAN_SHAPES
+    from moreau_pruner.model.meta import SHAPES
 
-    s = dict(PLAN_SHAPES["llama-3-70b"])
+    s = dict(SHAPES["llama-3-70b"])
     s.update(hidden_size=s["hidden_size"] // scale, intermediate_size=s["intermediate_size"] // scale,
              num_attention_heads=s["num_attention_heads"] // scale,
              num_key_value_heads=max(1, s["num_key_value_heads"] // scale),
@@ -117,8 +117,9 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     import torch.multiprocessing as tmp
 
-    from moreau_pruner.estimate.lean import CUDA_RESERVE
-    from moreau_pruner.estimate.plans import Option, meta_model, plan_rank
+    from moreau_pruner.estimate.memory import CUDA_RESERVE
+    from moreau_pruner.estimate.plans import Option, plan_rank
+    from moreau_pruner.model.meta import meta_model
 
     shape = scaled_shape(args.scale, args.layers)
     spec = dict(shape=shape, rows=args.rows, seq=args.seq, port=args.port)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from moreau_pruner import PruneConfig, discover, prune_structure
 from moreau_pruner import data as mp_data
-from moreau_pruner.estimate.estimator import gradient
+from moreau_pruner.estimate import gradient
 from moreau_pruner.evaluate.perplexity import evaluate_perplexity
 from moreau_pruner.score.importance import HEAD_SCORES, model_scores
 from moreau_pruner.prune.plan import attention_units_removed

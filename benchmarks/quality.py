@@ -76,7 +76,7 @@ from moreau_pruner import (MoreauConfig, PruneConfig, compute_scores, discover, 
 from moreau_pruner.score.importance import LayerScores
 from moreau_pruner.prune.plan import ratio_for_params
 from moreau_pruner.prune.allocation import allocate_structured
-from moreau_pruner.estimate.estimator import gradient, moreau_estimate
+from moreau_pruner.estimate import estimate, gradient
 from moreau_pruner.unstructured.prune import prunable_linears, unstructured_prune
 from moreau_pruner import data as mp_data
 from moreau_pruner.evaluate.perplexity import evaluate_perplexity
@@ -544,8 +544,8 @@ def run_unstructured(method, spec, missing, *, args, dense, structure0, settings
         names = [n for n, _, _ in prunable_linears(dense, structure=structure0)]
         t0 = time.perf_counter()
         if spec.lib == "moreau":
-            grads = moreau_estimate(dense, batch, moreau_config(args, spec, seed), score=names, progress=False,
-                                    structure=structure0).grads
+            grads = estimate(dense, batch, moreau_config(args, spec, seed), "reference", score=names, progress=False,
+                             structure=structure0).grads
         else:
             grads = gradient(dense, batch, names)
         imp_s = time.perf_counter() - t0

@@ -187,9 +187,9 @@ def est_index(doc: dict):
 def render_estimate(doc: dict) -> list[str]:
     lines = ["### End-to-end Moreau estimate", "", _provenance(doc), "",
              "`pure` = the published loop (pure-PyTorch reference backend, noise from the CPU torch generator); "
-             "`fused` = `moreau_estimate` on the auto-selected backend with Philox noise; `lean` = "
-             "`moreau_estimate_lean`; `regen` = `moreau_estimate_regen` (lean without perturbed copies of the "
-             "linear weights). fwd+bwd = plain forward+backward on the same batch in the same process; "
+             "`fused` = the `reference` strategy of `moreau_pruner.estimate.estimate` on the auto-selected backend "
+             "with Philox noise; `lean` = the `lean` strategy; `regen` = the `regen` strategy (lean without "
+             "perturbed copies of the linear weights). fwd+bwd = plain forward+backward on the same batch in the same process; "
              "overhead = median step − fwd+bwd; floor = minimum elementwise bytes per step ÷ copy bandwidth; "
              "peak = peak memory during the estimate (CPU: peak RSS of a fresh process, reset after loading the "
              "model; GPU: max_memory_allocated).", ""]
@@ -237,7 +237,7 @@ def render_tracked(idx: dict, meta: dict) -> list[str]:
              "included, each storage once, sampled at op boundaries) over a short estimate; fwd+bwd = the same for "
              "a plain forward+backward; floor = that fwd+bwd peak + δ + acc (weights, activations, estimator "
              "state: what any path must hold); RSS = the process peak RSS of the timed run; plan = "
-             "`moreau_pruner.estimate.lean.plan_memory` for the same configuration (upper bound; lower bound in "
+             "`moreau_pruner.estimate.memory.plan_memory` for the same configuration (upper bound; lower bound in "
              "brackets).", "",
              "| model | tokens | path | RSS peak MiB | tracked MiB | tracked ÷ floor | floor MiB | fwd+bwd MiB | "
              "tracked vs pure | plan MiB (lower) | plan ÷ tracked | at the peak (largest, MiB) |",

@@ -210,7 +210,7 @@ def _estimate(root: Path, kind: str, path: str, **cfg) -> dict:
 
     model = tiny_model(kind)
     batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(5))
-    res = estimate(model, batch, MoreauConfig(iters=4, avg_last=2, **cfg), path=path, progress=False)
+    res = estimate(model, batch, MoreauConfig(iters=4, avg_last=2, **cfg), strategy=path, progress=False)
     return {"exact": tensors_sha(res.grads), "summary": tensors_summary(res.grads),
             "report": {"log": clean_report(res.log), "path": getattr(res, "path", None), "backend": res.backend}}
 

@@ -1,4 +1,4 @@
-"""The FSDP2 path (moreau_pruner.distributed.fsdp) against the one-process run, on CPU with gloo.
+"""The FSDP2 path (moreau_pruner.distributed, the fsdp estimate strategy) against the one-process run, on CPU with gloo.
 
 Ranks are spawned from the test (torch.multiprocessing, or torchrun for the CLI) on a free port.
 The one-process reference splits the batch into the same micro-batches as the ranks, so on the
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import moreau_kernels as mk
-from moreau_pruner.estimate.estimator import MoreauConfig, gradient, moreau_estimate
+from moreau_pruner.estimate import MoreauConfig, estimate, gradient
 from moreau_pruner import compute_scores, resolve_target
 from moreau_pruner.score.importance import model_scores
 from moreau_pruner.io.pruned import load_pruned
@@ -67,22 +67,25 @@ def _worker(rank, world, port, jobs, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from moreau_pruner.distributed import fsdp as D
+    from moreau_pruner.distributed.context import DataParallel, init
+    from moreau_pruner.distributed.loading import load_sharded
+    from moreau_pruner.distributed.scoring import FsdpScoring
+    from moreau_pruner.estimate.strategies.fsdp import shard_range
 
     mk.set_backend("reference")
-    ctx = D.init("cpu")
+    ctx = init("cpu")
     try:
         for k, job in enumerate(jobs):
             mk.set_backend(job.get("backend", "reference"))
-            sm = D.load_sharded(job["model"], "float32", ctx)
+            sm = load_sharded(job["model"], "float32", ctx)
             scores, est, _ = compute_scores(sm.model, job["batch"], job["method"], PRUNE, job.get("moreau"),
                                             progress=False, taylor_variant=job.get("variant", "param_first"),
-                                            head_score=job.get("head_score", "unit"), context=D.FsdpScoring(ctx))
+                                            head_score=job.get("head_score", "unit"), context=FsdpScoring(ctx))
             grads = est.grads if est else None
             if job["method"] == "taylor" and job.get("variant", "param_first") == "param_first":
                 names = [n for n in dict(sm.model.named_parameters()) if n.endswith("proj.weight")]
-                grads = D.gradient_fsdp(sm.model, job["batch"], ctx, names)
-            shards = {n: (D.shard_range(p.shape[0], world, rank), p.to_local().detach().clone())
+                grads = gradient(sm.model, job["batch"], names, runner=DataParallel(ctx))
+            shards = {n: (shard_range(p.shape[0], world, rank), p.to_local().detach().clone())
                       for n, p in sm.model.named_parameters()} if job.get("shards", True) else {}
             torch.save({"grads": grads, "log": est.log if est else None, "scores": scores,
                         "shards": shards}, Path(out) / f"job{k}_rank{rank}.pt")
@@ -116,7 +119,7 @@ def _single_scores(model, batch, job, world):
     if job["method"] == "moreau":
         cfg = job["moreau"]
         cfg = MoreauConfig(**{**cfg.__dict__, "micro_batch_size": mbs})
-        est = moreau_estimate(model, batch, cfg, names, progress=False)
+        est = estimate(model, batch, cfg, "reference", score=names, progress=False)
         return model_scores(structure, "moreau", est.grads, layers=set(range(3))), est.grads, est.log
     if job["method"] == "taylor":
         variant = job.get("variant", "param_first")
@@ -275,7 +278,8 @@ def test_cli_refuses_options_without_a_distributed_path(capsys, extra, words):
 
 
 def test_device_checks():
-    from moreau_pruner.distributed.fsdp import DistributedError, _device_of_rank, batch_rows, shard_range
+    from moreau_pruner.distributed.context import DistributedError, _device_of_rank, batch_rows
+    from moreau_pruner.estimate.strategies.fsdp import shard_range
 
     assert _device_of_rank("cpu", 3) == ("cpu", None)
     assert "numbered device" in _device_of_rank("cuda:1", 0)[1]
@@ -344,7 +348,7 @@ def test_cli_torchrun_rejects_bad_device(tmp_path):
 def test_shard_noise_is_the_full_tensors_slice(monkeypatch, shape, offset, native):
     from moreau_kernels import _native
     from moreau_kernels.reference import normal_noise
-    from moreau_pruner.distributed.fsdp import shard_noise
+    from moreau_pruner.estimate.strategies.fsdp import shard_noise
 
     if not native:  # the pure-PyTorch words
         monkeypatch.setattr(_native, "has_op", lambda op, device_type: False)

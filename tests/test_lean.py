@@ -1,13 +1,19 @@
 """The lean estimator path (same δ and Ĝ as the reference path, less memory) and memory planning."""
+from functools import partial
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import moreau_kernels as mk
 from moreau_pruner import EstimatorError, MoreauConfig
-from moreau_pruner.estimate.estimator import moreau_estimate
-from moreau_pruner.estimate.lean import (GiB, MemoryPlanError, activation_bytes, check_fits, estimate, layer_score, main,
-                                meta_model, moreau_estimate_lean, plan_memory)
+from moreau_pruner.estimate import estimate
+from moreau_pruner.estimate.memory import GiB, MemoryPlanError, activation_bytes, check_fits, plan_memory
+from moreau_pruner.estimate.plans import layer_score, main
+from moreau_pruner.model.meta import meta_model
+
+reference = partial(estimate, strategy="reference")
+lean = partial(estimate, strategy="lean")
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -42,7 +48,7 @@ def run_both(m, b, cfg, **kw):
     traj = {"reference": [], "lean": []}
     res = {}
     with mk.use_backend("reference"):
-        for path, fn in (("reference", moreau_estimate), ("lean", moreau_estimate_lean)):
+        for path, fn in (("reference", reference), ("lean", lean)):
             rec = traj[path]
             res[path] = fn(m, b, cfg, progress=False,
                            on_step=lambda t, d, rec=rec: rec.append({k: v.clone() for k, v in d.items()}), **kw)
@@ -94,7 +100,7 @@ def test_tied_parameter_updated_once_per_step(monkeypatch):
     monkeypatch.setattr(mk, "prox_update_", counting)
     named = list(m.named_parameters())
     iters = 2
-    moreau_estimate_lean(m, batch(), MoreauConfig(iters=iters), progress=False)
+    lean(m, batch(), MoreauConfig(iters=iters), progress=False)
     assert len(calls) == iters * len(named)
     ptrs = [c[0] for c in calls]
     assert all(ptrs.count(p) == iters for p in set(ptrs))
@@ -111,7 +117,7 @@ def test_gradient_freed_during_backward():
 
     h = m.model.embed_tokens.weight.register_post_accumulate_grad_hook(probe)
     try:
-        moreau_estimate_lean(m, batch(), MoreauConfig(iters=1), progress=False)
+        lean(m, batch(), MoreauConfig(iters=1), progress=False)
     finally:
         h.remove()
     assert seen == [True]
@@ -128,7 +134,7 @@ def test_errors_leave_model_clean():
         return loss * float("nan") if state["n"] == 3 else loss
 
     with pytest.raises(EstimatorError, match="non-finite"):
-        moreau_estimate_lean(m, b, MoreauConfig(iters=4), progress=False, loss_fn=nan_loss)
+        lean(m, b, MoreauConfig(iters=4), progress=False, loss_fn=nan_loss)
     assert_clean(m, before)
 
     def nan_grad(model, ids, state={"n": 0}):  # finite loss, NaN gradient in one norm weight
@@ -141,7 +147,7 @@ def test_errors_leave_model_clean():
         return loss
 
     with pytest.raises(EstimatorError, match="model.norm.weight"):
-        moreau_estimate_lean(m, b, MoreauConfig(iters=4), progress=False, loss_fn=nan_grad)
+        lean(m, b, MoreauConfig(iters=4), progress=False, loss_fn=nan_grad)
     assert_clean(m, before)
 
 
@@ -150,8 +156,8 @@ def test_gradient_checkpointing_same_result_and_restored():
     before = snapshot(m)
     cfg = MoreauConfig(iters=3, avg_last=2)
     with mk.use_backend("reference"):
-        plain = moreau_estimate_lean(m, batch(), cfg, progress=False)
-        ckpt = moreau_estimate_lean(m, batch(), cfg, progress=False, gradient_checkpointing=True)
+        plain = lean(m, batch(), cfg, progress=False)
+        ckpt = lean(m, batch(), cfg, progress=False, gradient_checkpointing=True)
     assert ckpt.gradient_checkpointing
     for k in plain.grads:
         torch.testing.assert_close(ckpt.grads[k], plain.grads[k], rtol=1e-6, atol=0)
@@ -167,11 +173,11 @@ def test_estimate_picks_the_path():
     assert estimate(m, b, MoreauConfig(iters=1), progress=False).path == "lean"
     assert estimate(m, b, MoreauConfig(iters=1, noise="torch"), progress=False).path == "reference"
     assert estimate(m, b, MoreauConfig(iters=1, mode="paper", group="structure"), progress=False).path == "reference"
-    assert estimate(m, b, MoreauConfig(iters=1), path="reference", progress=False).path == "reference"
+    assert estimate(m, b, MoreauConfig(iters=1), strategy="reference", progress=False).path == "reference"
     with pytest.raises(ValueError, match="noise='torch'"):
-        estimate(m, b, MoreauConfig(iters=1, noise="torch"), path="lean")
+        estimate(m, b, MoreauConfig(iters=1, noise="torch"), strategy="lean")
     with pytest.raises(ValueError, match="Philox"):
-        moreau_estimate_lean(m, b, MoreauConfig(iters=1, noise="torch"))
+        lean(m, b, MoreauConfig(iters=1, noise="torch"))
 
 
 def test_plan_matches_measured_tensor_bytes():
@@ -180,7 +186,7 @@ def test_plan_matches_measured_tensor_bytes():
     cfg = MoreauConfig(iters=1)
     plan = plan_memory(m, (4, 12), cfg, "lean", "cpu", score=score, fused=True)
     deltas = {}
-    res = moreau_estimate_lean(m, batch(), cfg, score=score, progress=False,
+    res = lean(m, batch(), cfg, score=score, progress=False,
                                on_step=lambda t, d: deltas.update(d))
     params = dict(m.named_parameters())
     assert plan.items["delta (fp32)"] == sum(d.numel() * d.element_size() for d in deltas.values())

@@ -4,15 +4,18 @@ import json
 import pytest
 import torch
 
-from moreau_pruner.estimate.lean import GiB, plan_memory
-from moreau_pruner.estimate.plans import (Option, PLAN_SHAPES, candidate_options, main, meta_model, plan_rank,
-                                 plan_scenario, published_layers, tracked_step)
+from moreau_pruner.estimate import MoreauConfig
+from moreau_pruner.estimate.memory import GiB, plan_memory
+from moreau_pruner.estimate.plans import (Option, candidate_options, layer_score, main, plan_rank, plan_scenario,
+                                          tracked_step)
+from moreau_pruner.model.meta import SHAPES, meta_model
+from moreau_pruner.model.structure import default_layer_range
 
-SHORT_7B = dict(PLAN_SHAPES["llama-7b"], num_hidden_layers=8)
+SHORT_7B = dict(SHAPES["llama-7b"], num_hidden_layers=8)
 
 
 def test_fsdp_rank_plan_shards_state_and_splits_rows():
-    m = meta_model(dict(PLAN_SHAPES["llama-3-70b"], num_hidden_layers=4))
+    m = meta_model(dict(SHAPES["llama-3-70b"], num_hidden_layers=4))
     P = sum(p.numel() for p in m.parameters())
     one = plan_rank(m, 10, 64, Option(2), None)
     two = plan_rank(m, 10, 64, Option(4), None)
@@ -37,7 +40,7 @@ def test_standard_scenarios_choose_a_configuration_that_fits():
     assert not plain.fits  # 70B state (bf16 weights, fp32 δ/acc) does not fit 8 GPUs without offload
     assert seventy["chosen"] is not None and seventy["chosen"].option.offload
     assert plan_scenario("llama-3-70b", 16)["chosen"].option == Option(16)
-    assert published_layers(32) == (4, 30) and published_layers(80) == (10, 75)
+    assert default_layer_range(32) == (4, 30) and default_layer_range(80) == (10, 75)
 
 
 @pytest.mark.parametrize("path,ckpt", [("regen", False), ("lean", False), ("regen", True)])
@@ -72,3 +75,45 @@ def test_cli(tmp_path, capsys):
         main(["--shape", "llama-7b"])  # --gpus missing
     with pytest.raises(SystemExit):
         main(["--tokens", "8", "--seq", "64"])
+
+
+@pytest.mark.parametrize("path,ckpt,shape,score,peak", [
+    ("regen", False, (10, 64), None, 20342308608),
+    ("lean", False, (10, 64), None, 24025956104),
+    ("regen", True, (10, 64), None, 19183591692),
+    ("lean", False, (2, 64), None, 23074596616),
+    ("regen", False, (2, 64), None, 19328034560),
+    ("lean", True, (10, 64), (1, 7), 20278026504),
+])
+def test_tracked_step_runs_the_estimate_loop_and_keeps_its_figures(monkeypatch, path, ckpt, shape, score, peak):
+    """The tracked step is the estimate loop itself (one step, one backward) and its peak is, byte for
+    byte, what the step assembled by hand from the strategies' pieces measured before the loop was
+    shared (recorded with the same shapes)."""
+    from moreau_pruner.estimate import loop
+
+    calls = []
+    real = loop._run
+
+    def spy(model, batch, cfg, strategy, *a):
+        calls.append((cfg.iters, cfg.n_samples, cfg.micro_batch_size, strategy.name, tuple(batch.shape)))
+        return real(model, batch, cfg, strategy, *a)
+
+    monkeypatch.setattr(loop, "_run", spy)
+    m = meta_model(SHORT_7B, torch.bfloat16)
+    tr = tracked_step(m, shape, MoreauConfig(iters=7, n_samples=2, micro_batch_size=1, mode="paper"), path,
+                      layer_score(*score) if score else None, ckpt)
+    assert calls == [(1, 1, None, path, shape)]
+    assert tr.peak_bytes == peak
+    assert tr.baseline_bytes == 3762430208
+
+
+def test_cli_plan_per_path(capsys):
+    """--plan (the one-model, per-path planner) and its options; the options of one mode are refused in the other."""
+    assert main(["--plan", "smollm2-135m", "--tokens", "128", "--seq", "64", "--score", "2-5", "--device", "cpu",
+                 "--budget-gib", "1", "--checkpointing", "--micro-batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("path on cpu") == 3 and "does NOT fit in 1 GiB" in out and "CUDA context" not in out
+    for bad in (["--plan", "llama-7b", "--gpus", "1"], ["--plan", "llama-7b", "--track"], ["--device", "cpu"],
+                ["--checkpointing"], ["--plan", "llama-7b", "--score", "3-40"], ["--score", "some"]):
+        with pytest.raises(SystemExit):
+            main(bad)

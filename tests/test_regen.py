@@ -3,6 +3,8 @@
 Same δ trajectory, Ĝ and log as the lean path (bit-identical on the same backend), less live memory,
 model left exactly as it was.
 """
+from functools import partial
+
 import pytest
 import torch
 from test_lean import SMALL, assert_clean, batch, snapshot, tiny
@@ -10,9 +12,13 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import moreau_kernels as mk
 from moreau_pruner import MoreauConfig
-from moreau_pruner.estimate.lean import estimate, moreau_estimate_lean, plan_memory
+from moreau_pruner.estimate import estimate
+from moreau_pruner.estimate.memory import plan_memory
 from moreau_pruner.estimate.memtrack import LiveTensorTracker
-from moreau_pruner.estimate.regen import moreau_estimate_regen, regen_modules
+from moreau_pruner.estimate.strategies.regen import regen_modules
+
+lean_estimate = partial(estimate, strategy="lean")
+regen_estimate = partial(estimate, strategy="regen")
 
 
 def qwen2(seed=0):
@@ -42,8 +48,8 @@ def test_regen_matches_lean_bit_for_bit(kind, mode, mbs, ns, backend):
     score = [n for n, _ in m.named_parameters() if "layers.1." in n or "embed" in n]
     b = batch()
     with mk.use_backend(backend) if backend else _Null():
-        lean, lt = run(moreau_estimate_lean, m, b, cfg, score=score)
-        regen, rt = run(moreau_estimate_regen, m, b, cfg, score=score)
+        lean, lt = run(lean_estimate, m, b, cfg, score=score)
+        regen, rt = run(regen_estimate, m, b, cfg, score=score)
     assert regen.path == "regen" and regen.backend == lean.backend
     assert sorted(regen.grads) == sorted(lean.grads) == sorted(score)
     for k in lean.grads:
@@ -81,8 +87,8 @@ def test_gradient_checkpointing_same_result():
     m = qwen2()
     cfg = MoreauConfig(iters=2, avg_last=1)
     with mk.use_backend("reference"):
-        plain = moreau_estimate_regen(m, batch(), cfg, progress=False)
-        ckpt = estimate(m, batch(), cfg, path="regen", progress=False, gradient_checkpointing=True)
+        plain = regen_estimate(m, batch(), cfg, progress=False)
+        ckpt = estimate(m, batch(), cfg, strategy="regen", progress=False, gradient_checkpointing=True)
     assert ckpt.path == "regen" and ckpt.gradient_checkpointing
     for k in plain.grads:
         torch.testing.assert_close(ckpt.grads[k], plain.grads[k], rtol=1e-5, atol=1e-8)
@@ -96,12 +102,12 @@ def test_errors_leave_the_model_clean():
         return model(input_ids=ids, labels=ids).loss * float("nan")
 
     with pytest.raises(Exception, match="non-finite"):
-        moreau_estimate_regen(m, batch(), MoreauConfig(iters=2), progress=False, loss_fn=nan_loss)
+        regen_estimate(m, batch(), MoreauConfig(iters=2), progress=False, loss_fn=nan_loss)
     assert_clean(m, before)
     for mod in m.modules():
         assert "forward" not in mod.__dict__
     with pytest.raises(ValueError, match="regen path"):
-        estimate(m, batch(), MoreauConfig(iters=1, noise="torch"), path="regen")
+        estimate(m, batch(), MoreauConfig(iters=1, noise="torch"), strategy="regen")
 
 
 def test_regen_holds_less_than_lean_and_the_plan_says_so():
@@ -111,7 +117,7 @@ def test_regen_holds_less_than_lean_and_the_plan_says_so():
     for path in ("lean", "regen"):
         m = qwen2()
         with LiveTensorTracker(baseline=m) as tr:
-            estimate(m, batch(), cfg, path=path, progress=False)
+            estimate(m, batch(), cfg, strategy=path, progress=False)
         peaks[path] = tr.peak_bytes
     m = qwen2()
     linear_bytes = sum(mod.weight.numel() * 4 for mod in regen_modules(m).values())

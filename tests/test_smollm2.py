@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 
-from moreau_pruner import MoreauConfig, PruneConfig, discover, prune_model
-from moreau_pruner.estimate.estimator import moreau_estimate
+from moreau_pruner import MoreauConfig, PruneConfig, discover, estimate, prune_model
 from moreau_pruner.data import calibration_batch, calibration_text, heldout_text, tokenize_text
 from moreau_pruner.evaluate.perplexity import generate_text, perplexity
 
@@ -37,8 +36,8 @@ def test_published_mechanics(smol, batch):
     cfg = MoreauConfig(iters=4)
     name = "model.layers.10.mlp.gate_proj.weight"
     snaps = {}
-    res = moreau_estimate(model, batch, cfg, score=[name], progress=False,
-                          on_step=lambda t, d: snaps.update({t: d[name].clone()}))
+    res = estimate(model, batch, cfg, "reference", score=[name], progress=False,
+                   on_step=lambda t, d: snaps.update({t: d[name].clone()}))
     l2 = [r["l2"] for r in res.log]
     assert l2[0] == 0.0
     assert l2[1] > 10 * l2[2] and l2[3] > 10 * l2[2], l2  # big, small, big

@@ -4,9 +4,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, discover, prune_structure
-from moreau_pruner.estimate.estimator import gradient
+from moreau_pruner.estimate import gradient
+from moreau_pruner.estimate.gradients import fisher_diagonal
 from moreau_pruner.score.importance import model_scores
-from moreau_pruner.score.taylor import VARIANTS, effective_gradients, fisher_diagonal, taylor_scores
+from moreau_pruner.score.taylor import VARIANTS, effective_gradients, taylor_scores
 
 ALL = PruneConfig(ratio=0.25, attn_layers="0:2", mlp_layers="0:2")
 

@@ -5,8 +5,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import MoreauConfig
-from moreau_pruner.estimate import estimator
-from moreau_pruner.estimate.estimator import MoreauResult
+from moreau_pruner.estimate import gradients, loop
+from moreau_pruner.estimate import MoreauResult
 from moreau_pruner.unstructured.prune import (activation_norms, metric_gblm, metric_magnitude, metric_moreau, metric_wanda,
                                         nm_mask, per_sample_gradient_norms, prunable_linears, relax_mask, row_mask,
                                         unstructured_prune)
@@ -150,19 +150,20 @@ def test_include_embeddings_prunes_the_published_set():
 
 
 def test_moreau_uses_the_estimator_unchanged(monkeypatch):
-    """One call of estimator.moreau_estimate, scoring exactly the pruned weights; its Ĝ drives the mask."""
+    """One call of the estimate (the structured path's, strategy picked as there), scoring exactly the
+    pruned weights; its Ĝ drives the mask."""
     calls = []
-    real = estimator.moreau_estimate
+    real = loop.estimate
 
     def spy(model, batch, config=None, score=None, **kw):
-        calls.append((config, list(score)))
+        calls.append((config, list(score), kw["strategy"]))
         return real(model, batch, config, score=score, **kw)
 
-    monkeypatch.setattr(estimator, "moreau_estimate", spy)
+    monkeypatch.setattr(loop, "estimate", spy)
     m = make()
     cfg = MoreauConfig(iters=2, avg_last=2)
     rep = unstructured_prune(m, ids(), "moreau", sparsity=0.5, moreau=cfg, progress=False)
-    assert len(calls) == 1 and calls[0][0] is cfg
+    assert len(calls) == 1 and calls[0][0] is cfg and calls[0][2] == "auto"
     assert calls[0][1] == [name for name, _, _ in prunable_linears(m)]
     assert len(rep["moreau"]["log"]) == 2
 
@@ -176,7 +177,7 @@ def test_moreau_uses_the_estimator_unchanged(monkeypatch):
             out[n] = torch.arange(w.shape[1], 0, -1, dtype=torch.float32)[None, :] / w.abs()
         return MoreauResult(grads=out, config=config)
 
-    monkeypatch.setattr(estimator, "moreau_estimate", fake)
+    monkeypatch.setattr(loop, "estimate", fake)
     m = make()
     unstructured_prune(m, ids(), "moreau", sparsity=0.5, progress=False)
     w = m.model.layers[1].mlp.up_proj.weight
@@ -246,7 +247,7 @@ def test_precomputed_moreau_estimate_is_reused():
     rep_a = unstructured_prune(a, batch, "moreau", sparsity=0.5, moreau=MoreauConfig(iters=2, avg_last=2, seed=3))
     b = make()
     names = [n for n, _, _ in prunable_linears(b)]
-    est = estimator.moreau_estimate(b, batch, MoreauConfig(iters=2, avg_last=2, seed=3), score=names, progress=False)
+    est = loop.estimate(b, batch, MoreauConfig(iters=2, avg_last=2, seed=3), "reference", score=names, progress=False)
     rep_b = unstructured_prune(b, None, "moreau", sparsity=0.5, grads=est.grads)
     assert rep_b["moreau"] == {"precomputed": True} and "log" in rep_a["moreau"]
     for (n, _, x), (_, _, y) in zip(prunable_linears(a), prunable_linears(b)):
@@ -258,13 +259,26 @@ def test_precomputed_moreau_estimate_is_reused():
         unstructured_prune(make(), batch, "wanda", grads=est.grads)
 
 
+def test_moreau_gets_the_lean_strategy_and_reports_it():
+    """The estimate runs on the lean strategy when it applies (no full gradient buffer), as the
+    structured path does, and the report says which strategy ran; its mask is the one the
+    reference strategy's Ĝ gives (test_precomputed_moreau_estimate_is_reused)."""
+    rep = unstructured_prune(make(), ids(), "moreau", sparsity=0.5, moreau=MoreauConfig(iters=2, avg_last=2),
+                             progress=False)
+    assert rep["estimator_path"] == "lean"
+    rep = unstructured_prune(make(), ids(), "moreau", sparsity=0.5, progress=False,
+                             moreau=MoreauConfig(iters=2, avg_last=2, mode="paper", group="structure"))
+    assert rep["estimator_path"] == "reference"  # structure groups: only the reference strategy has them
+    assert "estimator_path" not in unstructured_prune(make(), ids(), "taylor", sparsity=0.5)
+
+
 def test_taylor_is_the_plain_gradient_metric():
     batch = ids()
     a = make()
     rep = unstructured_prune(a, batch, "taylor", sparsity=0.5)
     b = make()
     names = [n for n, _, _ in prunable_linears(b)]
-    g = estimator.gradient(b, batch, names)
+    g = gradients.gradient(b, batch, names)
     for name, _, lin in prunable_linears(b):
         with torch.no_grad():
             lin.weight.masked_fill_(row_mask(metric_moreau(lin.weight, g[name]), 0.5), 0)

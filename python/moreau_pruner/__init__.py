@@ -6,7 +6,7 @@ The pipeline (:mod:`moreau_pruner.pipeline`) and where each stage lives:
 * resolve: :func:`resolve_target` (``prune.target``): heads, KV groups and MLP channels (``model.structure``)
   and the layer ranges of a :class:`PruneConfig`, once.
 * estimate: :func:`estimate` (``estimate``): the Moreau gradient estimate Ĝ (SPEC §2/§3) with a memory
-  strategy (reference, lean, regen; FSDP2 on shards).
+  strategy (reference, lean, regen; fsdp on FSDP2 shards).
 * score: :func:`compute_scores` (``score.registry``): unit scores by method (:data:`METHODS`).
 * plan and apply: :func:`prune_structure` (``prune.plan``, ``prune.apply``): local, global or uniform.
 * one call: :func:`prune_model` (``pipeline``): all of the above, with per-layer allocation
@@ -16,8 +16,7 @@ The pipeline (:mod:`moreau_pruner.pipeline`) and where each stage lives:
 * save: :func:`save_pruned` / :func:`load_pruned` (``io.pruned``), :func:`save_uniform` (``io.stock``).
 * recover: ``recover`` with a :class:`RecoverConfig` (LoRA fine-tuning).
 """
-from .estimate.estimator import EstimatorError, MoreauConfig, MoreauResult
-from .estimate.lean import estimate
+from .estimate import EstimatorError, MoreauConfig, MoreauResult, estimate
 from .evaluate.perplexity import evaluate_perplexity
 from .io.pruned import load_pruned, save_pruned
 from .io.stock import save_uniform

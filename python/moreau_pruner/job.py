@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import data
-from .estimate.estimator import MoreauConfig
+from .estimate.config import MoreauConfig
 from .prune import rules
 from .prune.config import PruneConfig
 from .prune.policy import PolicyConfig

@@ -30,7 +30,7 @@ from torch import nn
 
 import moreau_kernels as mk
 
-from .estimate.estimator import MoreauConfig
+from .estimate.config import MoreauConfig
 from .prune import rules
 from .prune.allocation import allocate, allocate_structured, parse_allocation
 from .prune.apply import PruneReport, PruneResult, prune_structure

@@ -132,7 +132,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input or an environment that cannot run the command."""
     from moreau_kernels import BackendUnavailable
 
-    from ..estimate.estimator import EstimatorError
+    from ..estimate.config import EstimatorError
     from ..evaluate.zeroshot import TaskDataUnavailable
 
     return (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,

@@ -84,7 +84,7 @@ coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..estimate.estimator import GROUPS, MODES, NOISES
+    from ..estimate.config import GROUPS, MODES, NOISES
     from ..model.structure import GRANULARITIES
     from ..prune.allocation import CHOICES as ALLOCATIONS
     from ..prune.config import SCOPES
@@ -276,7 +276,7 @@ def job_from_args(args):
     """The :class:`~moreau_pruner.job.PruneJob` of parsed arguments (with the preset applied),
     every value and every combination checked: a ValueError names the first problem, before the
     model is loaded."""
-    from ..estimate.estimator import MoreauConfig
+    from ..estimate.config import MoreauConfig
     from ..job import DataSettings, PruneJob, UnstructuredSettings
     from ..prune import rules
     from ..prune.config import PruneConfig
@@ -291,7 +291,7 @@ def job_from_args(args):
                             init=args.init, noise=args.noise, distributed=args.distributed is not None)
     rules.check(request, cli=True)
     if args.distributed:
-        from ..distributed.fsdp import check_environment
+        from ..distributed.context import check_environment
 
         check_environment()
     else:

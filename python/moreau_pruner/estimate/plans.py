@@ -1,10 +1,11 @@
-"""Memory plans of the Moreau estimate for the sizes people prune, one GPU or FSDP2 ranks.
+"""Memory plans of the Moreau estimate for the sizes people prune, one GPU or FSDP2 ranks, and the
+planning CLI.
 
 ``python -m moreau_pruner.estimate.plans`` prints, for LLaMA-7B on 1×80 GB and LLaMA-3-70B on 8×80 GB and
 16×80 GB, the per-GPU plan of each configuration tried, in order of cost, and the first one that
 fits. The knobs:
 
-* path (one GPU): ``regen`` (no perturbed copy of the linear weights, :mod:`.regen`) or ``lean``;
+* path (one GPU): ``regen`` (no perturbed copy of the linear weights) or ``lean``;
 * FSDP2 (several GPUs): every decoder layer and the root ``fully_shard``-ed; each rank holds 1/N
   of the weights, of the work buffers (the perturbed local shard), of δ and of acc (fp32), plus the
   unsharded parameters in flight (the root's, kept for the step, and two decoder layers: the
@@ -19,10 +20,13 @@ fits. The knobs:
   sum) is held until the step's last backward.
 
 Estimates are from shapes (a ``meta``-device model, no memory), with the activation model of
-:func:`moreau_pruner.estimate.lean.activation_bytes`. ``--track`` also runs one step of the single-GPU
-estimate on the ``meta`` device under :class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`, so the
-plan is compared with the tensors the estimate really creates (shapes and dtypes are exact on
-``meta``; only the arithmetic is skipped).
+:func:`moreau_pruner.estimate.memory.activation_bytes`. ``--track`` also runs one step of the
+single-GPU estimate on the ``meta`` device under
+:class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`, so the plan is compared with the tensors
+the estimate really creates (shapes and dtypes are exact on ``meta``; only the arithmetic is skipped).
+
+``python -m moreau_pruner.estimate.plans --plan llama-7b --tokens 640`` prints instead the plan of one
+model on each one-process path (lean, reference, the published code) with what fits a budget.
 """
 from __future__ import annotations
 
@@ -32,46 +36,53 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .estimator import MoreauConfig, unique_named_parameters
-from .lean import (CUDA_RESERVE, GiB, SHAPES, _score_predicate, activation_bytes, layer_score, plan_memory)
+from ..model.meta import SHAPES, meta_model
+from ..model.structure import default_layer_range
+from .config import MoreauConfig
+from .loop import estimate
+from .memory import CUDA_RESERVE, GiB, activation_bytes, plan_memory
+from .memtrack import LiveTensorTracker
+from .params import score_predicate, unique_named_parameters
 
-#: LLaMA-family shapes (Hugging Face config fields) this module plans for, on top of lean.SHAPES
-PLAN_SHAPES = {
-    **SHAPES,
-    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
-    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
-}
 GPU_GIB_80GB = 79.2  # what an 80 GB A100/H100 reports as total memory, GiB
 GPUS_PER_NODE = 8
 
 
-def published_layers(n_layers: int) -> tuple[int, int]:
-    """The pruned layer range of the published LLaMA-7B run (4..30 of 32), scaled to ``n_layers``."""
-    return round(4 * n_layers / 32), round(30 * n_layers / 32)
+def layer_score(first: int, stop: int) -> Callable[[str], bool]:
+    """Score the attention and MLP projection weights of layers first..stop-1 (what pruning reads)."""
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def wanted(name: str) -> bool:
+        parts = name.split(".")
+        if "layers" not in parts or not name.endswith(".weight"):
+            return False
+        i = parts.index("layers")
+        return first <= int(parts[i + 1]) < stop and parts[-2] in projs
+    return wanted
 
 
-def meta_model(shape: str | dict, dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa"):
-    """A LLaMA-shaped model on the ``meta`` device, from a name of :data:`PLAN_SHAPES` or a config dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if isinstance(shape, str):
-        if shape not in PLAN_SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(PLAN_SHAPES)}")
-        shape = PLAN_SHAPES[shape]
-    cfg = LlamaConfig(**shape)
-    cfg._attn_implementation = attn_implementation
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype)
+def scored_layers(spec: str, n_layers: int) -> tuple[Callable[[str], bool] | None, str]:
+    """``--score``: ``published`` (the published pruned layers scaled to the model), ``all`` (every
+    parameter) or ``FIRST-LAST`` (an inclusive layer range) as a score predicate and a label."""
+    if spec == "all":
+        return None, "all"
+    if spec == "published":
+        rng = default_layer_range(n_layers)
+        return layer_score(*rng), f"published layers {rng}"
+    try:
+        a, b = (int(x) for x in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"--score must be 'published', 'all' or FIRST-LAST (inclusive layers), got {spec!r}") from None
+    if not 0 <= a <= b < n_layers:
+        raise ValueError(f"--score {spec}: layers must lie in 0..{n_layers - 1}")
+    return layer_score(a, b + 1), f"layers {a}..{b}"
 
 
 @dataclass
@@ -156,7 +167,7 @@ def plan_rank(model: nn.Module, rows: int, seq: int, option: Option, score: Call
         return RankPlan(option, dict(p.items), notes=list(p.notes), budget=budget)
     N = option.gpus
     named = unique_named_parameters(model)
-    wanted = _score_predicate(score, named)
+    wanted = score_predicate(score, named)
     es = named[0][1].element_size()
     P = sum(p.numel() for _, p in named)
     Ps = sum(p.numel() for n, p in named if wanted(n))
@@ -207,14 +218,12 @@ def plan_scenario(shape: str, gpus: int, tokens: int = 640, seq: int = 64, dtype
                   budget_gib: float = GPU_GIB_80GB, score: str = "published") -> dict:
     """Every candidate option of ``shape`` on ``gpus`` GPUs and the first that fits."""
     model = meta_model(shape, dtype)
-    n_layers = model.config.num_hidden_layers
-    sc = None if score == "all" else layer_score(*published_layers(n_layers))
+    sc, label = scored_layers(score, model.config.num_hidden_layers)
     rows = max(1, tokens // seq)
     plans = [plan_rank(model, rows, seq, o, sc, budget_gib) for o in candidate_options(gpus)]
     chosen = next((p for p in plans if p.fits), None)
     return {"shape": shape, "gpus": gpus, "tokens": rows * seq, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
-            "score": score if score == "all" else f"published layers {published_layers(n_layers)}",
-            "plans": plans, "chosen": chosen}
+            "score": label, "plans": plans, "chosen": chosen}
 
 
 # ============================================================================ tracked step on meta
@@ -242,65 +251,21 @@ def _no_packed_sequence_check(dev: torch.device):
 def tracked_step(model: nn.Module, batch_shape: tuple[int, int], config: MoreauConfig | None = None,
                  path: str = "regen", score: Callable[[str], bool] | None = None,
                  gradient_checkpointing: bool = False):
-    """One step (perturb, forward, backward, prox updates) of the single-process ``lean`` or ``regen``
-    estimate under :class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`; returns the tracker.
+    """One step (perturb, forward, one backward, prox updates) of the single-process ``lean`` or
+    ``regen`` estimate under :class:`~moreau_pruner.estimate.memtrack.LiveTensorTracker`; returns the tracker.
 
-    Meant for a ``meta``-device model (exact shapes and dtypes, no memory, no arithmetic), so the
-    loss and Σδ² are not read. Uses the estimate's own pieces (work buffers, hooks,
-    :class:`~moreau_pruner.estimate.regen.RegenLinear`); one backward per step (no micro-batches).
+    Meant for a ``meta``-device model (exact shapes and dtypes, no memory, no arithmetic): it runs
+    :func:`~moreau_pruner.estimate.loop.estimate` itself with ``iters=1``, one noise sample and no
+    micro-batches, which on ``meta`` reads neither the loss nor Σδ².
     """
-    from .lean import _Control, _LeanState, _make_hook, _perturb_all, activation_checkpointing
-    from .memtrack import LiveTensorTracker
-    from .regen import _RegenState, _regen_forward, _Run, regen_modules
-
-    cfg = (config or MoreauConfig()).validate()
     if path not in ("lean", "regen"):
         raise ValueError(f"path must be lean or regen, got {path!r}")
-    named = unique_named_parameters(model)
-    wanted = _score_predicate(score, named)
-    lin = regen_modules(model, named) if path == "regen" else {}
-    dev = named[0][1].device
+    cfg = replace(config or MoreauConfig(), iters=1, avg_last=1, n_samples=1, micro_batch_size=None)
+    dev = next(model.parameters()).device
     ids = torch.zeros(batch_shape, dtype=torch.long, device=dev)
-    flags = [p.requires_grad for _, p in named]
-    handles, patched, states = [], [], []
-    try:
-        with LiveTensorTracker(baseline=model) as tr:
-            ctl = _Control(len(named))
-            run = _Run(cfg, ctl)
-            for i, (nm, p) in enumerate(named):
-                states.append(_RegenState(nm, p, i, wanted(nm), lin[id(p)], i) if id(p) in lin
-                              else _LeanState(nm, p, i, wanted(nm)))
-            lean_states = [st for st in states if isinstance(st, _LeanState)]
-            for k, st in enumerate(states):
-                st.param.grad = None
-                st.param.requires_grad_(isinstance(st, _LeanState))
-                if isinstance(st, _LeanState):
-                    handles.append(st.param.register_post_accumulate_grad_hook(_make_hook(k, st, ctl, cfg)))
-                else:
-                    st.module.forward = lambda x, m=st.module, s=st: _regen_forward(m, s, run, x)
-                    patched.append(st.module)
-            model.eval()
-            with activation_checkpointing(model, gradient_checkpointing):
-                ctl.reset(True)
-                ctl.last = True
-                _perturb_all(lean_states, cfg, 0)
-                for st in lean_states:
-                    st.param.data = st.work
-                try:
-                    with _no_packed_sequence_check(dev):
-                        model(input_ids=ids, labels=ids).loss.backward()
-                finally:
-                    for st in lean_states:
-                        st.param.data = st.clean
-        return tr
-    finally:
-        for h in handles:
-            h.remove()
-        for m in patched:
-            del m.forward
-        for (_, p), f in zip(named, flags):
-            p.grad = None
-            p.requires_grad_(f)
+    with LiveTensorTracker(baseline=model) as tr, _no_packed_sequence_check(dev):
+        estimate(model, ids, cfg, path, score=score, progress=False, gradient_checkpointing=gradient_checkpointing)
+    return tr
 
 
 # ============================================================================ CLI
@@ -318,29 +283,75 @@ def main(argv=None) -> int:
         description="Per-GPU memory plans of the Moreau estimate (bf16 weights, fp32 δ and acc) for LLaMA-7B on "
                     "1x80 GB and LLaMA-3-70B on 8x80 GB and 16x80 GB, trying configurations in order of cost "
                     "(path, FSDP2, activation checkpointing, CPUOffloadPolicy, micro-batches) and saying which "
-                    "fits. Shapes only: nothing is materialised.",
+                    "fits; or, with --plan, one model's plan on each one-process path. Shapes only: nothing is "
+                    "materialised.",
         epilog="examples:\n  python -m moreau_pruner.estimate.plans                      # the three standard scenarios\n"
                "  python -m moreau_pruner.estimate.plans --shape llama-3-70b --gpus 8 --tokens 2048\n"
-               "  python -m moreau_pruner.estimate.plans --shape llama-7b --gpus 1 --track   # + tracked peak on meta",
+               "  python -m moreau_pruner.estimate.plans --shape llama-7b --gpus 1 --track   # + tracked peak on meta\n"
+               "  python -m moreau_pruner.estimate.plans --plan llama-7b --tokens 640   # lean, reference, published",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(PLAN_SHAPES), help="one model shape (default: the standard scenarios)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="one model shape (default: the standard scenarios)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs (FSDP2 ranks when > 1)")
+    ap.add_argument("--plan", choices=sorted(SHAPES),
+                    help="instead: this shape's plan on the lean, reference and published paths (one process)")
     ap.add_argument("--tokens", type=int, default=640, help="calibration tokens (default 640, the published 10x64)")
     ap.add_argument("--seq", type=int, default=64, help="tokens per row (default 64)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--gpu-gib", type=float, default=GPU_GIB_80GB, help="memory per GPU, GiB (default 79.2: 80 GB)")
-    ap.add_argument("--score", default="published", choices=["published", "all"],
-                    help="scored tensors (acc): the published pruned layers, or every parameter")
+    ap.add_argument("--gpu-gib", "--budget-gib", dest="gpu_gib", type=float, default=GPU_GIB_80GB,
+                    help="memory per GPU to compare against, GiB (default 79.2: what an 80 GB H100/A100 reports)")
+    ap.add_argument("--score", default="published",
+                    help="scored tensors (acc): 'published' (the pruned layers only), 'all', or FIRST-LAST "
+                         "(inclusive layer range)")
     ap.add_argument("--track", action="store_true",
                     help="one GPU: also run one estimate step on the meta device under the live-tensor tracker")
     ap.add_argument("--json", help="write the plans (and tracked peaks) to this JSON file")
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="with --plan: rows per forward/backward")
+    ap.add_argument("--device", default=None, help="with --plan: cuda (default; adds the context reserve) or cpu")
+    ap.add_argument("--checkpointing", action="store_true", help="with --plan: activation checkpointing (lean path)")
     args = ap.parse_args(argv)
     if args.tokens < args.seq or args.seq < 1:
         ap.error("--tokens must be at least --seq, and --seq positive")
+    if args.plan is not None:
+        if args.shape or args.gpus is not None or args.track or args.json:
+            ap.error("--plan prints one shape's plan per path; --shape, --gpus, --track and --json are for the "
+                     "per-GPU plans")
+    elif args.micro_batch_size is not None or args.device is not None or args.checkpointing:
+        ap.error("--micro-batch-size, --device and --checkpointing go with --plan")
     if (args.shape is None) != (args.gpus is None):
         ap.error("give --shape and --gpus together (or neither, for the standard scenarios)")
     if args.gpus is not None and args.gpus < 1:
         ap.error("--gpus must be >= 1")
+    try:
+        scored_layers(args.score, SHAPES[args.plan or args.shape or "llama-7b"]["num_hidden_layers"])
+    except ValueError as e:
+        ap.error(str(e))
+    if args.plan is not None:
+        return _path_plans(args)
+    return _scenarios(args)
+
+
+def _path_plans(args) -> int:
+    """--plan: the lean, reference and published plans of one shape, each against the budget."""
+    model = meta_model(args.plan, getattr(torch, args.dtype))
+    score, _ = scored_layers(args.score, model.config.num_hidden_layers)
+    rows = max(1, args.tokens // args.seq)
+    cfg = MoreauConfig(micro_batch_size=args.micro_batch_size)
+    budget = int(args.gpu_gib * GiB)
+    for path in ("lean", "reference", "published"):
+        plan = plan_memory(model, (rows, args.seq), cfg, path, args.device or "cuda", score=score,
+                           gradient_checkpointing=args.checkpointing, fused=True)
+        fits = plan.total <= budget
+        print(plan.format())
+        if plan.overlap:
+            print(f"  lower bound {plan.lower_total / GiB:.2f} GiB: "
+                  f"{'fits' if plan.lower_total <= budget else 'does NOT fit either'}")
+        print(f"  => {'fits' if fits else 'does NOT fit'} in {args.gpu_gib:g} GiB "
+              f"(margin {(budget - plan.total) / GiB:+.2f} GiB)\n")
+    return 0
+
+
+def _scenarios(args) -> int:
+    """The per-GPU plans of the standard scenarios (or --shape/--gpus), with --track and --json."""
     dtype = getattr(torch, args.dtype)
     scenarios = [(args.shape, args.gpus)] if args.shape else [("llama-7b", 1), ("llama-3-70b", 8), ("llama-3-70b", 16)]
     doc = {"budget_gib": args.gpu_gib, "tokens": args.tokens, "seq": args.seq, "dtype": args.dtype, "scenarios": []}
@@ -356,32 +367,35 @@ def main(argv=None) -> int:
         entry["plans"] = [p.to_json() for p in sc["plans"]]
         entry["chosen"] = ch.option.label() if ch else None
         if args.track and gpus == 1:
-            model = meta_model(shape, dtype)
-            rows = max(1, args.tokens // args.seq)
-            score = None if args.score == "all" else layer_score(*published_layers(model.config.num_hidden_layers))
-            tracked = {}
-            for o in sc["plans"]:
-                if o.option.micro_batch_rows:
-                    continue
-                tr = tracked_step(model, (rows, args.seq), MoreauConfig(), o.option.path, score,
-                                  o.option.checkpointing)
-                plan_no_reserve = o.total - o.items.get("CUDA context + allocator reserve", 0)
-                tracked[o.option.label()] = {"tracked_peak_bytes": tr.peak_bytes,
-                                             "plan_bytes_without_reserve": plan_no_reserve,
-                                             "plan_over_tracked": plan_no_reserve / tr.peak_bytes,
-                                             "peak_op": tr.peak_op,
-                                             "breakdown": dict(sorted(tr.peak_breakdown.items(),
-                                                                      key=lambda kv: -kv[1])[:8])}
-                print(f"tracked on meta, {o.option.label()}: peak {tr.peak_bytes / 1e9:.2f} GB "
-                      f"({tr.peak_bytes / GiB:.2f} GiB) of live tensors after {tr.peak_op}; plan without the CUDA "
-                      f"reserve {plan_no_reserve / GiB:.2f} GiB ({plan_no_reserve / tr.peak_bytes:.3f} x)")
-            entry["tracked"] = tracked
+            entry["tracked"] = _tracked(shape, dtype, args, sc["plans"])
             print()
         doc["scenarios"].append(entry)
     if args.json:
         _write_json(Path(args.json), doc)
         print(f"wrote {args.json}")
     return 0
+
+
+def _tracked(shape: str, dtype: torch.dtype, args, plans: list[RankPlan]) -> dict:
+    """--track: one meta-device step of each one-GPU plan without micro-batches, against its plan."""
+    model = meta_model(shape, dtype)
+    rows = max(1, args.tokens // args.seq)
+    score, _ = scored_layers(args.score, model.config.num_hidden_layers)
+    tracked = {}
+    for o in plans:
+        if o.option.micro_batch_rows:
+            continue
+        tr = tracked_step(model, (rows, args.seq), MoreauConfig(), o.option.path, score, o.option.checkpointing)
+        plan_no_reserve = o.total - o.items.get("CUDA context + allocator reserve", 0)
+        tracked[o.option.label()] = {"tracked_peak_bytes": tr.peak_bytes,
+                                     "plan_bytes_without_reserve": plan_no_reserve,
+                                     "plan_over_tracked": plan_no_reserve / tr.peak_bytes,
+                                     "peak_op": tr.peak_op,
+                                     "breakdown": dict(sorted(tr.peak_breakdown.items(), key=lambda kv: -kv[1])[:8])}
+        print(f"tracked on meta, {o.option.label()}: peak {tr.peak_bytes / 1e9:.2f} GB "
+              f"({tr.peak_bytes / GiB:.2f} GiB) of live tensors after {tr.peak_op}; plan without the CUDA "
+              f"reserve {plan_no_reserve / GiB:.2f} GiB ({plan_no_reserve / tr.peak_bytes:.3f} x)")
+    return tracked
 
 
 if __name__ == "__main__":

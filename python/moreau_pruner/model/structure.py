@@ -117,7 +117,8 @@ class ModelStructure:
                  "intermediate_size": ls.intermediate_size} for ls in self.layers]
 
 
-def _find_layers(model: nn.Module):
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (``model.model.layers``) of a LLaMA-family causal LM."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not isinstance(layers, nn.ModuleList):
@@ -139,7 +140,7 @@ def discover(model: nn.Module) -> ModelStructure:
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     out = []
-    for i, layer in enumerate(_find_layers(model)):
+    for i, layer in enumerate(find_layers(model)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         try:
             mods = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]

@@ -17,7 +17,7 @@ class LocalScoring:
 
     def estimate(self, model: nn.Module, batch: torch.Tensor, config, target, options, progress: bool):
         """The Moreau estimate of ``target``'s scored weights on the strategy ``options`` names."""
-        from ..estimate.lean import estimate
+        from ..estimate.loop import estimate
 
         return estimate(model, batch, config, options.estimator_path, score=target.scored_names, progress=progress,
                         structure=target.structure, gradient_checkpointing=options.gradient_checkpointing,
@@ -25,16 +25,15 @@ class LocalScoring:
 
     def gradient(self, model: nn.Module, batch: torch.Tensor, names: list[str],
                  micro_batch_size: int | None) -> dict[str, torch.Tensor]:
-        from ..estimate.estimator import gradient
+        from ..estimate.gradients import gradient
 
         return gradient(model, batch, names, micro_batch_size)
 
     def fisher(self, model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32)."""
-        from ..estimate.estimator import per_sample_gradient_sum
+        from ..estimate.gradients import fisher_diagonal
 
-        n = batch.shape[0]
-        return per_sample_gradient_sum(model, batch, names, lambda g: g.square_().div_(n))
+        return fisher_diagonal(model, batch, names)
 
     def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The weights the gradients belong to (whole tensors here)."""

@@ -71,15 +71,19 @@ def reduce_parts(parts: list[torch.Tensor], reduction: str) -> torch.Tensor:
     return stacked.prod(0)
 
 
+def weight_gradient(w: torch.Tensor, grads: dict[str, torch.Tensor] | None, names: dict[int, str]):
+    """The gradient estimate of weight ``w`` in ``grads`` (None when scoring by magnitude)."""
+    if grads is None:
+        return None
+    name = names[id(w)]
+    if name not in grads:
+        raise KeyError(f"no gradient estimate for {name}; was it scored by the estimator?")
+    return grads[name]
+
+
 def _saliency(lin, grads, names, vectorize) -> tuple[torch.Tensor, torch.Tensor]:
     w = lin.weight
-    g = None
-    if grads is not None:
-        name = names[id(w)]
-        if name not in grads:
-            raise KeyError(f"no gradient estimate for {name}; was it scored by the estimator?")
-        g = grads[name]
-    rows, cols = mk.channel_saliency(w.detach(), g, vectorize)
+    rows, cols = mk.channel_saliency(w.detach(), weight_gradient(w, grads, names), vectorize)
     return rows, cols
 
 

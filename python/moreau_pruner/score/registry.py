@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..estimate.estimator import MoreauConfig, MoreauResult
+from ..estimate.config import MoreauConfig, MoreauResult
 from ..prune.target import PruneTarget, as_target
 from . import methods
 from .context import LocalScoring
@@ -35,7 +35,7 @@ class ScoringOptions:
     seed             seed of the ``random`` scores and of the default Moreau noise
     micro_batch_size rows per forward/backward (None: the whole batch)
     estimator_path   memory strategy of the Moreau estimate (``auto``, ``reference``, ``lean``, ``regen``)
-    gradient_checkpointing, check_memory: see :func:`moreau_pruner.estimate.lean.estimate`
+    gradient_checkpointing, check_memory: see :func:`moreau_pruner.estimate.estimate`
     """
 
     reduction: str = "sum"

@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from ..estimate.gradients import fisher_diagonal  # noqa: F401 - LLM-Pruner's second order, named here too
 from ..prune.target import PruneTarget, as_target
 from .context import LocalScoring
 from .importance import LayerScores, model_scores
@@ -38,11 +39,6 @@ def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return variant
-
-
-def fisher_diagonal(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """F = (1/N) Σ_n g_n², one backward per row of ``batch`` (fp32)."""
-    return LocalScoring().fisher(model, batch, names)
 
 
 def effective_gradients(weights: dict[str, torch.Tensor] | nn.Module, variant: str,

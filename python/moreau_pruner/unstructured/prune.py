@@ -1,8 +1,8 @@
 """Unstructured and N:M pruning: the model keeps its shapes, pruned weights become zeros.
 
 One estimator, two consumers: the Moreau metric reads the same Ĝ as the structured path
-(:func:`moreau_pruner.estimate.estimator.moreau_estimate`, called unchanged), so the two paths differ
-only in what they do with it.
+(:func:`moreau_pruner.estimate.estimate`, called unchanged, with the memory strategy picked as
+there: ``lean`` when it applies), so the two paths differ only in what they do with it.
 
 Metrics (per weight W_ij of a Linear with output row i and input column j):
 
@@ -62,8 +62,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..estimate import estimator as _estimator
-from ..estimate.estimator import MoreauConfig
+from ..estimate import gradients as _gradients
+from ..estimate import loop as _loop
+from ..estimate.config import MoreauConfig
 from ..model.structure import discover
 from ..prune import rules
 from ..score.methods import UNSTRUCTURED
@@ -219,14 +220,14 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
 def per_sample_gradient_norms(model: nn.Module, batch: torch.Tensor, names: Iterable[str], norm: str = "l2",
                               scale: float = 100.0) -> dict[str, torch.Tensor]:
     """GBLM's aggregated gradient: ℓ1 Σ_n |scale·g_n| or ℓ2 sqrt(Σ_n (scale·g_n)²), g_n the gradient
-    of sequence n's mean token loss (one backward per row of ``batch``, via ``estimator.gradient``)."""
+    of sequence n's mean token loss (one backward per row of ``batch``, via ``estimate.gradients.gradient``)."""
     if norm not in GBLM_NORMS:
         raise ValueError(f"gblm norm must be one of {GBLM_NORMS}, got {norm!r}")
     def term(g):
         g = g.mul_(scale)
         return g.abs_() if norm == "l1" else g.square_()
 
-    acc = _estimator.per_sample_gradient_sum(model, batch, names, term)
+    acc = _gradients.per_sample_gradient_sum(model, batch, names, term)
     if norm == "l2":
         for a in acc.values():
             a.sqrt_()
@@ -307,7 +308,7 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     ``layer_ratios`` {decoder layer index: r_l} overrides it per layer (from
     :mod:`moreau_pruner.prune.allocation`); ``nm=(n, m)`` replaces both by N:M sparsity.
     ``moreau`` configures the estimate (``method='moreau'``; default ``MoreauConfig(seed=seed)``).
-    ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`moreau_estimate` (or the plain
+    ``grads`` (``moreau``/``taylor``): an Ĝ already estimated by :func:`~moreau_pruner.estimate.estimate` (or the plain
     gradient) for these weights, e.g. shared by several sparsities; the estimate is then skipped.
     ``sequential`` (``wanda``/``gblm``, and every method with ``trim``): measure each layer's inputs
     on the outputs of the already pruned earlier layers (the papers' loop, default) instead of one
@@ -321,7 +322,8 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
     them up), ``per_layer`` {layer: measured sparsity of
     its matrices}, ``overall`` (zeros, numel, sparsity over the pruned matrices),
     ``model_zero_fraction`` (zeros over all parameters), ``timings`` and, for ``moreau``, the
-    estimator ``log``.
+    estimator's summary (``moreau``: config, backend, ``log``) and the memory strategy that ran
+    (``estimator_path``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -383,11 +385,12 @@ def unstructured_prune(model: nn.Module, batch: torch.Tensor | None, method: str
         cfg = moreau or MoreauConfig(seed=seed)
         if micro_batch_size and cfg.micro_batch_size is None:
             cfg = replace(cfg, micro_batch_size=micro_batch_size)
-        est = _estimator.moreau_estimate(model, batch, cfg, score=names, progress=progress, structure=structure)
+        est = _loop.estimate(model, batch, cfg, strategy="auto", score=names, progress=progress, structure=structure)
         grads = est.grads
         report["moreau"] = est.summary()
+        report["estimator_path"] = est.path
     elif method == "taylor":
-        grads = _estimator.gradient(model, batch, names, micro_batch_size)
+        grads = _gradients.gradient(model, batch, names, micro_batch_size)
         report["taylor"] = {"precomputed": False}
     if method == "gblm":  # from the dense model, before any weight is pruned
         report["gblm"] = {"norm": gblm_norm, "scale": gblm_scale}
