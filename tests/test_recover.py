@@ -161,7 +161,7 @@ def test_peft_wraps_every_pruned_linear_and_loss_decreases_on_a_fixed_batch():
     def callback(step, loss):
         seen[step] = loss
 
-    import moreau_pruner.recover.loop as R
+    import moreau_pruner.recover.tuning as R
 
     wrapped = {}
     real_wrap = R.wrap

@@ -47,6 +47,8 @@ class RecoveryData:
     ``examples``: list of ``(input_ids, labels)`` pairs of equal-length int lists (labels -100
     where no loss is taken). ``kind``: ``"text"`` or ``"alpaca"``. ``heldout``: text never trained
     on (None: no held-out text for this source). ``skipped``: rows that could not be used.
+    ``ood``: held-out text of another source (``ood_source``), scored too so that adaptation to the
+    recovery text and recovered general quality can be told apart (None: not scored).
     """
 
     examples: list[tuple[list[int], list[int]]]
@@ -56,6 +58,8 @@ class RecoveryData:
     heldout_source: str | None = None
     skipped: int = 0
     n_rows: int = 0
+    ood: str | None = None
+    ood_source: str | None = None
 
     def fingerprint(self) -> dict:
         import hashlib
@@ -155,11 +159,14 @@ def load_recovery_data(
     cutoff_len: int = 256,
     heldout_fraction: float = 0.2,
     eval_source: str | os.PathLike | None = None,
+    ood_source: str | os.PathLike | None = None,
 ) -> RecoveryData:
     """Tokenised recovery data from ``source`` (see the module doc for the accepted forms).
 
     ``eval_source``: where the held-out perplexity text comes from instead (a corpus name or text
-    file, its held-out side). Raises ValueError naming the file when it holds no usable row.
+    file, its held-out side). ``ood_source``: a corpus name or text file of other text whose held-out
+    side is scored as the out-of-domain perplexity (it must differ from ``source``). Raises
+    ValueError naming the file when it holds no usable row.
     """
     from .. import data as mdata
 
@@ -232,7 +239,22 @@ def load_recovery_data(
         heldout, heldout_source = mdata.heldout_text(eval_source, heldout_fraction), os.fspath(eval_source)
     elif heldout is None:  # instruction data: measure the language-model quality on pydoc
         heldout, heldout_source = mdata.heldout_text("pydoc", heldout_fraction), "pydoc"
-    return RecoveryData(examples, kind, name, heldout, heldout_source, skipped, n_rows)
+    ood = None
+    if ood_source is not None:
+        ood_source = os.fspath(ood_source)
+        if _same_source(ood_source, name):
+            raise ValueError(f"the out-of-domain text {ood_source!r} is the recovery data itself; choose another "
+                             f"source ({' or '.join(c for c in mdata.CORPORA if c != name)}, or a text file)")
+        ood = mdata.heldout_text(ood_source, heldout_fraction)
+    return RecoveryData(examples, kind, name, heldout, heldout_source, skipped, n_rows, ood, ood_source)
+
+
+def _same_source(a: str, b: str) -> bool:
+    from .. import data as mdata
+
+    if a in mdata.CORPORA or b in mdata.CORPORA:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:

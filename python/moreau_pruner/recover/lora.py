@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import check_fit
 from .config import DEFAULT_TARGET_MODULES, RecoverConfig
 
 __all__ = ["ADAPTER_WEIGHTS", "MissingExtraError", "adapter_tensors", "load_adapter_weights", "make_lora_config",
@@ -71,22 +72,7 @@ def load_adapter_weights(peft_model, state: dict[str, torch.Tensor], where: str)
     """Loads adapter tensors into ``peft_model`` after checking every name and shape."""
     from peft import set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in adapter_tensors(peft_model).items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [(k, tuple(state[k].shape), expected[k]) for k in sorted(expected) if k in state
-             and tuple(state[k].shape) != expected[k]]
-    if missing or extra or wrong:
-        details = []
-        if wrong:
-            k, got, want = wrong[0]
-            details.append(f"{len(wrong)} tensors have other shapes (e.g. {k}: {got} in the adapter, {want} here)")
-        if missing:
-            details.append(f"{len(missing)} tensors this model needs are absent (e.g. {missing[0]})")
-        if extra:
-            details.append(f"{len(extra)} tensors match no module here (e.g. {extra[0]})")
-        raise ValueError(f"adapter {where} does not fit this model (was it trained on another model or "
-                         f"another pruning?): {'; '.join(details)}")
+    check_fit({k: tuple(v.shape) for k, v in adapter_tensors(peft_model).items()}, state, f"adapter {where}")
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

@@ -1,8 +1,10 @@
-"""Recovering a pruned model's quality with a short LoRA fine-tune (``moreau-recover``).
+"""Recovering a pruned model's quality with a short fine-tune (``moreau-recover``).
 
-The recipe of LLM-Pruner and MoreauPruner's recovery stage: LoRA adapters (rank 8, alpha 16,
-dropout 0.05) on every attention and MLP projection (q/k/v/o, gate/up/down), AdamW at lr 1e-4,
-2 epochs over sequences cut off at 256 tokens; then the adapter is merged into the weights.
+The default is the recipe of LLM-Pruner and MoreauPruner's recovery stage: LoRA adapters (rank 8,
+alpha 16, dropout 0.05) on every attention and MLP projection (q/k/v/o, gate/up/down), AdamW at lr
+1e-4, 2 epochs over sequences cut off at 256 tokens, the LM loss; then the adapter is merged into the
+weights. ``distill=True`` learns from the dense teacher's next-token distributions instead (KL
+divergence, optionally mixed with the LM loss), and ``tuning="full"`` trains every weight.
 
 This module is the stage's public address; the pieces live by concern:
 
@@ -10,7 +12,9 @@ This module is the stage's public address; the pieces live by concern:
 * :mod:`.dataset`: :func:`load_recovery_data` (corpora, text files, ``{"text"}`` rows, Alpaca rows)
   and the deterministic order of the batches;
 * :mod:`.lora`: the peft adapters (wrapping, reading and writing adapter weights);
-* :mod:`.losses`: the training loss;
+* :mod:`.tuning`: what is trained (LoRA adapters or every weight), behind one interface;
+* :mod:`.teacher`: the dense teacher (which model, loaded frozen, checked against the student);
+* :mod:`.losses`: the LM loss and the distillation loss;
 * :mod:`.checkpoints`: checkpoints under ``OUT/checkpoints`` and the output directory checks;
 * :mod:`.loop`: :func:`recover`, the run itself (train, merge, evaluate, save);
 * :mod:`.cli`: ``moreau-recover`` (:func:`main`).
@@ -23,6 +27,7 @@ from .dataset import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, Recov
                       load_recovery_data)
 from .lora import MissingExtraError
 from .loop import ADAPTER_DIR, REPORT_FILE, RecoverResult, recover
+from .teacher import Teacher, load_teacher, resolve_teacher
 
 __all__ = [
     "ADAPTER_DIR",
@@ -35,9 +40,12 @@ __all__ = [
     "RecoverConfig",
     "RecoveryData",
     "RecoverResult",
+    "Teacher",
     "alpaca_prompt",
     "build_parser",
     "load_recovery_data",
+    "load_teacher",
     "recover",
+    "resolve_teacher",
     "main",
 ]
