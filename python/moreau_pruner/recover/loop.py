@@ -351,6 +351,7 @@ def _report_extras(report: dict, before: dict, trained, tokenizer, data: Recover
     if teacher is None:
         return
     report["teacher"] = {"source": teacher.source, "dtype": str(teacher.dtype).removeprefix("torch."),
+                         "parameters": sum(p.numel() for p in teacher.model.parameters()),
                          "ppl": before.get("teacher_ppl"), "ppl_ood": before.get("teacher_ppl_ood")}
     report["loss_parts"] = {"kl": parts["kl"], "lm": parts["lm"]}
     report["gap_closed"] = {
