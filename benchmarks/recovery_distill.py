@@ -123,7 +123,7 @@ def step_flops(config: str, student_params: int, teacher_params: int | None, tok
     return float(student + teacher)
 
 
-def run_one(args, config: str, lr: str, seed: int, results: Path) -> Path | None:
+def run_one(args, config: str, lr: str, seed: int, results: Path, commit: str) -> Path | None:
     tag = "pilot" if args.pilot else "final"
     name = f"{tag}-{config}-lr{lr}-s{seed}"
     record_path = results / f"{name}.json"
@@ -161,7 +161,7 @@ def run_one(args, config: str, lr: str, seed: int, results: Path) -> Path | None
         "pruned": args.pruned, "prune_command": args.prune_command,
         "command": "OMP_NUM_THREADS=1 " + shlex.join(["python", *cmd[1:]]).replace(str(out), f"OUT/{name}"),
         "device": "cpu", "device_name": C.device_label("cpu"), "threads": 1, "torch": __import__("torch").__version__,
-        "commit": C.git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg": load, "wall_s": wall,
         "seconds_per_step": round(report["train_time_s"] / max(report["steps"], 1), 3),
         "student_parameters": student_params, "teacher_parameters": teacher_params,
@@ -202,10 +202,11 @@ def main(argv=None) -> int:
     args = parse(argv)
     results = Path(args.results)
     if not args.render:
+        commit = C.git_commit()  # before this run renders the README into the checkout
         for seed in args.seeds:
             for spec in args.run:
                 config, _, lr = spec.partition(":")
-                if run_one(args, config, lr, seed, results) is not None:
+                if run_one(args, config, lr, seed, results, commit) is not None:
                     render(results, quality=False)
     render(results)
     return 0
