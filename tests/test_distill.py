@@ -386,3 +386,66 @@ def test_clear_errors_before_any_output(tmp_path, capsys):
     with pytest.raises(ValueError, match="tuning must be one of lora, full"):
         recover(student, tok, txt, _quick(max_steps=1, tuning="partial"), progress=False, teacher=teacher)
     assert isinstance(freeze(teacher), LlamaForCausalLM) and Teacher(teacher, None, "x").dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- the benchmark's tables
+
+
+def _bench_module(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"{name}_for_distill", bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_record(config, seed, ood_after, tag="final", heldout_after=20.0):
+    ppl = lambda x: {"ppl": x, "n_windows": 64, "seq_len": 128}  # noqa: E731
+    report = {"ppl_before": ppl(30.0), "ppl_after": ppl(heldout_after), "ppl_ood_before": ppl(100.0),
+              "ppl_ood_after": ppl(ood_after)}
+    if config != "lora-lm":
+        report["teacher"] = {"ppl": ppl(25.0), "ppl_ood": ppl(60.0)}
+    return {"name": f"{tag}-{config}-s{seed}", "tag": tag, "config": config, "lr": 1e-3, "seed": seed, "steps": 300,
+            "batch_size": 2, "cutoff_len": 128, "data": "pydoc", "ood_data": "fortunes",
+            "prune_command": "moreau-prune --out P", "command": "moreau-recover ...", "device_name": "a CPU",
+            "loadavg": {"mean": 5.0}, "seconds_per_step": 10.0, "flops_per_step": 2e11,
+            "gpu_estimate": {"seconds_per_step": 5e-4, "utilisation": 0.4, "peak_flops": 989e12}, "report": report}
+
+
+def test_benchmark_tables_say_whether_the_target_is_met(tmp_path):
+    rq = _bench_module("render_quality")
+    for seed, (lm, kd, full) in enumerate([(98.0, 90.0, 85.0), (96.0, 88.0, 87.0)]):
+        for config, ood in (("lora-lm", lm), ("lora-kd", kd), ("full-kd", full)):
+            (tmp_path / f"{config}-{seed}.json").write_text(json.dumps(_fake_record(config, seed, ood)))
+    (tmp_path / "pilot.json").write_text(json.dumps(_fake_record("lora-kd", 0, 95.0, tag="pilot")))
+    text = "\n".join(rq.distill_markdown(tmp_path))
+    # full-kd: gaps (100 - 85) / 40 and (100 - 87) / 40: 0.35 on average, above a third
+    assert "| full fine-tuning, distillation | 0.001 | 0, 1 | 30.00 → 20.00 ± 0.00 (n=2) | 100.00 → 86.00 ± 1.41 (n=2) " \
+           "| 0.350 ± 0.035 (n=2) | 2.000 ± 0.000 (n=2) |" in text
+    assert "| dense (the teacher) | – | – | 25.00 | 60.00 |" in text
+    assert "closing 35.0% of the fortunes perplexity gap" in text and "— met." in text
+    assert "Pilot (300 steps" in text
+    (tmp_path / "full-kd-0.json").unlink()
+    (tmp_path / "full-kd-1.json").unlink()
+    assert "LoRA, distillation, closing 27.5%" in "\n".join(rq.distill_markdown(tmp_path))
+    assert "not met" in "\n".join(rq.distill_markdown(tmp_path))
+
+
+def test_step_flops_count_the_teacher_and_the_weight_gradients():
+    rd = _bench_module("recovery_distill")
+    assert rd.step_flops("lora-lm", 100, None, 10) == 4 * 100 * 10
+    assert rd.step_flops("lora-kd", 100, 120, 10) == 4 * 100 * 10 + 2 * 120 * 10
+    assert rd.step_flops("full-kd", 100, 120, 10) == 6 * 100 * 10 + 2 * 120 * 10
+
+
+def test_committed_quality_report_carries_the_distillation_section():
+    rq = _bench_module("render_quality")
+    section = "\n".join(rq.distill_markdown(rq.ROOT / "results" / "recovery" / "distill"))
+    if section:
+        assert section in (rq.ROOT / "results" / "QUALITY.md").read_text()
+        assert section in (rq.ROOT / "results" / "recovery" / "README.md").read_text()

@@ -99,7 +99,7 @@ class FullTuning:
         self.dtype = cfg.resolved_dtype()
         self.device_type = torch.device(cfg.device).type
         if self.dtype != torch.float32:
-            model.to(torch.float32)
+            _cast_parameters(model, torch.float32)
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())
         self.model = model
@@ -130,8 +130,17 @@ class FullTuning:
     def finish(self):
         self.model.requires_grad_(False)
         if self.dtype != torch.float32:
-            self.model.to(self.dtype)
+            _cast_parameters(self.model, self.dtype)
         return self.model
+
+
+def _cast_parameters(model, dtype: torch.dtype) -> None:
+    """The floating-point parameters of ``model`` in ``dtype``; buffers (e.g. the rotary frequencies, which
+    lose position resolution in 16 bits) stay as they are."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
 
 
 def make_tuning(cfg: RecoverConfig, adapter: str | Path | None = None):
