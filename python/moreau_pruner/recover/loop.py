@@ -120,6 +120,101 @@ class _Objective:
         return loss / denom, float(kl.detach()) / denom, float(ce.detach()) / denom
 
 
+@dataclass
+class _History:
+    """Where training stands: the step reached, the loss of every step run (with distillation its KL and LM
+    parts too) and the seconds spent training."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+    parts: dict = field(default_factory=lambda: {"kl": [], "lm": []})
+    train_time: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What one optimizer step needs."""
+
+    cfg: RecoverConfig
+    data: RecoveryData
+    module: torch.nn.Module
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    objective: _Objective
+    device: torch.device
+    pad_id: int
+
+
+def _restore(resume_from, tuning, optimizer, total_steps: int) -> _History:
+    """Loads the checkpoint's weights, optimizer and RNG states; returns its history."""
+    _, path, saved_state = resume_from
+    saved_tensors, saved_trainer = read_checkpoint(path, tuning.weights_file)
+    tuning.load(saved_tensors, f"checkpoint {path}")
+    optimizer.load_state_dict(saved_trainer["optimizer"])
+    set_rng_state(saved_trainer["rng"])
+    history = _History(step=int(saved_state["step"]), losses=list(saved_state["losses"]),
+                       train_time=float(saved_state.get("train_time_s", 0.0)))
+    if history.step > total_steps:
+        raise ValueError(f"checkpoint {path} is at step {history.step}, past the {total_steps} steps asked for")
+    history.parts = {k: list(v) for k, v in saved_state.get("loss_parts", history.parts).items()}
+    return history
+
+
+def _step(run: _Run, step: int) -> tuple[float, float, float]:
+    """One optimizer step; returns its loss and (with a teacher) the KL and LM parts."""
+    cfg, data = run.cfg, run.data
+    batch = [data.examples[i] for i in batch_indices(len(data.examples), cfg.batch_size, cfg.seed, step)]
+    n_tokens = n_labelled(batch)
+    for g in run.optimizer.param_groups:
+        g["lr"] = _lr_at(cfg, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    total, kl_total, lm_total = 0.0, 0.0, 0.0
+    micro = cfg.micro_batch_size or cfg.batch_size
+    for first in range(0, len(batch), micro):
+        ids, labels, mask = collate(batch[first : first + micro], run.pad_id, run.device)
+        loss, kl, lm = run.objective(run.module, ids, labels, mask, n_tokens)
+        loss.backward()
+        total += float(loss.detach())
+        if kl is not None:
+            kl_total += kl
+            lm_total += lm
+    if not math.isfinite(total):
+        raise FloatingPointError(f"recovery: the training loss is {total} at step {step + 1}; "
+                                 "lower the learning rate or use float32")
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+    run.optimizer.step()
+    return total, kl_total, lm_total
+
+
+def _train(run: _Run, total_steps: int, history: _History, save, callback, progress: bool) -> None:
+    """Runs the steps from ``history.step`` to ``total_steps``, recording each; ``save(step)`` writes a
+    checkpoint every ``save_every`` steps (not after the last)."""
+    from tqdm.auto import tqdm
+
+    distill = run.objective.teacher is not None
+    run.module.train()
+    t_train, time_before = time.perf_counter(), history.train_time
+    with tqdm(total=total_steps, initial=history.step, desc="recover", unit="step", disable=not progress) as bar:
+        for step in range(history.step, total_steps):
+            total, kl, lm = _step(run, step)
+            history.losses.append(total)
+            if distill:
+                history.parts["kl"].append(kl)
+                history.parts["lm"].append(lm)
+                bar.set_postfix(loss=f"{total:.4f}", kl=f"{kl:.4f}")
+            else:
+                bar.set_postfix(loss=f"{total:.4f}")
+            bar.update(1)
+            history.step = done = step + 1
+            history.train_time = time_before + time.perf_counter() - t_train
+            if save is not None and (done % run.cfg.save_every == 0 and done < total_steps):
+                save(done)
+            if callback is not None:
+                callback(done, total)
+    history.train_time = time_before + time.perf_counter() - t_train
+
+
 def _gap_closed(before, after, reference):
     """The share of the perplexity gap to the teacher that recovery closed: (before - after) / (before - teacher)."""
     if not (before and after and reference) or before["ppl"] == reference["ppl"]:
@@ -194,82 +289,29 @@ def recover(
 
     module = tuning.prepare(model, cfg)
     trainable = tuning.trainable()
-    n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     n = len(data.examples)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    losses: list[float] = []
-    parts = {"kl": [], "lm": []}
-    start_step = 0
-    train_time = 0.0
+    history = _History()
     if resume_from is not None:
-        step_found, path, saved_state = resume_from
-        saved_tensors, saved_trainer = read_checkpoint(path, tuning.weights_file)
-        tuning.load(saved_tensors, f"checkpoint {path}")
-        optimizer.load_state_dict(saved_trainer["optimizer"])
-        set_rng_state(saved_trainer["rng"])
-        start_step = int(saved_state["step"])
-        if start_step > total_steps:
-            raise ValueError(f"checkpoint {path} is at step {start_step}, past the {total_steps} steps asked for")
-        losses = list(saved_state["losses"])
-        parts = {k: list(v) for k, v in saved_state.get("loss_parts", parts).items()}
-        train_time = float(saved_state.get("train_time_s", 0.0))
+        history = _restore(resume_from, tuning, optimizer, total_steps)
     else:
         torch.manual_seed(cfg.seed + 1)  # LoRA dropout stream
-
     if overwrite and out_path is not None:  # checkpoints of the replaced run must not mix with this run's
         shutil.rmtree(out_path / CHECKPOINTS_DIR, ignore_errors=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    micro = cfg.micro_batch_size or cfg.batch_size
-    objective = _Objective(cfg, teacher, tuning.autocast)
-    from tqdm.auto import tqdm
 
-    module.train()
-    t_train = time.perf_counter()
-    with tqdm(total=total_steps, initial=start_step, desc="recover", unit="step", disable=not progress) as bar:
-        for step in range(start_step, total_steps):
-            batch = [data.examples[i] for i in batch_indices(n, cfg.batch_size, cfg.seed, step)]
-            n_tokens = n_labelled(batch)
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(cfg, step)
-            optimizer.zero_grad(set_to_none=True)
-            total, kl_total, lm_total = 0.0, 0.0, 0.0
-            for first in range(0, len(batch), micro):
-                ids, labels, mask = collate(batch[first : first + micro], pad_id, device)
-                loss, kl, lm = objective(module, ids, labels, mask, n_tokens)
-                loss.backward()
-                total += float(loss.detach())
-                if teacher is not None:
-                    kl_total += kl
-                    lm_total += lm
-            if not math.isfinite(total):
-                raise FloatingPointError(f"recovery: the training loss is {total} at step {step + 1}; "
-                                         "lower the learning rate or use float32")
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            losses.append(total)
-            if teacher is not None:
-                parts["kl"].append(kl_total)
-                parts["lm"].append(lm_total)
-                bar.set_postfix(loss=f"{total:.4f}", kl=f"{kl_total:.4f}")
-            else:
-                bar.set_postfix(loss=f"{total:.4f}")
-            bar.update(1)
-            done = step + 1
-            if out_path is not None and (done % cfg.save_every == 0 and done < total_steps):
-                state = {"step": done, "losses": losses, "ppl_before": before["ppl_before"],
-                         "evaluations": {k: v for k, v in before.items() if k != "ppl_before"},
-                         "fingerprint": fingerprint, "train_time_s": train_time + time.perf_counter() - t_train}
-                if teacher is not None:
-                    state["loss_parts"] = parts
-                write_checkpoint(out_path, done, tuning.tensors(), tuning.weights_file, optimizer, state,
-                                 cfg.keep_checkpoints)
-            if callback is not None:
-                callback(done, total)
-    train_time += time.perf_counter() - t_train
+    def save(done: int) -> None:
+        state = {"step": done, "losses": history.losses, "ppl_before": before["ppl_before"],
+                 "evaluations": {k: v for k, v in before.items() if k != "ppl_before"},
+                 "fingerprint": fingerprint, "train_time_s": history.train_time}
+        if teacher is not None:
+            state["loss_parts"] = history.parts
+        write_checkpoint(out_path, done, tuning.tensors(), tuning.weights_file, optimizer, state, cfg.keep_checkpoints)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    run = _Run(cfg, data, module, trainable, optimizer, _Objective(cfg, teacher, tuning.autocast), device, pad_id)
+    _train(run, total_steps, history, save if out_path is not None else None, callback, progress)
 
     final_adapter = tuning.tensors() if tuning.kind == "lora" else {}
     side_tmp = None
@@ -288,18 +330,18 @@ def recover(
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
             "adapter_in": fingerprint["adapter"],
-            "trainable_parameters": n_trainable,
+            "trainable_parameters": sum(p.numel() for p in trainable),
             "steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "epochs": total_steps / steps_per_epoch,
             "resumed_from_step": None if resume_from is None else resume_from[0],
-            "losses": losses,
+            "losses": history.losses,
             "ppl_before": before["ppl_before"],
             "ppl_after": _ppl(trained, tokenizer, data.heldout, cfg, progress),
-            "train_time_s": round(train_time, 3),
+            "train_time_s": round(history.train_time, 3),
             "total_time_s": None,
         }
-        _report_extras(report, before, trained, tokenizer, data, teacher, parts, cfg, progress)
+        _report_extras(report, before, trained, tokenizer, data, teacher, history.parts, cfg, progress)
         if out_path is not None:
             _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start)
         report["total_time_s"] = round(time.perf_counter() - t_start, 3)
