@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Render ``benchmarks/results/QUALITY.md`` and its PNG plots from the records of
-``benchmarks/quality.py`` (every ``<in>/<model-tag>/records.jsonl``) and of ``moreau-recover`` runs
-(``results/recovery/*.json``). Never edit the output by hand::
+``benchmarks/quality.py`` (every ``<in>/<model-tag>/records.jsonl``), of ``moreau-recover`` runs
+(``results/recovery/*.json``) and of ``benchmarks/recovery_distill.py`` (``results/recovery/distill/*.json``).
+Never edit the output by hand::
 
     python benchmarks/render_quality.py
 """
@@ -745,6 +746,130 @@ def recovery_markdown(recovery_dir: Path) -> list[str]:
     return out
 
 
+DISTILL_CONFIGS = {"lora-lm": "LoRA, LM loss", "lora-kd": "LoRA, distillation", "full-kd": "full fine-tuning, distillation"}
+DISTILL_TARGET = 1 / 3  # share of the out-of-domain perplexity gap to the dense model the best recovery must close
+
+
+def _distill_records(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob("*.json")):
+        r = json.loads(path.read_text())
+        if isinstance(r, dict) and r.get("config") in DISTILL_CONFIGS and "report" in r:
+            out.append(r)
+    return out
+
+
+def _ppl_of(entry) -> float | None:
+    return entry["ppl"] if entry else None
+
+
+def _gap(before, after, dense):
+    if before is None or after is None or dense is None or before == dense:
+        return None
+    return (before - after) / (before - dense)
+
+
+def _distill_rows(records: list[dict], dense: dict) -> list[list[str]]:
+    """One row per (configuration, learning rate): means over the seeds."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((list(DISTILL_CONFIGS).index(r["config"]), r["lr"]), []).append(r)
+    rows = []
+    for (_, lr), rs in sorted(groups.items()):
+        reps = [r["report"] for r in rs]
+
+        def col(key, when):
+            return [_ppl_of(rep.get(f"{key}_{when}")) for rep in reps]
+
+        def cell(key):
+            b, a = mean_std(col(key, "before")), mean_std(col(key, "after"))
+            return f"{b[0]:.2f} → {fmt(*a)}" if a[2] else "–"
+
+        def gap(key, ref):
+            return fmt(*mean_std([_gap(x, y, dense.get(ref)) for x, y in zip(col(key, "before"), col(key, "after"))]),
+                       digits=3)
+
+        sps = mean_std([r["seconds_per_step"] for r in rs])
+        loads = [r["loadavg"]["mean"] for r in rs if r.get("loadavg")]
+        gpu = mean_std([r["gpu_estimate"]["seconds_per_step"] * 1e3 for r in rs])
+        rows.append([DISTILL_CONFIGS[rs[0]["config"]], f"{lr:g}", ", ".join(str(r["seed"]) for r in rs),
+                     cell("ppl"), cell("ppl_ood"), gap("ppl_ood", "ood"), gap("ppl", "heldout"),
+                     f"{sps[0]:.1f}" + (f" ({min(loads):.1f}-{max(loads):.1f})" if loads else ""),
+                     f"{rs[0]['flops_per_step'] / 1e9:.0f}", f"{gpu[0]:.2f}"])
+    return rows
+
+
+def distill_markdown(directory: Path, heading: str = "##") -> list[str]:
+    """The comparison of recoveries at one budget (LoRA with the LM loss, LoRA with distillation, full
+    fine-tuning with distillation), from the records of ``benchmarks/recovery_distill.py``."""
+    records = _distill_records(directory)
+    final = [r for r in records if r["tag"] == "final"]
+    pilot = [r for r in records if r["tag"] == "pilot"]
+    if not records:
+        return []
+    r0 = (final or pilot)[0]
+    dense = _dense_of(final)
+    ev = r0["report"]["ppl_before"]
+    out = [f"{heading} Recovery at one budget: LoRA vs distillation, in domain and out of domain", "",
+           f"The same pruned model (`{r0['prune_command']}`), recovery text and budget for every row: "
+           f"{r0['steps']} steps of {r0['batch_size']} x {r0['cutoff_len']} tokens of {r0['data']}'s calibration "
+           f"side. In domain: {r0['data']}'s held-out side; out of domain: {r0['ood_data']}'s held-out side "
+           f"({ev['n_windows'] if ev else '?'} windows of {ev['seq_len'] if ev else '?'} tokens each). Distillation: "
+           "forward KL(teacher || student) from the dense model at T = 1, no LM loss mixed in. Gap closed: "
+           "(pruned - recovered) / (pruned - dense) perplexity; 1 = the dense model's perplexity, above 1 = below "
+           "it (adaptation). Learning rates from the pilot below (chosen by the in-domain held-out perplexity, "
+           "never by the out-of-domain text). Cost: training seconds per step on one thread of "
+           f"{r0['device_name']} with the 1-minute load average during the runs in brackets (a shared machine); "
+           "GFLOP per step counted from the parameters (forward 2N per token, backward 2N, plus 2N for weight "
+           f"gradients when every weight trains, plus the teacher's forward); GPU ms per step = those FLOPs at "
+           f"{r0['gpu_estimate']['utilisation']:.0%} of an H100's {r0['gpu_estimate']['peak_flops'] / 1e12:.0f} "
+           "bf16 TFLOP/s (a lower bound: steps this small are launch-bound on a GPU).", ""]
+    header = ["recovery", "lr", "seeds", f"{r0['data']} PPL pruned → recovered",
+              f"{r0['ood_data']} PPL pruned → recovered", f"{r0['ood_data']} gap closed", f"{r0['data']} gap closed",
+              "CPU s/step (load)", "GFLOP/step", "GPU ms/step (est.)"]
+    if final:
+        rows = _distill_rows(final, dense)
+        rows.insert(0, ["dense (the teacher)", "–", "–", f"{dense.get('heldout', math.nan):.2f}",
+                        f"{dense.get('ood') or math.nan:.2f}", "–", "–", "–", "–", "–"])
+        out += [table(header, rows), ""]
+        best = max(((statistics.fmean(g), c) for c, g in _ood_gaps(final, dense).items() if g), default=None)
+        if best is not None:
+            seeds = sorted({r["seed"] for r in final})
+            out += [f"Best out of domain: {DISTILL_CONFIGS[best[1]]}, closing {best[0]:.1%} of the {r0['ood_data']} "
+                    f"perplexity gap to the dense model (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}). "
+                    f"Target: at least {DISTILL_TARGET:.0%} — "
+                    f"{'met' if best[0] >= DISTILL_TARGET else 'not met'}.", ""]
+    if pilot:
+        ev = pilot[0]["report"]["ppl_before"]
+        out += [f"Pilot ({pilot[0]['steps']} steps, same batch, {ev['n_windows'] if ev else '?'} evaluation windows; "
+                "the learning rate of each recovery above is the one with the lowest in-domain held-out perplexity "
+                "here):", "", table(header, _distill_rows(pilot, _dense_of(pilot))), ""]
+    out += ["Records and exact commands: `benchmarks/results/recovery/distill/` "
+            f"(e.g. `{r0['command']}`).", ""]
+    return out
+
+
+def _dense_of(records: list[dict]) -> dict:
+    """The dense model's perplexities, in domain and out of domain, from the teacher of a distillation record
+    (measured on the same windows as every record of the same run set)."""
+    for r in records:
+        t = r["report"].get("teacher")
+        if t and t.get("ppl"):
+            return {"heldout": t["ppl"]["ppl"], "ood": t["ppl_ood"]["ppl"] if t.get("ppl_ood") else None}
+    return {}
+
+
+def _ood_gaps(records: list[dict], dense: dict) -> dict:
+    """configuration -> out-of-domain gap closed of each record (learning rates pooled: one per config)."""
+    out: dict = {}
+    for r in records:
+        rep = r["report"]
+        g = _gap(_ppl_of(rep.get("ppl_ood_before")), _ppl_of(rep.get("ppl_ood_after")), dense.get("ood"))
+        if g is not None:
+            out.setdefault(r["config"], []).append(g)
+    return out
+
+
 def policy_markdown(readme: Path) -> list[str]:
     """The policy-gradient section: ``benchmarks/policy_quality.py --render``'s page, headings one level down."""
     if not Path(readme).is_file():
@@ -783,6 +908,7 @@ def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = 
         out.append(rep.markdown(out_md.parent, plots))
     out += policy_markdown(in_dir.parent / "policy" / "README.md")
     out += recovery_markdown(recovery_dir)
+    out += distill_markdown(recovery_dir / "distill")
     text = "\n".join(out).rstrip() + "\n"
     out_md.write_text(text)
     return text

@@ -161,10 +161,10 @@ def test_peft_wraps_every_pruned_linear_and_loss_decreases_on_a_fixed_batch():
     def callback(step, loss):
         seen[step] = loss
 
-    import moreau_pruner.recover.train as R
+    import moreau_pruner.recover.tuning as R
 
     wrapped = {}
-    real_wrap = R._wrap
+    real_wrap = R.wrap
 
     def spy(m, cfg):
         pm = real_wrap(m, cfg)
@@ -175,12 +175,12 @@ def test_peft_wraps_every_pruned_linear_and_loss_decreases_on_a_fixed_batch():
                 wrapped[name] = (mod.in_features, mod.out_features, mod.lora_A["default"].weight.shape)
         return pm
 
-    R._wrap = spy
+    R.wrap = spy
     try:
         res = recover(model, tok, data, _quick(lr=1e-2, max_steps=25, batch_size=2, dropout=0.0, eval_windows=0),
                       progress=False, callback=callback)
     finally:
-        R._wrap = real_wrap
+        R.wrap = real_wrap
     # every projection of every (differently pruned) layer got its own correctly shaped adapter
     assert len(wrapped) == 3 * 7
     for layer in range(3):
@@ -299,11 +299,11 @@ def test_cli_help_teaches():
 
 
 def test_missing_peft_names_the_extra(monkeypatch, tmp_path):
-    import moreau_pruner.recover.train as R
+    from moreau_pruner.recover import lora
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
-    with pytest.raises(R.MissingExtraError, match=r"moreau-kernels\[recover\]"):
-        R._peft()
+    with pytest.raises(lora.MissingExtraError, match=r"moreau-kernels\[recover\]"):
+        lora.peft_module()
     out = tmp_path / "out"
     assert main(["--model", str(tmp_path), "--data", "pydoc", "--out", str(out), "--quiet"]) == 2
     assert not out.exists()

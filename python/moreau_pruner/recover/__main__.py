@@ -1,6 +1,6 @@
 """``python -m moreau_pruner.recover``: moreau-recover."""
 import sys
 
-from .train import main
+from .cli import main
 
 sys.exit(main())
