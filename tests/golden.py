@@ -216,7 +216,7 @@ def _estimate(root: Path, kind: str, path: str, **cfg) -> dict:
 
 
 def _recover(root: Path, kind: str) -> dict:
-    from moreau_pruner.recover.train import main
+    from moreau_pruner.cli.recover import main
 
     out = Path(tempfile.mkdtemp(dir=root))
     rc = main(["--model", str(model_dir(root, kind)), "--data", str(text_file(root)), "--out", str(out / "r"),

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moreau_pruner import PruneConfig, prune_model
 from moreau_pruner.io import pruned as mio
-from moreau_pruner.recover import RecoverConfig, RecoveryData, load_recovery_data, main, recover
+from moreau_pruner.cli.recover import main
+from moreau_pruner.recover import RecoverConfig, RecoveryData, load_recovery_data, recover
 from moreau_pruner.recover.losses import distillation_loss, teacher_targets
 from moreau_pruner.recover.teacher import EMBEDDED, Teacher, freeze, resolve_teacher
 from moreau_pruner.recover.tuning import FullTuning
@@ -293,7 +294,7 @@ def test_report_has_out_of_domain_and_teacher_perplexity(tmp_path):
 
 
 def test_ood_default_with_distill_is_fortunes_unless_training_on_it(tmp_path):
-    from moreau_pruner.recover.cli import _ood_source, build_parser
+    from moreau_pruner.cli.recover import _ood_source, build_parser
 
     p = build_parser()
     base = ["--model", "m", "--out", "o"]

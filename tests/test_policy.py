@@ -48,7 +48,7 @@ def planted_model(margin=0.02):
                                          tie_word_embeddings=False, initializer_range=0.2)).eval()
     st = discover(model)
     cfg = PruneConfig(ratio=0.2, attn_layers="0:2", mlp_layers="0:2", granularity="query-heads")
-    table = UnitTable(st, cfg)
+    table = UnitTable(resolve_target(st, cfg))
     dead = torch.zeros(table.size, dtype=torch.bool)
     for seg in table.segments:
         if seg.kind == "mlp":

@@ -23,9 +23,9 @@ from moreau_pruner.recover.train import (  # noqa: E402
     RecoveryData,
     alpaca_prompt,
     load_recovery_data,
-    main,
     recover,
 )
+from moreau_pruner.cli.recover import main  # noqa: E402
 
 from _tiny import word_tokenizer  # noqa: E402
 
@@ -237,10 +237,11 @@ def test_cli_output_reloads_with_identical_logits_through_both_loaders(tmp_path)
     txt = _text_file(tmp_path)
     out = tmp_path / "recovered"
     rc = main(["--model", str(model_dir), "--data", str(txt), "--out", str(out), "--max-steps", "4",
-               "--cutoff-len", "32", "--batch-size", "4", "--lr", "1e-2", "--eval-seq-len", "16",
-               "--eval-windows", "2", "--quiet"])
+               "--cutoff-len", "32", "--batch-size", "4", "--lr", "1e-2", "--eval-seq-lens", "16",
+               "--eval-windows", "2", "--quiet", "--json", str(tmp_path / "report.json")])
     assert rc == 0
     report = json.loads((out / "recovery.json").read_text())
+    assert json.loads((tmp_path / "report.json").read_text()) == report
     assert report["steps"] == 4 and len(report["losses"]) == 4
     assert report["ppl_before"]["n_windows"] == 2 and report["ppl_after"]["ppl"] > 0
     assert report["config"]["rank"] == 8 and report["config"]["alpha"] == 16 and report["dtype"] == "float32"
@@ -337,3 +338,22 @@ def test_quality_report_renders_recovery_records(tmp_path):
     section = "\n".join(rq.recovery_markdown(committed))
     if section:
         assert section in (rq.ROOT / "results" / "QUALITY.md").read_text()
+
+
+def test_cli_speaks_the_shared_option_vocabulary(tmp_path, capsys):
+    from moreau_pruner.cli.recover import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["--model", "m", "--data", "pydoc", "--out", "o", "--eval-seq-len", "64"])
+    assert args.eval_seq_len == 64  # the old spelling, with a note
+    assert "--eval-seq-len is deprecated; use --eval-seq-lens" in capsys.readouterr().err
+    assert p.parse_args(["--model", "m", "--data", "pydoc", "--out", "o", "--eval-seq-lens", "32"]).eval_seq_len == 32
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m", "--data", "pydoc", "--out", "o", "--eval-seq-lens", "32,64"])
+    assert "one window length" in capsys.readouterr().err
+    for opt in ("--json", "--quiet", "--device", "--dtype", "--seed", "--overwrite"):
+        assert opt in p.format_help()
+    # bad input is one line and status 2, before any model is loaded
+    assert main(["--model", "m", "--data", "pydoc", "--out", str(tmp_path / "o"), "--device", "tpu"]) == 2
+    assert "moreau-recover: error: --device 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

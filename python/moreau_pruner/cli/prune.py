@@ -302,7 +302,7 @@ def job_from_args(args):
                         scope=args.scope, granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
     moreau = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.prox_lr, soft=args.soft,
                           iters=args.iters, avg_last=args.avg_last, group=args.group, n_samples=args.noise_samples,
-                          noise=args.noise, seed=args.seed, micro_batch_size=args.micro_batch_size).validate()
+                          noise=args.noise, seed=args.seed, micro_batch_size=args.micro_batch_size)
     options = ScoringOptions(args.reduction, args.vectorize, args.head_score, args.taylor_variant, args.seed,
                              args.micro_batch_size, args.estimator_path, args.gradient_checkpointing,
                              args.memory_check)

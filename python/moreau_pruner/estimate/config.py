@@ -56,7 +56,11 @@ class MoreauConfig:
     seed: int = 0
     micro_batch_size: int | None = None
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "MoreauConfig":
+        """Check the values (done at construction; again only after a field is assigned)."""
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.group not in GROUPS:

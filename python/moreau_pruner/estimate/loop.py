@@ -80,7 +80,7 @@ def estimate(model: nn.Module, batch: torch.Tensor, config: MoreauConfig | None 
     plans the peak memory first and raises :class:`~moreau_pruner.estimate.memory.MemoryPlanError`
     with advice when it does not fit the free memory of the model's device.
     """
-    cfg = (config or MoreauConfig()).validate()
+    cfg = config or MoreauConfig()
     strat = resolve(strategy, cfg, gradient_checkpointing)
     if check_memory:
         if strat.name not in STRATEGIES:

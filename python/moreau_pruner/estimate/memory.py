@@ -123,7 +123,7 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], config: MoreauCo
     ops run on a fused backend (no per-tensor fp32 temporaries); default: True on CUDA, else
     whether the native CPU extension is loaded.
     """
-    cfg = (config or MoreauConfig()).validate()
+    cfg = config or MoreauConfig()
     if path == "auto":
         path = "reference" if refusals("lean", cfg) else "lean"
     if path not in ("lean", "regen", "reference", "published"):

@@ -2,9 +2,9 @@
 weight; LM loss or distillation from the dense model); see :mod:`.train`."""
 from .train import (ADAPTER_DIR, ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DEFAULT_TARGET_MODULES, IGNORE_INDEX,
                     REPORT_FILE, MissingExtraError, RecoverConfig, RecoveryData, RecoverResult, Teacher,
-                    alpaca_prompt, build_parser, load_recovery_data, load_teacher, main, recover, resolve_teacher)
+                    alpaca_prompt, load_recovery_data, load_teacher, recover, resolve_teacher)
 
 __all__ = ["ADAPTER_DIR", "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "DEFAULT_TARGET_MODULES", "IGNORE_INDEX",
            "REPORT_FILE", "MissingExtraError", "RecoverConfig", "RecoveryData", "RecoverResult", "Teacher",
-           "alpaca_prompt", "build_parser", "load_recovery_data", "load_teacher", "main", "recover",
+           "alpaca_prompt", "load_recovery_data", "load_teacher", "recover",
            "resolve_teacher"]

@@ -1,6 +1,6 @@
 """``python -m moreau_pruner.recover``: moreau-recover."""
 import sys
 
-from .cli import main
+from ..cli.recover import main
 
 sys.exit(main())

@@ -12,7 +12,6 @@ with :func:`moreau_pruner.io.pruned.save_pruned` to ``OUT`` (reloadable with ``l
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -405,6 +404,7 @@ def _report_extras(report: dict, before: dict, trained, tokenizer, data: Recover
 def _finish_output(out: Path, trained, tokenizer, adapter_tmp: Path | None, report: dict, extra_info,
                    t_start) -> None:
     """Writes the trained model, the adapter (LoRA) and the report to a sibling directory, then swaps it in."""
+    from ..io.atomic import staged_directory, write_json
     from ..io.pruned import save_pruned
 
     info = dict(extra_info or {})
@@ -416,20 +416,9 @@ def _finish_output(out: Path, trained, tokenizer, adapter_tmp: Path | None, repo
     for key in ("tuning", "distill"):  # (in the report's settings unless the run was plain LoRA)
         if key in report["config"]:
             info["recovery"][key] = report["config"][key]
-    staged = out.parent / f".{out.name}.final-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_directory(out) as staged:  # the checkpoints of the finished run go with the old OUT
         save_pruned(trained, staged, tokenizer=tokenizer, extra=info)
         if adapter_tmp is not None:
             os.replace(adapter_tmp, staged / ADAPTER_DIR)
         report["total_time_s"] = round(time.perf_counter() - t_start, 3)
-        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(staged, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # the checkpoints of the finished run
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        write_json(staged / REPORT_FILE, report)

@@ -17,11 +17,10 @@ This module is the stage's public address; the pieces live by concern:
 * :mod:`.losses`: the LM loss and the distillation loss;
 * :mod:`.checkpoints`: checkpoints under ``OUT/checkpoints`` and the output directory checks;
 * :mod:`.loop`: :func:`recover`, the run itself (train, merge, evaluate, save);
-* :mod:`.cli`: ``moreau-recover`` (:func:`main`).
+and the command line, ``moreau-recover``, is :mod:`moreau_pruner.cli.recover`.
 """
 from __future__ import annotations
 
-from .cli import build_parser, main
 from .config import DEFAULT_TARGET_MODULES, RecoverConfig
 from .dataset import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, RecoveryData, alpaca_prompt,
                       load_recovery_data)
@@ -42,10 +41,8 @@ __all__ = [
     "RecoverResult",
     "Teacher",
     "alpaca_prompt",
-    "build_parser",
     "load_recovery_data",
     "load_teacher",
     "recover",
     "resolve_teacher",
-    "main",
 ]

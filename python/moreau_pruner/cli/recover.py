@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoints import prepare_out
-from .config import TUNINGS, RecoverConfig
-from .dataset import load_recovery_data
-from .lora import MissingExtraError, peft_module, read_adapter_dir
-from .loop import ADAPTER_DIR, REPORT_FILE, recover
-from .teacher import check_teacher, load_teacher, resolve_teacher
+from ..io.atomic import write_json
+from ..recover.checkpoints import prepare_out
+from ..recover.config import TUNINGS, RecoverConfig
+from ..recover.dataset import load_recovery_data
+from ..recover.lora import peft_module, read_adapter_dir
+from ..recover.loop import ADAPTER_DIR, REPORT_FILE, recover
+from ..recover.teacher import check_teacher, load_teacher, resolve_teacher
+from . import options as opt
 
 __all__ = ["build_parser", "main"]
 
@@ -62,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moreau-recover", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input and output")
-    g.add_argument("--model", required=True, help="a pruned directory (moreau-prune --out), a local HF model "
-                                                  "directory or a .gguf file")
+    opt.add_model(g, required=True, what="the model to recover")
     g.add_argument("--data", required=True, help="pydoc, fortunes, or a .txt / .jsonl / .json file")
-    g.add_argument("--out", required=True, help="output directory (merged model, adapter/, recovery.json)")
+    opt.add_output(g, "output directory (merged model, adapter/, recovery.json)", required=True,
+                   overwrite="replace an existing OUT, ignoring its checkpoints")
+    opt.add_report(g, " (a copy of OUT/recovery.json)")
     g.add_argument("--adapter", metavar="DIR", help="start from this peft LoRA adapter (its rank/alpha/targets "
                                                     "apply); with --max-steps 0 it is only merged")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT, ignoring its checkpoints")
     g.add_argument("--resume", action="store_true", help="require a checkpoint in OUT/checkpoints and continue "
                                                          "from it (without this flag a checkpoint is resumed "
                                                          "automatically when there is one)")
@@ -93,12 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help=f"gradient clipping norm, 0 = none (default {d.max_grad_norm})")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of LoRA init, data order and dropout")
+    opt.add_seed(g, "the LoRA init, the data order and dropout")
     g.add_argument("--save-every", type=int, default=d.save_every,
                    help=f"write a checkpoint every N steps (default {d.save_every})")
-    g.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default cpu)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="training dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    opt.add_device(g, default=d.device)
+    opt.add_dtype(g, default=None, what="training dtype")
     g = p.add_argument_group("distillation from the dense model")
     g.add_argument("--distill", action="store_true",
                    help="loss = KL(teacher || student) at --distill-temperature, times its square (mixed with the "
@@ -117,15 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("held-out perplexity")
     g.add_argument("--eval-data", help="text source whose held-out side is scored (default: the --data source's "
                                        "own held-out side; pydoc for instruction data)")
-    g.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len, help="tokens per window (default 128)")
+    g.add_argument("--eval-seq-lens", type=_one_length, default=d.eval_seq_len, dest="eval_seq_len", metavar="N",
+                   help=f"tokens per window (one length; default {d.eval_seq_len})")
+    opt.add_alias(g, "--eval-seq-len", "--eval-seq-lens", "eval_seq_len", type=_one_length)
     g.add_argument("--eval-windows", type=int, default=d.eval_windows,
                    help=f"windows scored, 0 = no evaluation, -1 = all of the held-out text (default {d.eval_windows})")
     g.add_argument("--ood-data", metavar="SOURCE",
                    help="other text whose held-out side is scored as the out-of-domain perplexity: a corpus name or "
                         "a text file, or none (default: none; with --distill fortunes, or pydoc when --data is "
                         "fortunes)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.add_quiet(p)
     return p
+
+
+def _one_length(text: str) -> int:
+    lens = opt.parse_eval_lens(text)
+    if len(lens) != 1:
+        raise argparse.ArgumentTypeError(f"moreau-recover scores one window length, got {text!r}")
+    return lens[0]
 
 
 def _ood_source(args) -> str | None:
@@ -151,8 +161,8 @@ def _source_info(model_dir: str) -> dict:
     return info
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args):
+    """The recovery run of parsed arguments; returns the :class:`~moreau_pruner.recover.loop.RecoverResult`."""
     cfg = RecoverConfig(
         rank=args.rank, alpha=args.alpha, dropout=args.dropout,
         target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
@@ -164,46 +174,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         tuning=args.tuning, distill=args.distill, distill_temperature=args.distill_temperature,
         distill_top_k=args.distill_top_k, lm_weight=args.lm_weight, teacher_dtype=args.teacher_dtype,
     )
-    try:
-        cfg.validate()
-        if args.teacher is not None and not args.distill:
-            raise ValueError("--teacher is the dense model of distillation: add --distill")
-        if cfg.tuning == "lora":
-            peft_module()
-        out = Path(args.out).expanduser().absolute()
-        prepare_out(out, args.overwrite, "always" if args.resume else "auto")
-        if args.adapter is not None:
-            if cfg.tuning != "lora":
-                raise ValueError("--adapter starts LoRA tuning from a saved adapter; it does not apply to --tuning "
-                                 "full (merge it first with --adapter DIR --max-steps 0)")
-            read_adapter_dir(Path(args.adapter))
-        teacher_spec = resolve_teacher(args.model, args.teacher) if cfg.distill else None
-        from ..model.loading import load_model
+    cfg.validate()
+    opt.check_device(cfg.device)
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a directory; give a file name")
+    if args.teacher is not None and not args.distill:
+        raise ValueError("--teacher is the dense model of distillation: add --distill")
+    if cfg.tuning == "lora":
+        peft_module()
+    out = Path(args.out).expanduser().absolute()
+    prepare_out(out, args.overwrite, "always" if args.resume else "auto")
+    if args.adapter is not None:
+        if cfg.tuning != "lora":
+            raise ValueError("--adapter starts LoRA tuning from a saved adapter; it does not apply to --tuning "
+                             "full (merge it first with --adapter DIR --max-steps 0)")
+        read_adapter_dir(Path(args.adapter))
+    teacher_spec = resolve_teacher(args.model, args.teacher) if cfg.distill else None
+    from ..model.loading import load_model
 
-        model, tokenizer = load_model(args.model, dtype=cfg.resolved_dtype(), device=cfg.device)
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer; recovery needs one to read the data")
-        data = load_recovery_data(args.data, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,
-                                  ood_source=_ood_source(args))
-        teacher = None
-        if teacher_spec is not None:
-            if not args.quiet:
-                print(f"teacher: {teacher_spec}", file=sys.stderr)
-            teacher = load_teacher(teacher_spec, cfg.resolved_teacher_dtype(), cfg.device)
-            check_teacher(teacher, model, tokenizer)
+    model, tokenizer = load_model(args.model, dtype=cfg.resolved_dtype(), device=cfg.device)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; recovery needs one to read the data")
+    data = load_recovery_data(args.data, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,
+                              ood_source=_ood_source(args))
+    teacher = None
+    if teacher_spec is not None:
         if not args.quiet:
-            print(f"recovery data: {data.source} ({data.kind}, {len(data.examples)} examples, "
-                  f"{data.skipped} rows skipped); held-out text: {data.heldout_source}"
-                  + (f"; out-of-domain text: {data.ood_source}" if data.ood_source else ""), file=sys.stderr)
-        result = recover(model, tokenizer, data, cfg, out=out, adapter=args.adapter,
-                         resume="always" if args.resume else "auto", overwrite=args.overwrite,
-                         progress=not args.quiet, extra_info=_source_info(args.model), teacher=teacher)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            MissingExtraError) as exc:
-        print(f"moreau-recover: error: {exc}", file=sys.stderr)
-        return 2
-    _print_summary(result)
-    return 0
+            print(f"teacher: {teacher_spec}", file=sys.stderr)
+        teacher = load_teacher(teacher_spec, cfg.resolved_teacher_dtype(), cfg.device)
+        check_teacher(teacher, model, tokenizer)
+    if not args.quiet:
+        print(f"recovery data: {data.source} ({data.kind}, {len(data.examples)} examples, "
+              f"{data.skipped} rows skipped); held-out text: {data.heldout_source}"
+              + (f"; out-of-domain text: {data.ood_source}" if data.ood_source else ""), file=sys.stderr)
+    result = recover(model, tokenizer, data, cfg, out=out, adapter=args.adapter,
+                     resume="always" if args.resume else "auto", overwrite=args.overwrite,
+                     progress=not args.quiet, extra_info=_source_info(args.model), teacher=teacher)
+    if args.json:
+        write_json(args.json, result.report)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return opt.main("moreau-recover", build_parser(), run, _print_summary, argv)
 
 
 def _print_summary(result) -> None:
