@@ -343,7 +343,8 @@ def recover(
         _report_extras(report, before, trained, tokenizer, data, teacher, history.parts, cfg, progress)
         if out_path is not None:
             _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start)
-        report["total_time_s"] = round(time.perf_counter() - t_start, 3)
+        else:  # (with an output, the time up to the report written, as saved)
+            report["total_time_s"] = round(time.perf_counter() - t_start, 3)
     finally:
         if side_tmp is not None:
             shutil.rmtree(side_tmp, ignore_errors=True)
