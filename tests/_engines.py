@@ -3,6 +3,9 @@ vocabulary (SmolLM2's, cut to its first 1024 tokens by the ``small_tokenizer_dir
 stock (uniform) or with per-layer widths, saved next to that tokenizer."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from golden import tiny_model
@@ -75,3 +78,8 @@ def token_ids(n: int = 24, seed: int = 7) -> list[int]:
     """``n`` token ids spread over the vocabulary (ordinary tokens, no special ones)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, VOCAB, (n,), generator=g).tolist()
+
+
+def cache_dir() -> Path:
+    """Where scripts/setup.sh keeps what the engine tests need (llama.cpp's converter, transformers' floor)."""
+    return Path(os.environ.get("MOREAU_CACHE_DIR", Path.home() / ".cache" / "moreau-kernels"))

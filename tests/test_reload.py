@@ -3,6 +3,7 @@ and re-pruning with ``moreau-prune --model DIR``), and the stock export works on
 support."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from moreau_pruner import MoreauConfig, PruneConfig, load_pruned, prune_model, s
 from moreau_pruner.cli.prune import main as prune_main
 from moreau_pruner.io.stock import stock_config
 
+from _engines import cache_dir
 from _tiny import word_tokenizer
 from golden import WORDS, model_dir, text_file, tiny_model
 
@@ -147,8 +149,7 @@ def test_cli_uniform_query_heads_on_a_128_hidden_llama(tmp_path):
 
 
 def _floor_dir() -> Path:
-    default = Path.home() / ".cache" / "moreau-kernels" / f"transformers-{TRANSFORMERS_FLOOR}"
-    d = Path(os.environ.get("MOREAU_TRANSFORMERS_FLOOR_DIR", default))
+    d = cache_dir() / f"transformers-{TRANSFORMERS_FLOOR}"
     if not (d / "transformers" / "__init__.py").is_file():
         pytest.skip(f"needs transformers {TRANSFORMERS_FLOOR} installed apart in {d} (scripts/setup.sh does it)")
     return d
@@ -186,3 +187,19 @@ def test_stock_export_on_the_oldest_supported_transformers(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"type": "MistralForCausalLM", "same": True}
+
+
+def test_supported_transformers_range_is_the_same_everywhere_and_installed():
+    import tomllib
+
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = SpecifierSet(next(d for d in deps if d.startswith("transformers")).removeprefix("transformers"))
+    setup = (root / "scripts" / "setup.sh").read_text()
+    assert SpecifierSet(re.search(r'TRANSFORMERS_SPEC="transformers([^"]+)"', setup).group(1)) == spec
+    assert f"TRANSFORMERS_FLOOR={TRANSFORMERS_FLOOR}" in setup
+    assert TRANSFORMERS_FLOOR in spec and transformers.__version__ in spec
+    assert not any(v in spec for v in ("5.3.0", "6.0.0"))
