@@ -66,8 +66,10 @@ if [ "${MOREAU_SKIP_LLAMA_CPP:-0}" != 1 ] && \
   fi
   pip install -q "$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl | head -1)"
 fi
-# llama.cpp's own converter (with its gguf-py), from the same sdist
+# llama.cpp's own converter (with its gguf-py), from the same sdist; it imports sentencepiece
+# while it looks for the tokenizer of a Llama or Qwen2 directory
 SRC="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON"
+[ "${MOREAU_SKIP_LLAMA_CPP:-0}" = 1 ] || pip install -q sentencepiece
 if [ "${MOREAU_SKIP_LLAMA_CPP:-0}" != 1 ] && [ ! -f "$SRC/convert_hf_to_gguf.py" ]; then
   SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
   [ -f "$SDIST" ] || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
