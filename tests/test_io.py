@@ -364,9 +364,17 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"empty[/\\]config\.json"):
         mio.load_pruned(tmp_path / "empty")
 
-    plain = tmp_path / "plain"  # an ordinary transformers checkpoint has no per-layer widths
+    plain = tmp_path / "plain"  # a transformers checkpoint of another family, no per-layer widths
     tiny_model("llama", tied=True).save_pretrained(plain)
-    with pytest.raises(ValueError, match=r"config\.json has no per-layer widths"):
+    cfg = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is neither a pruned directory .* nor a stock "
+                                         r"llama/mistral/qwen2 model"):
+        mio.load_pruned(plain)
+    half = dict(cfg, layer_num_attention_heads=[6, 6])  # some per-layer widths but not all
+    (plain / "config.json").write_text(json.dumps(half))
+    with pytest.raises(ValueError, match="has per-layer widths layer_num_attention_heads but not "
+                                         "layer_num_key_value_heads, layer_intermediate_size"):
         mio.load_pruned(plain)
 
     out = mio.save_pruned(pruned_model("llama", tied=True), tmp_path / "good")

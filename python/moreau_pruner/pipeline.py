@@ -261,10 +261,11 @@ def build_report(job: PruneJob, model: nn.Module, tok, rep, extra: dict, batch: 
     """The run's report: parameters, widths and kept units, perplexities, the estimate's log, the
     settings and the time of every stage."""
     from .evaluate.perplexity import generate_text
+    from .io.pruned import original_size
 
     d = job.data
     sample = generate_text(model, tok, d.generate, max_new_tokens=24) if d.generate else None
-    return {
+    report = {
         "model": str(job.model or "embedded SmolLM2-135M-Instruct"),
         "method": job.method,
         **extra,
@@ -289,6 +290,8 @@ def build_report(job: PruneJob, model: nn.Module, tok, rep, extra: dict, batch: 
         "torch": torch.__version__,
         "times_s": times,
     }
+    report.update(original_size(job.model, rep.params_after))  # re-pruning: also count from the original
+    return report
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, report: dict | None = None, uniform: bool = False,

@@ -346,6 +346,9 @@ def format_report(report: dict) -> str:
             ("pruned layers", f"attention {report['attn_layers']}, MLP {report['mlp_layers']} (end exclusive)"),
             ("parameters", f"{report['params_before']:,} -> {report['params_after']:,} "
                            f"({100 * report['kept_fraction']:.2f}% kept)")]
+    if "params_original" in report:
+        rows.append(("from the original", f"{report['params_original']:,} -> {report['params_after']:,} "
+                                          f"({100 * report['kept_fraction_original']:.2f}% kept)"))
     heads = [l["num_attention_heads"] for l in report["layers"]]
     inter = [l["intermediate_size"] for l in report["layers"]]
     rows.append(("heads per layer", f"min {min(heads)}, max {max(heads)}"))

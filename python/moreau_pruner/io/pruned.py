@@ -14,7 +14,10 @@ and MLP channels per layer). Stock configs cannot express that, so a saved direc
 - the tokenizer files, ``generation_config.json`` and ``pruning_info.json`` when given/present.
 
 ``load_pruned`` reloads such a directory without ``trust_remote_code`` by rendering the same
-template inside this package.
+template inside this package. It reads every directory this package writes: the per-layer form
+above (also what ``moreau-recover`` writes), and stock Llama/Mistral/Qwen2 directories (what
+``save_uniform`` / ``moreau-prune --uniform`` writes, and a dense Hugging Face checkpoint), which
+load as the stock transformers class.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from .atomic import json_default, staged_directory
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "STOCK_MODEL_TYPES",
     "MODELING_FILE",
     "WEIGHTS_FILE",
     "PRUNING_INFO_FILE",
     "layer_widths",
     "save_pruned",
     "load_pruned",
+    "original_size",
     "render_modeling_file",
     "template_module",
 ]
@@ -49,6 +54,9 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("MistralConfig", "pruned_mistral"),
     "Qwen2ForCausalLM": ("Qwen2Config", "pruned_qwen2"),
 }
+
+#: base causal-LM class name -> the model_type of its stock (unpruned or uniformly pruned) config
+STOCK_MODEL_TYPES: dict[str, str] = {arch: mt.removeprefix("pruned_") for arch, (_, mt) in SUPPORTED_ARCHITECTURES.items()}
 
 MODELING_FILE = "modeling_pruned.py"
 WEIGHTS_FILE = "model.safetensors"
@@ -342,19 +350,29 @@ def write_extras(directory: Path, model, tokenizer=None, info_json: str | None =
 # --------------------------------------------------------------------------- load
 
 
-def _read_pruned_config(directory: Path) -> dict:
+def read_config(directory: Path) -> dict:
+    """``directory/config.json`` as a dict, with errors naming the file."""
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (not a saved pruned model directory)")
+        raise FileNotFoundError(f"{path} not found (not a saved model directory)")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
+    return d
+
+
+def is_per_layer(d: dict, path: Path) -> bool:
+    """Whether config dict ``d`` (read from ``path``) has the per-layer widths of :func:`save_pruned`,
+    checked; False for a stock config without any of them."""
+    present = [k for k in PER_LAYER_KEYS if k in d]
+    if not present:
+        return False
     missing = [k for k in PER_LAYER_KEYS if k not in d]
     if missing:
-        raise ValueError(f"{path} has no per-layer widths ({', '.join(missing)}): not saved by save_pruned")
+        raise ValueError(f"{path} has per-layer widths {', '.join(present)} but not {', '.join(missing)}")
     n = d.get("num_hidden_layers")
     for k in PER_LAYER_KEYS:
         v = d[k]
@@ -362,7 +380,18 @@ def _read_pruned_config(directory: Path) -> dict:
             raise ValueError(f"{path}: '{k}' must be a list of positive integers")
         if len(v) != n:
             raise ValueError(f"{path}: '{k}' has {len(v)} entries but num_hidden_layers is {n}")
-    return d
+    return True
+
+
+def stock_architecture(d: dict, path: Path) -> str:
+    """The causal-LM class (e.g. ``"MistralForCausalLM"``) of a stock config dict, by its model_type."""
+    by_type = {mt: arch for arch, mt in STOCK_MODEL_TYPES.items()}
+    arch = by_type.get(d.get("model_type"))
+    if arch is None:
+        raise ValueError(
+            f"{path}: model_type {d.get('model_type')!r} is neither a pruned directory (no per-layer widths) nor "
+            f"a stock {'/'.join(by_type)} model")
+    return arch
 
 
 def _base_arch_of(d: dict, path: Path) -> str:
@@ -384,7 +413,9 @@ def load_pruned(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ):
-    """Loads a directory written by :func:`save_pruned` without ``trust_remote_code``.
+    """Loads a directory written by :func:`save_pruned` without ``trust_remote_code``, or a stock
+    Llama/Mistral/Qwen2 directory (:func:`moreau_pruner.io.stock.save_uniform`'s output, a dense
+    Hugging Face checkpoint) as its stock transformers class.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when the directory has none. Loading is
     quiet: no "run the custom code?" prompt, no config-type warning (see ``_load_tokenizer``). ``dtype``
@@ -396,10 +427,11 @@ def load_pruned(
         raise FileNotFoundError(f"pruned model directory {directory} does not exist")
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory")
-    d = _read_pruned_config(directory)
-    base_arch = _base_arch_of(d, directory / CONFIG_FILE)
+    d = read_config(directory)
+    per_layer = is_per_layer(d, directory / CONFIG_FILE)
+    base_arch = _base_arch_of(d, directory / CONFIG_FILE) if per_layer else stock_architecture(d, directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
+    if per_layer and not weights.is_file():
         raise FileNotFoundError(f"{weights} not found (the pruned model's weights)")
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype, None)
@@ -407,16 +439,42 @@ def load_pruned(
             raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16' or a torch.dtype)")
         dtype = resolved
 
-    template = template_module(base_arch)
-    cfg = template.PrunedConfig.from_dict(d)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = template.PrunedForCausalLM.from_pretrained(
-        str(directory), config=cfg, dtype="auto" if dtype is None else dtype, **kwargs
-    )
+    kwargs["dtype"] = "auto" if dtype is None else dtype
+    if per_layer:
+        template = template_module(base_arch)
+        model = template.PrunedForCausalLM.from_pretrained(
+            str(directory), config=template.PrunedConfig.from_dict(d), **kwargs)
+    else:  # a stock directory: --uniform output or a dense checkpoint
+        import transformers
+
+        model = getattr(transformers, base_arch).from_pretrained(str(directory), local_files_only=True, **kwargs)
     model.to(device)
     model.eval()
 
     return model, _load_tokenizer(directory)
+
+
+def original_size(model_spec, params_after: int) -> dict:
+    """``{"params_original": N, "kept_fraction_original": params_after / N}`` when ``model_spec`` is a
+    directory whose ``pruning_info.json`` records the size of the model it was first pruned from
+    (``params_original`` of a re-pruned model, else ``params_before``; recovery keeps the file), so
+    that re-pruning reports against the original model; ``{}`` when nothing says it."""
+    if model_spec is None:
+        return {}
+    path = Path(model_spec).expanduser() / PRUNING_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:  # the file is a record, not an input: an unreadable one (as moreau-recover treats it) says nothing
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    n = info.get("params_original", info.get("params_before"))
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return {}
+    return {"params_original": n, "kept_fraction_original": params_after / n}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

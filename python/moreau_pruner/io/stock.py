@@ -4,7 +4,9 @@ A model pruned with ``PruneConfig(uniform=True)`` (``moreau-prune --uniform``) h
 of query heads, key/value heads and MLP channels in every layer. Those widths fit the stock
 ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` (``num_attention_heads``,
 ``num_key_value_heads``, ``intermediate_size`` and an explicit ``head_dim``, since the heads no
-longer fill ``hidden_size``), so :func:`save_uniform` writes a plain Hugging Face directory:
+longer fill ``hidden_size``), so :func:`save_uniform` writes a plain Hugging Face directory (a Llama
+whose query heads no longer divide ``hidden_size`` is written as the identical Mistral model, since
+transformers >= 5.4 refuses such a ``LlamaConfig``):
 
 - ``model.safetensors``: the tensors under the stock names (a tied ``lm_head.weight`` is stored
   once, as ``model.embed_tokens.weight``, as transformers itself does);
@@ -29,13 +31,11 @@ from pathlib import Path
 import torch
 
 from .atomic import json_default, staged_directory
-from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, SUPPORTED_ARCHITECTURES,
-                     WEIGHTS_FILE, _base_architecture, _dtype_name, _model_dtype, layer_widths, write_extras)
+from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, STOCK_MODEL_TYPES,
+                     SUPPORTED_ARCHITECTURES, WEIGHTS_FILE, _base_architecture, _dtype_name, _model_dtype,
+                     layer_widths, write_extras)
 
 __all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
-
-#: base causal-LM class -> the stock model_type its config carries
-STOCK_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 # keys a pruned or GGUF-loaded config carries that a stock config must not
 _DROP_KEYS = ("quantization_config", "auto_map", "architectures", "model_type", "transformers_version",
@@ -72,16 +72,45 @@ def _tied(model) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and shared
 
 
+def _llama_as_mistral(d: dict) -> dict:
+    """A Llama config dict rewritten as the computationally identical Mistral config.
+
+    transformers >= 5.4 refuses a ``LlamaConfig`` whose ``hidden_size`` is not a multiple of
+    ``num_attention_heads`` even with an explicit ``head_dim`` (a Llama pruned from 32 to 24 query
+    heads, say), while ``MistralConfig`` accepts it. A Mistral model with ``sliding_window`` null is
+    the Llama forward pass (RMSNorm, rotary embedding with the same ``rope_parameters``, grouped
+    attention over ``head_dim``, SiLU-gated MLP), and every stock reader that knows Llama knows
+    Mistral (vLLM and llama.cpp's converter run it through their Llama code). The Llama-only
+    options Mistral cannot express are refused here."""
+    extra = [k for k in ("attention_bias", "mlp_bias") if d.get(k)]
+    if extra:
+        raise ValueError(
+            f"cannot write a stock config: this Llama has {d['num_attention_heads']} query heads, which do not "
+            f"divide hidden_size {d['hidden_size']} (transformers >= 5.4 refuses that LlamaConfig), and its "
+            f"{' and '.join(extra)} cannot be expressed by the Mistral config used instead. Save the per-layer "
+            "form (moreau_pruner.save_pruned, i.e. moreau-prune without --uniform) or keep a number of query "
+            "heads that divides hidden_size")
+    out = {k: v for k, v in d.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    out["sliding_window"] = None
+    return out
+
+
 def stock_config(model):
-    """The stock ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` describing ``model``."""
+    """The stock ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` describing ``model``.
+
+    A Llama whose query heads no longer divide ``hidden_size`` is described by a ``MistralConfig``
+    with ``sliding_window`` null (see :func:`_llama_as_mistral`); every other model keeps its own
+    stock type."""
     import transformers
 
     base_arch = _base_architecture(model)
-    config_cls = getattr(transformers, SUPPORTED_ARCHITECTURES[base_arch][0])
     d = model.config.to_dict()
     for key in _DROP_KEYS:
         d.pop(key, None)
     d.update(uniform_widths(model))
+    if base_arch == "LlamaForCausalLM" and d["hidden_size"] % d["num_attention_heads"]:
+        d, base_arch = _llama_as_mistral(d), "MistralForCausalLM"
+    config_cls = getattr(transformers, SUPPORTED_ARCHITECTURES[base_arch][0])
     d["architectures"] = [base_arch]
     d["tie_word_embeddings"] = _tied(model)
     d["dtype"] = _dtype_name(_model_dtype(model))
@@ -156,8 +185,9 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
         back = AutoConfig.from_pretrained(str(tmp))  # what a stock reader will see
-        for key in ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim"):
-            if getattr(back, key) != getattr(cfg, key):
+        for key in ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
+                    "sliding_window"):
+            if getattr(back, key, None) != getattr(cfg, key, None):
                 raise RuntimeError(f"{CONFIG_FILE} reads back {key}={getattr(back, key)!r}, "
                                    f"expected {getattr(cfg, key)!r}")
         write_extras(tmp, model, tokenizer, info_json)

@@ -99,6 +99,7 @@ class PrunedConfig(_BaseConfig):
     """The base config plus per-layer widths (``layer_num_attention_heads``, ...)."""
 
     model_type = PRUNED_MODEL_TYPE
+    base_model_type = _BaseConfig.model_type  # what the layers are (a class attribute, not saved)
 
 
 class PrunedForCausalLM(_BaseForCausalLM):
