@@ -51,20 +51,25 @@ fi
 # llama.cpp through llama-cpp-python, for tests/test_llamacpp.py: the wheel is built from the sdist
 # once (library, ggml and the CPU backend only: scikit-build-core builds just the targets named, so
 # llama.cpp's `common` library, its tools, tests and examples are not compiled) and kept in $CACHE
+# The build is native to this CPU (llama.cpp's default), so the kept wheel is filed under a key of
+# the CPU's model and instruction-set flags: a cache carried to another CPU builds again instead of
+# running instructions that CPU lacks.
+CPU_KEY=$( (grep -m1 "^model name" /proc/cpuinfo; grep -m1 "^flags" /proc/cpuinfo) 2>/dev/null | md5sum | cut -c1-12)
+WHEELS="$CACHE/wheels/cpu-$CPU_KEY"
 if [ "${MOREAU_SKIP_LLAMA_CPP:-0}" != 1 ] && \
    ! python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
-  mkdir -p "$CACHE/wheels"
+  mkdir -p "$WHEELS"
   SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
   [ -f "$SDIST" ] || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
-  if ! ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl >/dev/null 2>&1; then
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $LLAMA_CPP_PYTHON from its sdist (once; tens of minutes on two cores)..."
     start=$(date +%s)
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=${MAX_JOBS} \
       SKBUILD_BUILD_TARGETS="llama;ggml;ggml-base;ggml-cpu" \
-      nice -n 10 pip wheel -q --no-deps "$SDIST" -w "$CACHE/wheels"
+      nice -n 10 pip wheel -q --no-deps "$SDIST" -w "$WHEELS"
     echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
   fi
-  pip install -q "$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl | head -1)"
+  pip install -q "$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl | head -1)"
 fi
 # llama.cpp's own converter (with its gguf-py), from the same sdist; it imports sentencepiece
 # while it looks for the tokenizer of a Llama or Qwen2 directory
