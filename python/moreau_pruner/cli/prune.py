@@ -82,6 +82,7 @@ coarse to remove any).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import compensation
     from ..prune.allocation import CHOICES as ALLOCATIONS
     from ..estimate.estimator import GROUPS, MODES, NOISES
     from ..score.importance import HEAD_SCORES, METHODS, REDUCTIONS
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "logit: Adam on their logits, one common shift restores the budget (bounded score "
                         "function) (default %(default)s)")
 
+    compensation.add_arguments(p)
+
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
                    help="calibration source: pydoc, fortunes or a text file (its held-out part is used for eval)")
@@ -325,6 +328,7 @@ def run(args) -> dict | None:
 
     import moreau_kernels as mk
 
+    from . import compensation
     from .. import data
     from ..estimate.estimator import MoreauConfig
     from ..model.loading import load_model
@@ -368,6 +372,7 @@ def run(args) -> dict | None:
     if args.uniform:
         _check_uniform_args(args)
     policy_cfg = _policy_config(args)
+    comp_cfg = compensation.check_args(args)
     mk.set_backend(args.backend)
     times = {}
     t0 = time.perf_counter()
@@ -384,6 +389,7 @@ def run(args) -> dict | None:
     eval_text = data.load_text(args.eval_file) if args.eval_file else data.heldout_text(args.calib)
     batch = data.calibration_batch(tok, calib_text, args.num_examples, args.seq_len, args.seed).to(args.device)
     eval_ids = data.tokenize_text(tok, eval_text) if lens else None
+    comp_cfg = compensation.with_batch(comp_cfg, args, tok, calib_text)
 
     ppl = perplexity_report(model, eval_ids, lens, args.eval_tokens, times, progress)
 
@@ -391,7 +397,7 @@ def run(args) -> dict | None:
     with (fp32_accumulate_gemms((getattr(torch, args.dtype),)) if half == "fp32-accumulate"
           else contextlib.nullcontext()):
         report = _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times,
-                                   progress, half, policy=policy_cfg)
+                                   progress, half, policy=policy_cfg, compensate=comp_cfg)
     if args.out:
         from ..io.stock import save_uniform
         from ..io.pruned import save_pruned
@@ -476,10 +482,10 @@ def _half_gemm(args) -> str | None:
 
 
 def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_cfg, nm, times, progress, half,
-                      structured=None, policy=None):
+                      structured=None, policy=None, compensate=None):
     """Dense perplexity, pruning, pruned perplexity and the report. ``structured(model) -> (PruneReport,
     extra report fields)`` replaces the one-process structured pruning (the FSDP2 path prunes with
-    scores computed on the ranks)."""
+    scores computed on the ranks). ``compensate``: prune_model's weight compensation."""
     import torch
 
     import moreau_kernels as mk
@@ -498,7 +504,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
                              taylor_variant=args.taylor_variant, estimator_path=args.estimator_path,
                              head_score=args.head_score,
                              gradient_checkpointing=args.gradient_checkpointing, check_memory=args.memory_check,
-                             **({"policy": policy} if policy is not None else {}))
+                             compensate=compensate, **({"policy": policy} if policy is not None else {}))
         times.update(result.timings)
         rep = result.report
         est = result.estimate
@@ -524,6 +530,7 @@ def _prune_and_report(args, model, tok, batch, eval_ids, ppl, prune_cfg, moreau_
         "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
         "layers": rep.layers,
         "uniform": getattr(rep, "uniform", None),
+        **({"compensation": rep.compensation} if getattr(rep, "compensation", None) else {}),
         "ppl_dense": dense,
         "ppl_pruned": pruned,
         "calibration": {"source": args.calib_file or args.calib, "shape": list(batch.shape)},
@@ -624,6 +631,10 @@ def format_report(report: dict) -> str:
         rows.append(("final mask, calibration loss", f"{pg['mask_loss_init']:.4f} at the start -> "
                                                      f"{pg['mask_loss_final']:.4f} after the search"))
         rows.append(("budget", f"{pg['removed']:,} of {pg['target_removed']:,} target parameters removed"))
+    if report.get("compensation"):
+        from .compensation import describe
+
+        rows.append(("weight compensation", describe(report["compensation"])))
     if report.get("allocation"):
         r = report["allocation"]["ratios"]
         rows.append(("allocation", f"{report['allocation']['method']}: ratios {min(r.values()):.3f}..{max(r.values()):.3f}"))

@@ -742,10 +742,12 @@ def run(args) -> dict | None:
     prunes it with the common plan, evaluates and saves. An error on rank 0 after the gather is
     sent to every rank so none is left waiting.
     """
+    from ..cli.compensation import check_args as check_compensation
     from ..cli.prune import _check_out, _check_uniform_args, _eval_lens
     from ..prune.plan import PruneConfig
 
     check_options(args)
+    comp_cfg = check_compensation(args)
     if args.uniform:
         _check_uniform_args(args)
     check_environment()
@@ -763,12 +765,12 @@ def run(args) -> dict | None:
     mk.set_backend(args.backend)
     ctx = init(args.device)
     try:
-        return _run(args, ctx, lens, prune_cfg, moreau_cfg)
+        return _run(args, ctx, lens, prune_cfg, moreau_cfg, comp_cfg)
     finally:
         dist.destroy_process_group()
 
 
-def _run(args, ctx, lens, prune_cfg, moreau_cfg):
+def _run(args, ctx, lens, prune_cfg, moreau_cfg, comp_cfg=None):
     from .. import data
     from ..cli.prune import _half_gemm
     from ..model.precision import fp32_accumulate_gemms
@@ -791,6 +793,17 @@ def _run(args, ctx, lens, prune_cfg, moreau_cfg):
                                                 args.reduction, args.vectorize, args.seed, args.micro_batch_size,
                                                 progress, args.taylor_variant, args.head_score)
     times.update(more)
+    comp = None
+    if comp_cfg is not None:  # before the gather: each rank updates its rows (distributed.compensate)
+        from ..cli.compensation import with_batch
+        from .compensate import compensate_fsdp
+
+        comp_cfg = with_batch(comp_cfg, args, tok, calib_text)
+        t0 = time.perf_counter()
+        with gemms:
+            comp = compensate_fsdp(model, scores, prune_cfg, batch if comp_cfg.batch is None else comp_cfg.batch,
+                                   comp_cfg, ctx, progress)
+        times["compensate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = gather_to_rank0(sm, ctx)
     times["gather_s"] = time.perf_counter() - t0
@@ -798,7 +811,7 @@ def _run(args, ctx, lens, prune_cfg, moreau_cfg):
     if ctx.is_main:
         try:
             report = _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, est, times, half,
-                                   progress, ctx, sm, gemms)
+                                   progress, ctx, sm, gemms, comp)
         except Exception as e:  # noqa: BLE001 - sent to every rank, then raised
             error = e
     status = [None if error is None else (type(error).__name__, str(error))]
@@ -811,7 +824,7 @@ def _run(args, ctx, lens, prune_cfg, moreau_cfg):
 
 
 def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, est, times, half, progress, ctx,
-                  sm, gemms):
+                  sm, gemms, comp=None):
     import json
 
     from .. import data
@@ -831,6 +844,12 @@ def _rank0_finish(args, plain, tok, batch, lens, prune_cfg, moreau_cfg, scores, 
     def structured(model):
         t = time.perf_counter()
         rep = prune_structure(discover(model), scores, prune_cfg)
+        if comp is not None:  # the compensated weights came with the gather; the bias changes did not
+            from ..prune.plan import count_parameters
+            from .compensate import install_biases
+
+            install_biases(model, comp[1])
+            rep.compensation, rep.params_after = comp[0], count_parameters(model)
         times["prune_s"] = time.perf_counter() - t
         model.to(device)
         extra = {"moreau": est.summary() if est else None, "allocation": None,

@@ -113,6 +113,7 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     rounds: int = 1  # iterative pruning: scoring rounds that led to this model
     uniform: dict | None = None  # uniform pruning: what it costs against the per-layer plan (uniform_cost)
+    compensation: dict | None = None  # weight compensation before the units went (compensate.compensate_model)
 
     @property
     def kept_fraction(self) -> float:
@@ -444,11 +445,14 @@ def _set_stock_config(structure: ModelStructure) -> None:
 
 
 def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: PruneConfig,
-                    counts: dict[int, tuple[int | None, int | None]] | None = None) -> PruneReport:
+                    counts: dict[int, tuple[int | None, int | None]] | None = None,
+                    compensate=None) -> PruneReport:
     """Plan and apply the pruning; returns the report (parameters before/after, widths).
 
     ``counts`` (local scope only) overrides how many units each layer loses (see
-    :func:`local_unit_counts`); iterative pruning uses it to spread one final size over rounds."""
+    :func:`local_unit_counts`); iterative pruning uses it to spread one final size over rounds.
+    ``compensate(structure, plans) -> dict`` runs once the units are chosen, before they are removed
+    (weight compensation, :func:`.compensate.compensator`); its report is ``PruneReport.compensation``."""
     attn_range, mlp_range = cfg.validate(structure.num_layers)
     if len(scores) != structure.num_layers:
         raise ValueError(f"got scores for {len(scores)} layers, the model has {structure.num_layers}")
@@ -475,6 +479,7 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
     else:
         plans = plan_global(structure, scores, cfg, attn_range, mlp_range)
     old = structure.widths()
+    compensation = compensate(structure, plans) if compensate is not None else None
     apply_plan(structure, plans)
     new = structure.widths()
     if cfg.uniform:
@@ -488,5 +493,5 @@ def prune_structure(structure: ModelStructure, scores: list[LayerScores], cfg: P
                        "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep,
                        "kept_channels": plan.mlp_keep})
     return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
-                       list(attn_range), list(mlp_range), layers, uniform=cost)
+                       list(attn_range), list(mlp_range), layers, uniform=cost, compensation=compensation)
 

@@ -383,12 +383,13 @@ def removal_target(structure: ModelStructure, table: UnitTable, cfg: PruneConfig
 # ----------------------------------------------------------------------------- the pruner
 def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | None = None,
                  policy: PolicyConfig | None = None, moreau=None, target_params: int | None = None,
-                 progress: bool = True, micro_batch_size: int | None = None, **score_options):
+                 progress: bool = True, micro_batch_size: int | None = None, compensate=None, **score_options):
     """Learn keep-probabilities by policy gradient and prune ``model`` in place to the budget.
 
     ``prune`` gives the layer ranges, granularity and ``ratio`` (the budget: the parameters the local
     rule removes at that ratio; ``target_params`` sets the kept parameter count instead). ``moreau``
-    configures the Moreau estimate of ``init='moreau'``. Returns a :class:`moreau_pruner.prune.pruner.PruneResult`
+    configures the Moreau estimate of ``init='moreau'``. ``compensate``: ``prune_structure``'s weight
+    compensation of the final mask (:func:`moreau_pruner.prune.compensate.compensator`). Returns a :class:`moreau_pruner.prune.pruner.PruneResult`
     whose ``policy`` dict holds the loss curve, the forward/backward counts and the budget."""
     from ..score.importance import LayerScores
     from .pruner import PruneResult, compute_scores
@@ -509,7 +510,7 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, prune: PruneConfig | Non
                                         probs[m.start:m.start + m.n].float() if m else None))
         counts[ls.index] = (removed[(ls.index, "attn")] if a else None, removed[(ls.index, "mlp")] if m else None)
     t0 = time.perf_counter()
-    report = prune_structure(structure, layer_scores, replace(prune, scope="local"), counts)
+    report = prune_structure(structure, layer_scores, replace(prune, scope="local"), counts, compensate=compensate)
     report.scope = "global"
     timings["prune_s"] = time.perf_counter() - t0
     info = {"config": asdict(policy), "target_removed": target, "removed": before - report.params_after,

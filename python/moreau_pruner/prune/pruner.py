@@ -16,6 +16,7 @@ from torch import nn
 
 from ..estimate.estimator import MoreauConfig, MoreauResult
 from ..score.importance import METHODS, LayerScores, check_head_score, model_scores, scored_parameter_names
+from .compensate import CompensateConfig, compensator, merge_reports
 from .plan import (PruneConfig, PruneReport, check_uniform_structure, count_parameters, local_unit_counts,
                     prunable_weights, prune_structure)
 from ..model.structure import ModelStructure, discover
@@ -87,7 +88,7 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
                 prune: PruneConfig | None = None, moreau: MoreauConfig | None = None,
                 reduction: str = "sum", vectorize: bool = False, seed: int = 0,
                 micro_batch_size: int | None = None, progress: bool = True, allocation: str = "uniform",
-                rounds: int = 1, **score_options) -> PruneResult:
+                rounds: int = 1, compensate: CompensateConfig | None = None, **score_options) -> PruneResult:
     """Score the model's units with ``method`` on ``batch`` and prune it in place.
 
     ``allocation``: ``uniform`` (every pruned layer at ``prune.ratio``) or a per-layer allocator of
@@ -101,12 +102,16 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     ``score_options`` go to :func:`compute_scores` (taylor_variant, estimator_path, ...).
     ``prune.uniform``: the same widths in every layer, a stock-config model (:mod:`.export` saves it);
     refused, before any work, with a per-layer allocation or a model whose layers differ in width.
+    ``compensate``: once each round's units are chosen, update the weights that stay so every pruned
+    layer reproduces its dense output on the calibration activations (:mod:`.compensate`; its report
+    is ``report.compensation``), before the next round scores.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    comp = compensator(discover(model), compensate, batch, progress) if compensate is not None else None
     if method == "policy-gradient":
         return _policy_gradient(model, batch, prune, moreau, allocation, rounds, micro_batch_size, progress,
-                                seed, score_options)
+                                seed, {**score_options, "compensate": comp})
     structure = discover(model)
     prune = prune or PruneConfig()
     attn_range, mlp_range = prune.validate(structure.num_layers)
@@ -149,9 +154,11 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
         for key, v in more.items():
             timings[key] = timings.get(key, 0.0) + v
         t0 = time.perf_counter()
-        reports.append(prune_structure(structure, scores, cfg, counts))
+        reports.append(prune_structure(structure, scores, cfg, counts, compensate=comp))
         timings["prune_s"] = timings.get("prune_s", 0.0) + time.perf_counter() - t0
     report = _combine_reports(reports, prune, before, count_parameters(model), rounds)
+    if report.compensation is not None:
+        timings["compensate_s"] = report.compensation["seconds"]
     return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None, rounds)
 
 
@@ -168,7 +175,10 @@ def _policy_gradient(model, batch, prune, moreau, allocation, rounds, micro_batc
         raise ValueError("the policy-gradient pruner searches the whole mask at once; rounds > 1 do not apply")
     policy = options.pop("policy", None) or PolicyConfig(seed=seed)
     target = options.pop("target_params", None)
-    return policy_prune(model, batch, prune, policy, moreau, target, progress, micro_batch_size, **options)
+    res = policy_prune(model, batch, prune, policy, moreau, target, progress, micro_batch_size, **options)
+    if res.report.compensation is not None:
+        res.timings["compensate_s"] = res.report.compensation["seconds"]
+    return res
 
 
 def _share(n: int, k: int, rounds: int) -> int:
@@ -217,4 +227,5 @@ def _combine_reports(reports: list[PruneReport], cfg: PruneConfig, before: int, 
                        "removed_channels": inter0 - z["intermediate_size"],
                        "kept_kv_groups": kv, "kept_query_heads": q, "kept_channels": mlp})
     return PruneReport(before, after, cfg.ratio, cfg.scope, cfg.granularity, first.attn_layers, first.mlp_layers,
-                       layers, rounds=rounds, uniform=first.uniform)
+                       layers, rounds=rounds, uniform=first.uniform,
+                       compensation=merge_reports([r.compensation for r in reports]))
