@@ -884,10 +884,208 @@ def policy_markdown(readme: Path) -> list[str]:
     return out + [""]
 
 
+#: sustained throughput assumed for the GPU time estimates of the compensation section (FLOPs / this)
+GPU_TFLOPS = 100.0
+
+
+def _rel(a: float, b: float) -> float:
+    return 100.0 * (a - b) / b
+
+
+def compensation_markdown(comp_dir: Path) -> list[str]:
+    """The "Weight compensation" section from ``benchmarks/compensation.py``'s records
+    (``<comp_dir>/<model-tag>/records.jsonl``): the choice of damping, token count and mode on the
+    calibration side, the cells against one-shot Taylor without compensation, and the cost."""
+    out = []
+    for path in sorted(Path(comp_dir).glob("*/records.jsonl")):
+        recs = read_records(path)
+        if recs:
+            out += _compensation_model(path.parent.name, recs)
+    return out
+
+
+def _compensation_model(tag: str, recs: list[dict]) -> list[str]:
+    dense = next((r for r in recs if r["kind"] == "dense"), None)
+    tune = [r for r in recs if r["kind"] in ("tune", "tune-ref")]
+    cells = [r for r in recs if r["kind"] == "cell"]
+    loads = [r["host"]["load_avg"][0] for r in recs if (r.get("host") or {}).get("load_avg")]
+    out = [f"## Weight compensation after structured pruning ({tag})", "",
+           "From `benchmarks/results/compensation/" + tag + "/records.jsonl`, written by `benchmarks/compensation.py` "
+           "(its docstring has the protocol). `none` = the units removed as chosen; `weights` = the kept o_proj/"
+           "down_proj columns refitted by damped least squares on calibration activations, layer by layer through "
+           "the already pruned layers; `bias` = FLAP's mean-activation bias; `weights+bias` = both fitted together "
+           "(SPEC §11, `moreau_pruner.prune.compensate`). Units: `query-heads` granularity, local rule at the ratio "
+           "that removes the given share of the decoder blocks' parameters in the given layers.",
+           "", f"- Machine: {recs[-1].get('machine')}; {(recs[-1].get('host') or {}).get('cpu_model')} "
+               f"({(recs[-1].get('host') or {}).get('cpu_count')} cores visible)"
+           + (f"; 1-min load average while cells ran: {min(loads):.1f} to {max(loads):.1f}" if loads else "")
+           + f"; torch {recs[-1].get('torch')}; commit(s) {', '.join(sorted({r.get('git_commit', '') for r in recs} - {''}))}.",
+           ""]
+    if dense:
+        out += ["Dense model: " + ", ".join(f"{k} {v:.2f}" for k, v in dense["ppl"].items()) +
+                f" (PPL on the first {dense['windows']} 128-token windows of each held-out text; `calib-val` is the "
+                "validation part of the calibration side, used only to choose the settings).", ""]
+    if tune:
+        out += _compensation_tuning(tune)
+    if cells:
+        out += _compensation_cells(cells)
+    return out
+
+
+def _compensation_tuning(recs: list[dict]) -> list[str]:
+    refs = defaultdict(list)  # examples -> the uncompensated model's PPL on those compensation windows
+    for r in recs:
+        if r["kind"] == "tune-ref":
+            refs[r["examples"]].append(r["ppl"]["fit"])
+    tune = [r for r in recs if r["kind"] == "tune"]
+    if not tune:
+        return []
+    r0 = tune[0]
+    tokens = sorted({(r["examples"], r["seq_len"], r["tokens"]) for r in tune if r["mode"] != "none"})
+    settings = sorted({(r["mode"], r["damping"]) for r in tune if r["mode"] != "none"}, key=lambda m: (m[0], m[1]))
+    by = defaultdict(list)
+    for r in tune:
+        by[(r["mode"], r["damping"], r["examples"] if r["mode"] != "none" else None)].append(r)
+
+    def cell(recs):
+        if not recs:
+            return "–"
+        val = statistics.fmean(r["ppl"]["calib-val"] for r in recs)
+        fit = statistics.fmean(r["ppl"]["fit"] for r in recs)
+        return f"{val:.2f} ({fit:.2f})" + (f" n={len(recs)}" if len(recs) > 1 else "")
+
+    none = by.get(("none", None, None), [])
+    rows = [["none", "–", cell(none)] + [""] * (len(tokens) - 1)] if none else []
+    if refs:
+        rows.append(["none, on the compensation windows", "–"] + [
+            f"({statistics.fmean(refs[e]):.2f})" if refs.get(e) else "–" for e, _, _ in tokens])
+    for mode, damping in settings:
+        rows.append([mode, f"{damping:g}"] + [cell(by.get((mode, damping, e), [])) for e, _, _ in tokens])
+    scored = [(statistics.fmean(r["ppl"]["calib-val"] for r in v), k) for k, v in by.items() if k[0] != "none"]
+    out = ["### Choosing the damping, the token count and the mode (calibration side only)", "",
+           f"Taylor units at {r0['size']:.0%} of the block parameters in layers {r0['layers']} (ratio {r0['ratio']:g}), "
+           "scored on 10 x 64 tokens of the *fit* part of the calibration text (seed "
+           f"{', '.join(str(s) for s in sorted({r['seed'] for r in tune}))}); compensated on windows of the fit part; "
+           "each cell is the PPL on the *validation* part of the calibration text, with the PPL on the very windows "
+           "the compensation fitted in parentheses (second row: the uncompensated model on those windows). The "
+           "held-out evaluation texts are not read here. A fit that learned its tokens by heart shows a number in "
+           "parentheses far below the uncompensated model's on the same windows, and a validation number above "
+           "the uncompensated one.",
+           "", table(["mode", "damping"] + [f"{t:,} tokens ({e or 10} x {s})" for e, s, t in tokens], rows), ""]
+    if scored:
+        best_val, (mode, damping, examples) = min(scored)
+        ex = next(t for t in tokens if t[0] == examples)
+        base = statistics.fmean(r["ppl"]["calib-val"] for r in none) if none else math.nan
+        out += [f"Lowest validation PPL: `{mode}`, damping {damping:g}, {ex[2]:,} tokens ({best_val:.2f}"
+                + (f", {_rel(best_val, base):+.1f} % against no compensation" if none else "") + ").", ""]
+    return out
+
+
+def _compensation_cells(cells: list[dict]) -> list[str]:
+    texts = [t for t in ("pydoc", "fortunes") if any(t in r["ppl"] for r in cells)]
+    out = []
+    for size in sorted({r["size"] for r in cells}):
+        recs = [r for r in cells if r["size"] == size]
+        layers = sorted({r["layers"] for r in recs})
+        by = defaultdict(dict)  # (method, mode, layers) -> {seed: record}
+        for r in recs:
+            by[(r["method"], r["mode"], r["layers"])][r["seed"]] = r
+        settings = sorted({(m, mode) for m, mode, _ in by}, key=lambda k: (method_key(k[0]), k[1] != "none", k[1]))
+        r0 = recs[0]
+        comp = next((r for r in recs if r["compensation"]), None)
+        out += [f"### {size:.0%} of the decoder blocks' parameters removed", "",
+                "Parameters after pruning: " + "; ".join(
+                    f"layers {lay}: {min(r['params_after'] for r in recs if r['layers'] == lay):,} "
+                    f"(ratio {next(r['ratio'] for r in recs if r['layers'] == lay):g})" for lay in layers)
+                + f", of {r0['params_before']:,}. PPL on the first {r0['windows']} held-out 128-token windows of each "
+                "text, mean ± std over seeds" + (f"; compensation: damping {comp['damping']:g}, "
+                                                   f"{comp['tokens']:,} calibration tokens ({comp['examples']} x "
+                                                   f"{comp['seq_len']}, seed s)." if comp else "."), ""]
+        header = ["method", "compensation"] + [f"{t} {lay}" for lay in layers for t in texts]
+        rows = []
+        for m, mode in settings:
+            row = [m, mode]
+            for lay in layers:
+                for t in texts:
+                    row.append(fmt(*mean_std([r["ppl"].get(t) for r in by.get((m, mode, lay), {}).values()])))
+            rows.append(row)
+        out += [table(header, rows), ""]
+        out += _compensation_target(by, settings, layers, texts)
+    out += _compensation_cost(cells)
+    return out
+
+
+def _compensation_target(by, settings, layers, texts) -> list[str]:
+    """Every setting against one-shot Taylor without compensation, same layers, paired by seed."""
+    out = ["Against one-shot `taylor` without compensation on the same layers, paired by seed (relative PPL "
+           "change; the target is at most −10 % in every seed on both texts):", ""]
+    rows, verdicts = [], []
+    for lay in layers:
+        base = by.get(("taylor", "none", lay), {})
+        best = None
+        for m, mode in settings:
+            if (m, mode) == ("taylor", "none"):
+                continue
+            cell = by.get((m, mode, lay), {})
+            seeds = sorted(set(cell) & set(base))
+            if not seeds:
+                continue
+            changes = {t: [_rel(cell[s]["ppl"][t], base[s]["ppl"][t]) for s in seeds] for t in texts}
+            worst = max(max(v) for v in changes.values())
+            mean = statistics.fmean(x for v in changes.values() for x in v)
+            rows.append([lay, m, mode, str(len(seeds))] + [f"{statistics.fmean(v):+.1f} % (worst {max(v):+.1f} %)"
+                                                           for v in changes.values()])
+            if best is None or mean < best[0]:
+                best = (mean, m, mode, worst, len(seeds))
+        if best:
+            mean, m, mode, worst, n = best
+            met = worst <= -10.0 and n >= 3
+            verdicts.append(f"layers {lay}: the best setting is `{m}` with `{mode}` ({mean:+.1f} % on average over "
+                            f"{n} seed(s) and the texts, worst seed and text {worst:+.1f} %): the target is "
+                            + ("**met**." if met else ("**not met**." if worst > -10.0 else
+                                                         f"met in these {n} seed(s), fewer than the 3 asked.")))
+    if rows:
+        out += [table(["layers", "method", "compensation", "seeds"] + texts, rows), ""]
+        out += [f"- {v}" for v in verdicts] + [""]
+    return out
+
+
+def _compensation_cost(cells: list[dict]) -> list[str]:
+    rows = []
+    groups = defaultdict(list)
+    for r in cells:
+        if r["compensation"]:
+            groups[(r["method"], r["size"], r["layers"], r["mode"])].append(r)
+    for (m, size, lay, mode), recs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1:])):
+        comp_s = statistics.fmean(r["cost"]["compensate_s"] for r in recs)
+        score_s = statistics.fmean(r["cost"]["score_s"] for r in recs)
+        fc = statistics.fmean(r["flops"]["compensate"] for r in recs)
+        fs = statistics.fmean(r["flops"]["scoring"] for r in recs)
+        loads = [r["host"]["load_avg"][0] for r in recs if (r.get("host") or {}).get("load_avg")]
+        rows.append([m, f"{size:.0%}", lay, mode, f"{comp_s:.0f}", f"{score_s:.0f}", f"{fc / 1e12:.2f}",
+                     f"{fs / 1e12:.2f}" if fs else "–", f"{1e3 * fc / (GPU_TFLOPS * 1e12):.0f}",
+                     f"{statistics.fmean(loads):.1f}" if loads else "?"])
+    if not rows:
+        return []
+    return ["### Cost of the compensation", "",
+            "Wall seconds on this CPU (one thread, `OMP_NUM_THREADS=1`, on a machine shared with other jobs: the "
+            "1-min load average is in the last column) of the compensation and of the importance it follows (the "
+            "scores are cached, so the scoring time is that of the run that computed them), and FLOPs: the "
+            "compensation's two passes of every compensated layer over its tokens, its Gram matrices and solves; the "
+            "importance's forward+backward passes over the 10 x 64 scoring tokens (Moreau: 10 of them; the policy "
+            f"search's forwards are not counted). GPU estimate = compensation FLOPs / {GPU_TFLOPS:g} TFLOP/s "
+            "sustained (a fraction of an H100/H200's dense peak; at SmolLM2's size a GPU is bound by launch latency "
+            "instead, so read it as a lower bound). Loading the model took "
+            f"{statistics.fmean(r['load_s'] for r in cells):.0f} s per run.", "",
+            table(["method", "size", "layers", "mode", "compensation s", "importance s", "compensation TFLOP",
+                   "importance TFLOP", "GPU estimate ms", "load"], rows), ""]
+
+
 def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = True,
-           recovery_dir: Path | None = None) -> str:
+           recovery_dir: Path | None = None, compensation_dir: Path | None = None) -> str:
     in_dir, out_md = Path(in_dir), Path(out_md)
     recovery_dir = in_dir.parent / "recovery" if recovery_dir is None else Path(recovery_dir)
+    compensation_dir = in_dir.parent / "compensation" if compensation_dir is None else Path(compensation_dir)
     reports = []
     for rec_file in sorted(in_dir.glob("*/records.jsonl")):
         records = read_records(rec_file)
@@ -907,6 +1105,7 @@ def render(in_dir: Path = DEFAULT_IN, out_md: Path = DEFAULT_OUT, plots: bool = 
             rep.plot(out_md.parent)
         out.append(rep.markdown(out_md.parent, plots))
     out += policy_markdown(in_dir.parent / "policy" / "README.md")
+    out += compensation_markdown(compensation_dir)
     out += recovery_markdown(recovery_dir)
     out += distill_markdown(recovery_dir / "distill")
     text = "\n".join(out).rstrip() + "\n"

@@ -12,6 +12,8 @@ The pipeline (:mod:`moreau_pruner.pipeline`) and where each stage lives:
 * one call: :func:`prune_model` (``pipeline``): all of the above, with per-layer allocation
   (``prune.allocation``), iterative rounds and the policy-gradient search (:class:`PolicyConfig`);
   :func:`unstructured_prune` (``unstructured``) zeroes single weights instead.
+* compensate: ``prune_model(..., compensate=CompensateConfig())`` refits the weights that stay
+  (``prune.compensate``: closed-form least squares on calibration activations, SPEC §11).
 * evaluate: :func:`evaluate_perplexity` (``evaluate.perplexity``); zero-shot tasks in ``evaluate.zeroshot``.
 * save: :func:`save_pruned` / :func:`load_pruned` (``io.pruned``), :func:`save_uniform` (``io.stock``).
 * recover: ``recover`` with a :class:`RecoverConfig` (LoRA fine-tuning).
@@ -24,6 +26,7 @@ from .model.loading import load_model
 from .model.structure import UnsupportedArchitecture, discover
 from .pipeline import prune_model
 from .prune.apply import PruneResult, prune_structure
+from .prune.compensate import CompensateConfig
 from .prune.config import PruneConfig
 from .prune.plan import count_parameters, ratio_for_params
 from .prune.policy import PolicyConfig
@@ -34,7 +37,7 @@ from .score.registry import compute_scores
 from .unstructured.prune import unstructured_prune
 
 __all__ = [
-    "METHODS", "EstimatorError", "MoreauConfig", "MoreauResult", "PolicyConfig", "PruneConfig", "PruneResult",
+    "METHODS", "CompensateConfig", "EstimatorError", "MoreauConfig", "MoreauResult", "PolicyConfig", "PruneConfig", "PruneResult",
     "PruneTarget", "RecoverConfig", "UnsupportedArchitecture", "compute_scores", "count_parameters", "discover",
     "estimate", "evaluate_perplexity", "load_model", "load_pruned", "prune_model", "prune_structure",
     "ratio_for_params", "resolve_target", "save_pruned", "save_uniform", "unstructured_prune",

@@ -10,6 +10,7 @@ import torch
 from . import data
 from .estimate.config import MoreauConfig
 from .prune import rules
+from .prune.compensate import CompensateConfig
 from .prune.config import PruneConfig
 from .prune.policy import PolicyConfig
 from .score.registry import ScoringOptions
@@ -64,6 +65,8 @@ class PruneJob:
     distributed: str | None = None  # "fsdp": FSDP2 over the ranks of a torchrun job
     progress: bool = True
     settings: dict = field(default_factory=dict)  # how the run was asked for (the report records it)
+    compensate: CompensateConfig | None = None  # weight compensation of the pruned layers (SPEC §11)
+    compensate_batch: tuple[int, int] | None = None  # its own windows (examples, seq_len); None: the scoring batch
 
     def request(self) -> rules.Request:
         """The job's choices, for :func:`moreau_pruner.prune.rules.check`."""
@@ -80,6 +83,17 @@ def calibrate(tokenizer, settings: DataSettings, device: str | torch.device = "c
     calib_text = data.load_text(settings.calib_file) if settings.calib_file else data.calibration_text(settings.calib)
     return data.calibration_batch(tokenizer, calib_text, settings.num_examples, settings.seq_len,
                                   settings.seed).to(device)
+
+
+def compensation_batch(tokenizer, job: PruneJob, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """The calibration windows weight compensation fits (``job.compensate_batch``: examples x seq_len of
+    the calibration text, seed ``job.data.seed``); None when it uses the scoring batch or is off."""
+    if job.compensate is None or job.compensate_batch is None:
+        return None
+    d = job.data
+    calib_text = data.load_text(d.calib_file) if d.calib_file else data.calibration_text(d.calib)
+    examples, seq_len = job.compensate_batch
+    return data.calibration_batch(tokenizer, calib_text, examples, seq_len, d.seed).to(device)
 
 
 def evaluation_ids(tokenizer, settings: DataSettings) -> torch.Tensor | None:

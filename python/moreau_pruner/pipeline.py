@@ -34,6 +34,7 @@ from .estimate.config import MoreauConfig
 from .prune import rules
 from .prune.allocation import allocate, allocate_structured, parse_allocation
 from .prune.apply import PruneReport, PruneResult, prune_structure
+from .prune.compensate import CompensateConfig, compensator
 from .prune.config import PruneConfig
 from .prune.plan import count_parameters, local_unit_counts, prunable_weights
 from .prune.policy import PolicyConfig, policy_prune
@@ -41,8 +42,8 @@ from .prune.rounds import combine_reports, removed_units, share
 from .prune.target import PruneTarget, resolve_target
 from .score import methods
 from .score.registry import ScoringOptions, score_units, scorer
-from .job import (DataSettings, PruneJob, UnstructuredSettings, calibrate, evaluation_ids, half_gemm_context,
-                  half_gemm_mode)
+from .job import (DataSettings, PruneJob, UnstructuredSettings, calibrate, compensation_batch, evaluation_ids,
+                  half_gemm_context, half_gemm_mode)
 
 __all__ = ["DataSettings", "Perplexity", "PruneJob", "UnstructuredSettings", "build_report", "calibrate",
            "evaluation_ids", "prune_model", "prune_target", "run", "save"]
@@ -54,7 +55,8 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
                 vectorize: bool = False, seed: int = 0, micro_batch_size: int | None = None, progress: bool = True,
                 allocation: str = "uniform", rounds: int = 1, taylor_variant: str = "param_first",
                 estimator_path: str = "auto", gradient_checkpointing: bool = False, check_memory: bool = False,
-                head_score: str = "unit", target_params: int | None = None) -> PruneResult:
+                head_score: str = "unit", target_params: int | None = None,
+                compensate: CompensateConfig | None = None) -> PruneResult:
     """Score the model's units with ``method`` on ``batch`` and prune it in place.
 
     ``prune``: what to prune (:class:`~moreau_pruner.prune.config.PruneConfig`); ``moreau``: the
@@ -75,6 +77,9 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
     those of the last round, ``timings`` their sums.
     ``prune.uniform``: the same widths in every layer, a stock-config model (:mod:`.io.stock` saves it);
     refused, before any work, with a per-layer allocation or a model whose layers differ in width.
+    ``compensate``: once each round's units are chosen, update the weights that stay so every pruned
+    layer reproduces its dense output on the calibration activations (:mod:`.prune.compensate`, SPEC
+    §11; its report is ``report.compensation``), before the next round scores.
     Every combination that cannot run is refused before any work (:mod:`.prune.rules`).
     """
     prune = prune or PruneConfig()
@@ -83,21 +88,28 @@ def prune_model(model: nn.Module, batch: torch.Tensor | None, method: str = "mor
                               policy=policy is not None, target_params=target_params is not None))
     options = ScoringOptions(reduction, vectorize, head_score, taylor_variant, seed, micro_batch_size, estimator_path,
                              gradient_checkpointing, check_memory)
-    return prune_target(model, batch, method, resolve_target(model, prune), moreau, options, allocation=allocation,
-                        rounds=rounds, policy=policy, target_params=target_params, progress=progress)
+    target = resolve_target(model, prune)
+    comp = compensator(target.structure, compensate, batch, progress) if compensate is not None else None
+    return prune_target(model, batch, method, target, moreau, options, allocation=allocation,
+                        rounds=rounds, policy=policy, target_params=target_params, progress=progress,
+                        compensate=comp)
 
 
 def prune_target(model: nn.Module, batch: torch.Tensor | None, method: str, target: PruneTarget,
                  moreau: MoreauConfig | None, options: ScoringOptions, *, allocation: str = "uniform",
                  rounds: int = 1, policy: PolicyConfig | None = None, target_params: int | None = None,
-                 progress: bool = True, context=None) -> PruneResult:
+                 progress: bool = True, context=None, compensate=None) -> PruneResult:
     """:func:`prune_model` with everything checked and resolved (the stage the CLI and the FSDP2 path
-    share): allocation, then ``rounds`` × (score → plan → apply), or the policy search."""
+    share): allocation, then ``rounds`` × (score → plan → (compensate) → apply), or the policy search.
+    ``compensate``: :func:`~moreau_pruner.prune.compensate.compensator`'s callable, or None."""
     if methods.get(method).search:
         policy = policy or PolicyConfig(seed=options.seed)
         score = scorer(model, batch, moreau, replace(options, seed=policy.seed), context, progress)
-        return policy_prune(model, batch, target, policy, scorer=score, target_params=target_params,
-                            progress=progress)
+        res = policy_prune(model, batch, target, policy, scorer=score, target_params=target_params,
+                           progress=progress, compensate=compensate)
+        if res.report.compensation is not None:
+            res.timings["compensate_s"] = res.report.compensation["seconds"]
+        return res
     alloc = None
     timings: dict[str, float] = {}
     if allocation != "uniform":
@@ -129,9 +141,11 @@ def prune_target(model: nn.Module, batch: torch.Tensor | None, method: str, targ
         for key, v in more.items():
             timings[key] = timings.get(key, 0.0) + v
         t0 = time.perf_counter()
-        reports.append(prune_structure(this, scores, counts=counts))
+        reports.append(prune_structure(this, scores, counts=counts, compensate=compensate))
         timings["prune_s"] = timings.get("prune_s", 0.0) + time.perf_counter() - t0
     report = combine_reports(reports, cfg, before, count_parameters(model), rounds)
+    if report.compensation is not None:
+        timings["compensate_s"] = report.compensation["seconds"]
     return PruneResult(report, scores, method, est, timings, alloc.as_dict() if alloc else None, rounds)
 
 
@@ -151,6 +165,10 @@ def run(job: PruneJob) -> dict | None:
     times["load_s"] = time.perf_counter() - t0
     target = resolve_target(model, job.prune)  # fail fast, before the long work
     batch = calibrate(tok, job.data, job.device)
+    comp = None
+    if job.compensate is not None:
+        comp_cfg = replace(job.compensate, batch=compensation_batch(tok, job, job.device))
+        comp = compensator(target.structure, comp_cfg, batch, job.progress)
     eval_ids = evaluation_ids(tok, job.data)
     ppl = Perplexity(model, eval_ids, job.data, times, job.progress)
     half = half_gemm_mode(job)
@@ -161,7 +179,7 @@ def run(job: PruneJob) -> dict | None:
         else:
             result = prune_target(model, batch, job.method, target, job.moreau, job.options,
                                   allocation=job.allocation, rounds=job.rounds, policy=job.policy,
-                                  progress=job.progress)
+                                  progress=job.progress, compensate=comp)
             times.update(result.timings)
             rep, extra = result.report, _estimate_fields(result.estimate, result.allocation)
             if result.policy is not None:
@@ -176,9 +194,11 @@ def _estimate_fields(est, allocation) -> dict:
 
 
 def finish_sharded(job: PruneJob, model: nn.Module, tok, batch: torch.Tensor, scores, est, times: dict,
-                   half: str | None, extra: dict, device: torch.device) -> dict:
+                   half: str | None, extra: dict, device: torch.device, compensation=None) -> dict:
     """Rank 0 of an FSDP2 run: evaluate the gathered dense model, prune it with the ranks' common
-    scores, evaluate it again, report and save."""
+    scores, evaluate it again, report and save. ``compensation``: (report, bias changes) of the
+    ranks' weight compensation (:func:`moreau_pruner.distributed.compensate.compensate_fsdp`): the
+    compensated weights came with the gather, the bias changes are installed here."""
     if job.data.eval_seq_lens:
         model.to(device)
     eval_ids = evaluation_ids(tok, job.data)
@@ -187,6 +207,11 @@ def finish_sharded(job: PruneJob, model: nn.Module, tok, batch: torch.Tensor, sc
         dense = ppl("dense")
         t = time.perf_counter()
         rep = prune_structure(resolve_target(model, job.prune), scores)
+        if compensation is not None:
+            from .distributed.compensate import install_biases
+
+            install_biases(model, compensation[1])
+            rep.compensation, rep.params_after = compensation[0], count_parameters(model)
         times["prune_s"] = time.perf_counter() - t
         model.to(device)
         fields = {**_estimate_fields(est, None), "estimator_path": "fsdp" if est else None, **extra}
@@ -280,6 +305,7 @@ def build_report(job: PruneJob, model: nn.Module, tok, rep, extra: dict, batch: 
         "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
         "layers": rep.layers,
         "uniform": getattr(rep, "uniform", None),
+        **({"compensation": rep.compensation} if getattr(rep, "compensation", None) else {}),
         "ppl_dense": dense,
         "ppl_pruned": pruned,
         "calibration": {"source": d.calib_file or d.calib, "shape": list(batch.shape)},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from . import compensation
 from . import options as opt
 
 DESCRIPTION = """\
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "logit: Adam on their logits, one common shift restores the budget (bounded score "
                         "function) (default %(default)s)")
 
+    compensation.add_arguments(p)
+
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
                    help="calibration source: pydoc, fortunes or a text file (its held-out part is used for eval)")
@@ -316,10 +319,12 @@ def job_from_args(args):
         unstructured = UnstructuredSettings(nm, args.keep_low_ratio, args.one_pass_activations, args.allocation)
     data = DataSettings(args.calib, args.calib_file, args.eval_file, args.num_examples, args.seq_len, args.seed,
                         tuple(lens), args.eval_tokens, args.generate or None)
+    comp, comp_batch = compensation.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     return PruneJob(args.model, args.dtype, args.device, args.half_gemm, args.backend, args.method, prune, moreau,
                     options, policy, args.allocation, args.rounds, unstructured, data, args.out, args.overwrite,
-                    args.json, args.distributed, not args.quiet, settings)
+                    args.json, args.distributed, not args.quiet, settings, compensate=comp,
+                    compensate_batch=comp_batch)
 
 
 def run(args) -> dict | None:
@@ -376,6 +381,8 @@ def format_report(report: dict) -> str:
         rows.append(("final mask, calibration loss", f"{pg['mask_loss_init']:.4f} at the start -> "
                                                      f"{pg['mask_loss_final']:.4f} after the search"))
         rows.append(("budget", f"{pg['removed']:,} of {pg['target_removed']:,} target parameters removed"))
+    if report.get("compensation"):
+        rows.append(("weight compensation", compensation.describe(report["compensation"])))
     if report.get("allocation"):
         r = report["allocation"]["ratios"]
         rows.append(("allocation", f"{report['allocation']['method']}: ratios {min(r.values()):.3f}..{max(r.values()):.3f}"))

@@ -45,7 +45,7 @@ def run_job(job, finish_rank0) -> dict | None:
 
 
 def _run_job(job, ctx: Context, finish_rank0):
-    from ..job import calibrate, half_gemm_context, half_gemm_mode
+    from ..job import calibrate, compensation_batch, half_gemm_context, half_gemm_mode
     from ..prune.target import resolve_target
     from ..score.registry import score_units
 
@@ -60,6 +60,16 @@ def _run_job(job, ctx: Context, finish_rank0):
         scores, est, more = score_units(sm.model, batch, job.method, target, job.moreau, job.options,
                                         FsdpScoring(ctx), job.progress)
     times.update(more)
+    comp = None
+    if job.compensate is not None:  # before the gather: each rank updates its rows (.compensate)
+        from .compensate import compensate_fsdp
+
+        own = compensation_batch(sm.tokenizer, job, ctx.device)
+        t0 = time.perf_counter()
+        with half_gemm_context(job.dtype, half):
+            comp = compensate_fsdp(sm.model, scores, job.prune, batch if own is None else own, job.compensate, ctx,
+                                   job.progress)
+        times["compensate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = gather_to_rank0(sm, ctx)
     times["gather_s"] = time.perf_counter() - t0
@@ -69,7 +79,8 @@ def _run_job(job, ctx: Context, finish_rank0):
                                  "sliced_loading": sm.sliced_loading,
                                  "pruned_on": "rank 0, gathered full model (CPU)"}}
         try:
-            report = finish_rank0(job, plain, sm.tokenizer, batch, scores, est, times, half, extra, ctx.device)
+            report = finish_rank0(job, plain, sm.tokenizer, batch, scores, est, times, half, extra, ctx.device,
+                                  comp)
         except Exception as e:  # noqa: BLE001 - sent to every rank, then raised
             error = e
     status = [None if error is None else (type(error).__name__, str(error))]

@@ -27,6 +27,7 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     rounds: int = 1  # iterative pruning: scoring rounds that led to this model
     uniform: dict | None = None  # uniform pruning: what it costs against the per-layer plan (uniform_cost)
+    compensation: dict | None = None  # weight compensation before the units went (compensate.compensate_model)
 
     @property
     def kept_fraction(self) -> float:
@@ -111,13 +112,15 @@ def set_stock_config(structure: ModelStructure) -> None:
 
 
 def prune_structure(target: PruneTarget | ModelStructure, scores: list[LayerScores], cfg: PruneConfig | None = None,
-                    counts: Counts | None = None) -> PruneReport:
+                    counts: Counts | None = None, compensate=None) -> PruneReport:
     """Plan and apply the pruning of ``target`` (a :class:`~.target.PruneTarget`, or a structure with
     its PruneConfig ``cfg``); returns the report (parameters before/after, widths).
 
     ``counts`` (local scope only) overrides how many units each layer loses (see
     :func:`~moreau_pruner.prune.plan.local_unit_counts`); iterative pruning uses it to spread one final
-    size over rounds."""
+    size over rounds. ``compensate(structure, plans) -> dict`` runs once the units are chosen, before
+    they are removed (weight compensation, :func:`.compensate.compensator`); its report is
+    ``PruneReport.compensation``."""
     target = as_target(target, cfg)
     structure, cfg = target.structure, target.config
     check_scores(target, scores)
@@ -127,6 +130,7 @@ def prune_structure(target: PruneTarget | ModelStructure, scores: list[LayerScor
         raise ValueError("explicit unit counts apply to local pruning (scope='local')")
     plans = plan_local(target, scores, counts) if cfg.scope == "local" else plan_global(target, scores)
     old = structure.widths()
+    compensation = compensate(structure, plans) if compensate is not None else None
     apply_plan(structure, plans)
     new = structure.widths()
     if cfg.uniform:
@@ -141,4 +145,5 @@ def prune_structure(target: PruneTarget | ModelStructure, scores: list[LayerScor
                        "kept_kv_groups": plan.kv_keep, "kept_query_heads": plan.q_keep,
                        "kept_channels": plan.mlp_keep})
     return PruneReport(before, count_parameters(structure.model), cfg.ratio, cfg.scope, cfg.granularity,
-                       list(target.attn_range), list(target.mlp_range), layers, uniform=cost)
+                       list(target.attn_range), list(target.mlp_range), layers, uniform=cost,
+                       compensation=compensation)

@@ -387,7 +387,7 @@ def removal_target(target: PruneTarget, table: UnitTable, target_params: int | N
 # ----------------------------------------------------------------------------- the pruner
 def policy_prune(model: nn.Module, batch: torch.Tensor, target: PruneTarget | PruneConfig | None = None,
                  policy: PolicyConfig | None = None, *, scorer=None, target_params: int | None = None,
-                 progress: bool = True) -> PruneResult:
+                 progress: bool = True, compensate=None) -> PruneResult:
     """Learn keep-probabilities by policy gradient and prune ``model`` in place to the budget.
 
     ``target`` (a :class:`~moreau_pruner.prune.target.PruneTarget`, or a PruneConfig resolved against
@@ -395,8 +395,9 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, target: PruneTarget | Pr
     rule removes at that ratio; ``target_params`` sets the kept parameter count instead).
     ``scorer(method, target) -> (scores, estimate, timings)`` gives the metric initialisation's scores
     (:func:`moreau_pruner.score.registry.scorer`; default: that of ``model`` and ``batch`` with the
-    default Moreau settings and ``policy.seed``). Returns a :class:`~moreau_pruner.prune.apply.PruneResult`
-    whose ``policy`` dict holds the loss curve, the forward/backward counts and the budget."""
+    default Moreau settings and ``policy.seed``). ``compensate``: ``prune_structure``'s weight
+    compensation of the final mask (:func:`moreau_pruner.prune.compensate.compensator`). Returns a
+    :class:`~moreau_pruner.prune.apply.PruneResult` whose ``policy`` dict holds the loss curve, the forward/backward counts and the budget."""
     policy = policy or PolicyConfig()
     target = target if isinstance(target, PruneTarget) else as_target(model, target)
     prune = target.config
@@ -505,7 +506,8 @@ def policy_prune(model: nn.Module, batch: torch.Tensor, target: PruneTarget | Pr
                                         probs[m.start:m.start + m.n].float() if m else None))
         counts[ls.index] = (removed[(ls.index, "attn")] if a else None, removed[(ls.index, "mlp")] if m else None)
     t0 = time.perf_counter()
-    report = prune_structure(target.with_config(replace(prune, scope="local")), layer_scores, counts=counts)
+    report = prune_structure(target.with_config(replace(prune, scope="local")), layer_scores, counts=counts,
+                             compensate=compensate)
     report.scope = "global"
     timings["prune_s"] = time.perf_counter() - t0
     info = {"config": asdict(policy), "target_removed": goal, "removed": before - report.params_after,

@@ -8,6 +8,7 @@ reports into one, with kept indices that refer to the original model.
 from __future__ import annotations
 
 from .apply import PruneReport
+from .compensate import merge_reports
 from .config import PruneConfig
 
 
@@ -57,4 +58,5 @@ def combine_reports(reports: list[PruneReport], cfg: PruneConfig, before: int, a
                        "removed_channels": inter0 - z["intermediate_size"],
                        "kept_kv_groups": kv, "kept_query_heads": q, "kept_channels": mlp})
     return PruneReport(before, after, cfg.ratio, cfg.scope, cfg.granularity, first.attn_layers, first.mlp_layers,
-                       layers, rounds=rounds, uniform=first.uniform)
+                       layers, rounds=rounds, uniform=first.uniform,
+                       compensation=merge_reports([r.compensation for r in reports]))

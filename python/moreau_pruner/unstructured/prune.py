@@ -65,6 +65,7 @@ from torch import nn
 from ..estimate import gradients as _gradients
 from ..estimate import loop as _loop
 from ..estimate.config import MoreauConfig
+from ..model.layerwise import run_states, walk_layers
 from ..model.structure import discover
 from ..prune import rules
 from ..score.methods import UNSTRUCTURED
@@ -148,40 +149,6 @@ def _input_sq_sums(modules: dict[str, nn.Module], gram: bool = False):
             h.remove()
 
 
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def _decoder_inputs(model: nn.Module, first_layer: nn.Module, batch: torch.Tensor, mbs: int) -> list:
-    """[(hidden_states, other args, kwargs)] entering ``first_layer``, one entry per micro-batch
-    (the forward stops there: the rest of the model does not run)."""
-    captured = []
-
-    def grab(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = args[1:] if args else ()
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden.detach(), rest, kw))
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, batch.shape[0], mbs):
-            try:
-                model(input_ids=batch[start:start + mbs], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, *rest, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure, modules: dict[str, tuple[int, nn.Module]],
                                 prune_layer, micro_batch_size: int | None = None, grams: bool = False) -> None:
@@ -191,30 +158,23 @@ def sequential_activation_norms(model: nn.Module, batch: torch.Tensor, structure
     layer's inputs. ``modules`` maps a key to (decoder layer index, nn.Linear). ``grams``: keep the inputs
     too (:class:`moreau_pruner.unstructured.trim.InputStats`) and call ``prune_layer(index, norms, stats)``."""
     n = batch.shape[0]
-    mbs = micro_batch_size or n
     by_layer: dict[int, dict[str, nn.Module]] = {}
     for key, (layer, mod) in modules.items():
         by_layer.setdefault(layer, {})[key] = mod
-    was_training = model.training
-    model.eval()
-    try:
-        states = _decoder_inputs(model, structure.layers[0].layer, batch, mbs)
-        for ls in structure.layers:
-            mods = by_layer.get(ls.index, {})
-            with _input_sq_sums(mods, grams) as stats:
-                for hidden, rest, kw in states:
-                    _run_layer(ls.layer, hidden, rest, kw)
-            sums, gram = stats if grams else (stats, None)
-            if mods:
-                norms = {key: (sm / n).sqrt_() for key, sm in sums.items()}
-                if grams:
-                    prune_layer(ls.index, norms, gram)
-                else:
-                    prune_layer(ls.index, norms)
-            if ls is not structure.layers[-1]:  # the pruned layer's outputs feed the next one
-                states = [(_run_layer(ls.layer, hidden, rest, kw), rest, kw) for hidden, rest, kw in states]
-    finally:
-        model.train(was_training)
+
+    def visit(ls, states):
+        mods = by_layer.get(ls.index, {})
+        with _input_sq_sums(mods, grams) as stats:
+            run_states(ls.layer, states)
+        sums, gram = stats if grams else (stats, None)
+        if mods:
+            norms = {key: (sm / n).sqrt_() for key, sm in sums.items()}
+            if grams:
+                prune_layer(ls.index, norms, gram)
+            else:
+                prune_layer(ls.index, norms)
+
+    walk_layers(model, batch, structure, visit, micro_batch_size)
 
 
 def per_sample_gradient_norms(model: nn.Module, batch: torch.Tensor, names: Iterable[str], norm: str = "l2",
