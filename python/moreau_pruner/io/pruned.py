@@ -44,6 +44,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "original_size",
+    "tensors_to_save",
     "render_modeling_file",
     "template_module",
 ]
@@ -244,10 +245,16 @@ def _weights_to_save(model, template, cfg, tied: bool) -> dict[str, torch.Tensor
     expected = {k: v.shape for k, v in reference.state_dict().items()}
     if tied:
         expected.pop("lm_head.weight", None)
+    return tensors_to_save(model, expected, "the pruned architecture", "the recorded widths give")
+
+
+def tensors_to_save(model, expected: dict, architecture: str, shapes_from: str) -> dict[str, torch.Tensor]:
+    """``model``'s tensors named in ``expected`` {name: shape}, checked and made ready for safetensors:
+    on the CPU, contiguous, no two sharing memory. ``architecture`` and ``shapes_from`` word the errors."""
     state = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"model is missing tensors the pruned architecture needs: {missing[:5]}")
+        raise ValueError(f"model is missing tensors {architecture} needs: {missing[:5]}")
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for key, shape in expected.items():
@@ -257,7 +264,7 @@ def _weights_to_save(model, template, cfg, tied: bool) -> dict[str, torch.Tensor
         if t.device.type == "meta":
             raise ValueError(f"{key} is on the meta device (no data to save)")
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{key} has shape {tuple(t.shape)}, the recorded widths give {tuple(shape)}")
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, {shapes_from} {tuple(shape)}")
         # detach() gives a plain tensor: attributes an estimator attached to the Parameter stay behind.
         t = t.detach().to("cpu").contiguous()
         if t.numel():
