@@ -44,6 +44,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "original_size",
+    "info_text",
     "tensors_to_save",
     "render_modeling_file",
     "template_module",
@@ -248,6 +249,17 @@ def _weights_to_save(model, template, cfg, tied: bool) -> dict[str, torch.Tensor
     return tensors_to_save(model, expected, "the pruned architecture", "the recorded widths give")
 
 
+def info_text(extra: dict | None) -> str | None:
+    """``extra`` as the text of :data:`PRUNING_INFO_FILE` (None: no file), or a ValueError saying why it
+    cannot be written, before anything on disk changes."""
+    if extra is None:
+        return None
+    try:
+        return json.dumps(extra, indent=2, default=json_default) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+
+
 def tensors_to_save(model, expected: dict, architecture: str, shapes_from: str) -> dict[str, torch.Tensor]:
     """``model``'s tensors named in ``expected`` {name: shape}, checked and made ready for safetensors:
     on the CPU, contiguous, no two sharing memory. ``architecture`` and ``shapes_from`` word the errors."""
@@ -324,12 +336,7 @@ def save_pruned(
         config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=json_default) + "\n"
     except TypeError as e:
         raise ValueError(f"the model config cannot be written as JSON: {e}") from e
-    info_json = None
-    if extra is not None:
-        try:
-            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+    info_json = info_text(extra)
     tensors = _weights_to_save(model, template, cfg, tied)
 
     from safetensors.torch import save_file

@@ -33,7 +33,7 @@ import torch
 from .atomic import json_default, staged_directory
 from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, STOCK_MODEL_TYPES,
                      SUPPORTED_ARCHITECTURES, WEIGHTS_FILE, _base_architecture, _dtype_name, _model_dtype,
-                     layer_widths, tensors_to_save, write_extras)
+                     info_text, layer_widths, tensors_to_save, write_extras)
 
 __all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
 
@@ -153,12 +153,7 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
     cfg = stock_config(model)
     tensors = _stock_tensors(model, cfg)
     config_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=json_default) + "\n"
-    info_json = None
-    if extra is not None:
-        try:
-            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+    info_json = info_text(extra)
 
     from safetensors.torch import save_file
     from transformers import AutoConfig
