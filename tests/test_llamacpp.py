@@ -87,7 +87,7 @@ def uniform_pruned(kind, **overrides):
     x = torch.tensor([token_ids(32, seed=1), token_ids(32, seed=2)])
     ratio = 0.5 if kind == "qwen2" else 0.35
     prune_model(model, x, "moreau", PruneConfig(ratio=ratio, granularity="query-heads", uniform=True),
-                MoreauConfig(iters=2), progress=False)
+                moreau=MoreauConfig(iters=2), progress=False)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.out_features < model.config.hidden_size, "the pruning should remove query heads"
     return model

@@ -36,7 +36,7 @@ def pruned(kind, uniform, **overrides):
     model = tiny_model(kind, **overrides)
     prune_model(model, X, "moreau", PruneConfig(ratio=0.3, scope="global" if not uniform else "local",
                                                  granularity="query-heads", uniform=uniform),
-                MoreauConfig(iters=2), progress=False)
+                moreau=MoreauConfig(iters=2), progress=False)
     return model
 
 
@@ -116,7 +116,7 @@ def test_uniform_llama_whose_heads_do_not_divide_hidden_is_written_as_mistral(tm
     model = _llama_128(rope_parameters=rope)
     x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     prune_model(model, x, "moreau", PruneConfig(ratio=0.25, granularity="query-heads", uniform=True),
-                MoreauConfig(iters=2), progress=False)
+                moreau=MoreauConfig(iters=2), progress=False)
     assert {b.self_attn.q_proj.out_features // 16 for b in model.model.layers} == {6}
     with pytest.raises(Exception, match="not a multiple of the number of attention heads"):
         LlamaConfig(hidden_size=128, num_attention_heads=6, head_dim=16)  # why: this transformers refuses it
@@ -132,7 +132,7 @@ def test_uniform_llama_whose_heads_do_not_divide_hidden_is_written_as_mistral(tm
 def test_uniform_llama_with_biases_whose_heads_do_not_divide_hidden_is_refused(tmp_path):
     model = _llama_128(attention_bias=True)
     prune_model(model, X, "moreau", PruneConfig(ratio=0.25, granularity="query-heads", uniform=True),
-                MoreauConfig(iters=2), progress=False)
+                moreau=MoreauConfig(iters=2), progress=False)
     with pytest.raises(ValueError, match="attention_bias cannot be expressed by the Mistral config"):
         stock_config(model)
     save_pruned(model, tmp_path / "p")  # the per-layer form takes it
@@ -177,7 +177,7 @@ def test_stock_export_on_the_oldest_supported_transformers(tmp_path):
     floor = _floor_dir()
     model = _llama_128()
     prune_model(model, X, "moreau", PruneConfig(ratio=0.25, granularity="query-heads", uniform=True),
-                MoreauConfig(iters=2), progress=False)
+                moreau=MoreauConfig(iters=2), progress=False)
     src = save_uniform(model, tmp_path / "u")
     torch.save(X, src / "x.pt")
     torch.save(logits(model), src / "logits.pt")

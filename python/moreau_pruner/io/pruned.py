@@ -44,6 +44,8 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "original_size",
+    "info_text",
+    "tensors_to_save",
     "render_modeling_file",
     "template_module",
 ]
@@ -244,10 +246,27 @@ def _weights_to_save(model, template, cfg, tied: bool) -> dict[str, torch.Tensor
     expected = {k: v.shape for k, v in reference.state_dict().items()}
     if tied:
         expected.pop("lm_head.weight", None)
+    return tensors_to_save(model, expected, "the pruned architecture", "the recorded widths give")
+
+
+def info_text(extra: dict | None) -> str | None:
+    """``extra`` as the text of :data:`PRUNING_INFO_FILE` (None: no file), or a ValueError saying why it
+    cannot be written, before anything on disk changes."""
+    if extra is None:
+        return None
+    try:
+        return json.dumps(extra, indent=2, default=json_default) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+
+
+def tensors_to_save(model, expected: dict, architecture: str, shapes_from: str) -> dict[str, torch.Tensor]:
+    """``model``'s tensors named in ``expected`` {name: shape}, checked and made ready for safetensors:
+    on the CPU, contiguous, no two sharing memory. ``architecture`` and ``shapes_from`` word the errors."""
     state = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"model is missing tensors the pruned architecture needs: {missing[:5]}")
+        raise ValueError(f"model is missing tensors {architecture} needs: {missing[:5]}")
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for key, shape in expected.items():
@@ -257,7 +276,7 @@ def _weights_to_save(model, template, cfg, tied: bool) -> dict[str, torch.Tensor
         if t.device.type == "meta":
             raise ValueError(f"{key} is on the meta device (no data to save)")
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{key} has shape {tuple(t.shape)}, the recorded widths give {tuple(shape)}")
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, {shapes_from} {tuple(shape)}")
         # detach() gives a plain tensor: attributes an estimator attached to the Parameter stay behind.
         t = t.detach().to("cpu").contiguous()
         if t.numel():
@@ -317,12 +336,7 @@ def save_pruned(
         config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=json_default) + "\n"
     except TypeError as e:
         raise ValueError(f"the model config cannot be written as JSON: {e}") from e
-    info_json = None
-    if extra is not None:
-        try:
-            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+    info_json = info_text(extra)
     tensors = _weights_to_save(model, template, cfg, tied)
 
     from safetensors.torch import save_file

@@ -33,7 +33,7 @@ import torch
 from .atomic import json_default, staged_directory
 from .pruned import (BASE_ARCH_KEY, CONFIG_FILE, PER_LAYER_KEYS, PRUNING_INFO_FILE, STOCK_MODEL_TYPES,
                      SUPPORTED_ARCHITECTURES, WEIGHTS_FILE, _base_architecture, _dtype_name, _model_dtype,
-                     layer_widths, write_extras)
+                     info_text, layer_widths, tensors_to_save, write_extras)
 
 __all__ = ["STOCK_MODEL_TYPES", "uniform_widths", "stock_config", "save_uniform"]
 
@@ -130,25 +130,7 @@ def _stock_tensors(model, cfg) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    state = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"the model lacks tensors the stock architecture needs: {missing[:5]}")
-    out, storages = {}, set()
-    for key, shape in expected.items():
-        t = state[key]
-        if t.device.type == "meta":
-            raise ValueError(f"{key} is on the meta device (no data to save)")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{key} has shape {tuple(t.shape)}, the stock config gives {shape}")
-        t = t.detach().to("cpu").contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages:
-                t = t.clone()  # safetensors refuses tensors that share memory
-            storages.add(ptr)
-        out[key] = t
-    return out
+    return tensors_to_save(model, expected, "the stock architecture", "the stock config gives")
 
 
 def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None,
@@ -171,12 +153,7 @@ def save_uniform(model, out_dir: str | os.PathLike, tokenizer=None, extra: dict 
     cfg = stock_config(model)
     tensors = _stock_tensors(model, cfg)
     config_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=json_default) + "\n"
-    info_json = None
-    if extra is not None:
-        try:
-            info_json = json.dumps(extra, indent=2, default=json_default) + "\n"
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"extra cannot be written as {PRUNING_INFO_FILE}: {e}") from e
+    info_json = info_text(extra)
 
     from safetensors.torch import save_file
     from transformers import AutoConfig
