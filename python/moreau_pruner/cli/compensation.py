@@ -3,7 +3,7 @@ checks and their line in the report (the math: :mod:`moreau_pruner.prune.compens
 from __future__ import annotations
 
 #: what the tuning flags mean when --compensate is given without them (see README "Defaults")
-DEFAULTS = {"compensate_mode": "weights", "compensate_damping": 0.01, "compensate_examples": 64,
+DEFAULTS = {"compensate_mode": "weights", "compensate_damping": 0.1, "compensate_examples": 64,
             "compensate_seq_len": 128}
 TUNING = ("compensate_mode", "compensate_damping", "compensate_examples", "compensate_seq_len")
 
