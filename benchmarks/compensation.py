@@ -73,13 +73,18 @@ def _strs(s):
 
 
 # ----------------------------------------------------------------------------- pieces
+def layer_params(ls) -> int:
+    """The parameters of a decoder layer's attention and MLP projections."""
+    return sum(p.numel() for p in ls.attention_params() + ls.mlp_params())
+
+
 def block_params(structure) -> int:
-    return sum(ls.param_count() for ls in structure.layers)
+    return sum(layer_params(ls) for ls in structure.layers)
 
 
 def layer_flops(structure, index: int, tokens: int) -> float:
     """2 x parameters x tokens: one forward of decoder layer ``index`` (attention scores left out)."""
-    return 2.0 * structure.layers[index].param_count() * tokens
+    return 2.0 * layer_params(structure.layers[index]) * tokens
 
 
 def compensation_flops(structure, report: dict | None, tokens: int) -> float:
