@@ -20,6 +20,7 @@ per group).
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from contextlib import contextmanager
 
 import torch
@@ -57,8 +58,9 @@ class _GradientImportance(tp.importance.GroupTaylorImportance):
         self._heads.update({id(ls.o): "in" for ls in structure.layers})
         self._grads: dict[str, torch.Tensor] = {}
 
+    @abstractmethod
     def gradients(self, names: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """{name: the gradient (or its estimate) of that weight}, computed on the model as it is now."""
 
     def _check(self, group) -> list[tuple[str, nn.Linear]]:
         names = {id(m): n for n, m in self.model.named_modules()}
