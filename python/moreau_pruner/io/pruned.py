@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "PRUNING_INFO_FILE",
     "layer_widths",
+    "pruned_config_dict",
     "save_pruned",
     "load_pruned",
     "original_size",
@@ -286,6 +287,16 @@ def tensors_to_save(model, expected: dict, architecture: str, shapes_from: str) 
             storages.add(ptr)
         out[key] = t
     return out
+
+
+def pruned_config_dict(model) -> dict:
+    """The ``config.json`` contents :func:`save_pruned` writes for ``model`` (base config, per-layer
+    widths, ``auto_map``), for savers that write the weights themselves (llm-compressor's
+    ``save_pretrained``); ValueError/TypeError as :func:`save_pruned` for a model it cannot describe."""
+    base_arch = _base_architecture(model)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and head.weight is emb.weight
+    return _pruned_config_dict(model, base_arch, layer_widths(model), tied)
 
 
 # --------------------------------------------------------------------------- save

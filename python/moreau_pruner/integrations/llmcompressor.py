@@ -1,0 +1,257 @@
+"""``MoreauPruningModifier``: Moreau structured pruning as a step of an llm-compressor recipe.
+
+Importing this module registers the class under the name ``MoreauPruningModifier``, so a recipe can
+name it (llm-compressor has no plugin discovery: import the module before the recipe is parsed)::
+
+    import moreau_pruner.integrations.llmcompressor
+    from llmcompressor import oneshot
+
+    oneshot(model=model, dataset=calibration, recipe="recipe.yaml", output_dir="out")
+
+    # recipe.yaml
+    pruning_stage:
+      pruning_modifiers:
+        MoreauPruningModifier:
+          ratio: 0.25
+          granularity: kv-group
+
+The fields are ``moreau-prune``'s options (same names with underscores, same defaults; ``published:
+true`` selects its ``--published`` settings). The work is done when the modifier is initialized,
+before the modifiers after it in the recipe are: it gathers the calibration batches of
+llm-compressor's loader (``state.data.calib``), runs the pipeline's :func:`~moreau_pruner.pipeline.prune_model`
+on the whole model with gradients enabled (llm-compressor calibrates under ``torch.no_grad()``, layer by
+layer; the Moreau estimate needs its own forward and backward passes), and the model is pruned by our
+planner in place. So a quantization or Wanda modifier that follows sees the pruned shapes.
+
+Saving: llm-compressor's ``save_pretrained`` rewrites ``config.json`` from the original checkpoint's
+(``config._name_or_path``), which would restore the unpruned widths. When finalized the modifier
+clears that path and wraps the save so that a ``uniform: true`` model gets a stock config (loads with
+``AutoModelForCausalLM``, and in vLLM) and any other gets the per-layer format of
+:func:`moreau_pruner.io.pruned.save_pruned` (``config.json`` with per-layer widths, with the
+``quantization_config`` a later modifier added, and ``modeling_pruned.py``; loads with
+:func:`moreau_pruner.load_pruned` or ``trust_remote_code=True``); both get ``pruning_info.json``.
+"""
+from __future__ import annotations
+
+import json
+from functools import wraps
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+try:
+    from llmcompressor.core import State
+    from llmcompressor.modifiers import Modifier
+    from llmcompressor.modifiers.factory import ModifierFactory
+    from pydantic import PrivateAttr, model_validator
+except ImportError as e:  # the optional extra is missing
+    raise ImportError(
+        "moreau_pruner.integrations.llmcompressor needs llm-compressor: pip install --no-deps "
+        "llmcompressor==0.14.0.1 compressed-tensors==0.19.0 && pip install 'moreau-kernels[llmcompressor]' "
+        f"(scripts/setup.sh does this; {e})") from e
+
+import moreau_kernels as mk
+
+from ..cli.prune import apply_preset
+from ..estimate.config import MoreauConfig
+from ..io.atomic import json_default
+from ..io.pruned import BASE_ARCH_KEY, CONFIG_FILE, MODELING_FILE, PRUNING_INFO_FILE, pruned_config_dict, render_modeling_file
+from ..model.structure import discover
+from ..pipeline import prune_model
+from ..prune import rules
+from ..prune.config import PruneConfig
+from ..prune.target import resolve_target
+from ..score import methods
+from ..score.registry import ScoringOptions
+
+__all__ = ["MoreauPruningModifier", "calibration_batch"]
+
+NAME = "MoreauPruningModifier"
+
+
+class MoreauPruningModifier(Modifier):
+    """Structured Moreau pruning (heads / KV groups and MLP channels) in an llm-compressor recipe.
+
+    The fields mirror ``moreau-prune``; those left unset take its defaults (or, with
+    ``published: true``, MoreauPruner's published settings). Layer ranges are ``"start:end"``, a pair
+    or a name (``all``, ``published``, ``published-to-end``); llm-compressor's ``targets``/``ignore``
+    module patterns do not apply (the units are whole heads and channels of the decoder layers), so
+    they are refused like any other unknown field. ``report_path``: also write the pruning report
+    (kept units per layer) to this JSON file.
+    """
+
+    # The modifier reads llm-compressor's calibration loader itself when it is initialized, so it
+    # needs no calibration pass of the pipeline (the sequential pipeline would trace the model and
+    # run it layer by layer for nothing).
+    requires_calibration_data: bool = False
+
+    published: bool = False
+    method: str | None = None
+    ratio: float | None = None
+    attn_layers: str | tuple[int, int] | None = None
+    mlp_layers: str | tuple[int, int] | None = None
+    scope: str | None = None
+    granularity: str | None = None
+    round_to: int | None = None
+    uniform: bool = False
+    allocation: str = "uniform"
+    rounds: int | None = None
+    reduction: str = ScoringOptions.reduction
+    vectorize: bool = False
+    head_score: str = ScoringOptions.head_score
+    taylor_variant: str = ScoringOptions.taylor_variant
+    # the Moreau estimate
+    mode: str | None = None
+    std: float = MoreauConfig.std
+    lamb: float = MoreauConfig.lamb
+    prox_lr: float = MoreauConfig.lr
+    soft: float = MoreauConfig.soft
+    iters: int = MoreauConfig.iters
+    avg_last: int = MoreauConfig.avg_last
+    threshold_group: str = MoreauConfig.group  # moreau-prune --group (``group`` is the recipe group here)
+    noise_samples: int = MoreauConfig.n_samples
+    noise: str = MoreauConfig.noise
+    backend: str = "auto"
+    micro_batch_size: int | None = None
+    estimator_path: str = ScoringOptions.estimator_path
+    gradient_checkpointing: bool = False
+    memory_check: bool = True
+    seed: int = 0
+    report_path: str | None = None
+
+    _prune: Any = PrivateAttr(default=None)
+    _moreau: Any = PrivateAttr(default=None)
+    _options: Any = PrivateAttr(default=None)
+    _result: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "MoreauPruningModifier":
+        """Fill the unset options with moreau-prune's preset and check every value and combination
+        (a bad recipe fails when it is parsed, before the model is touched)."""
+        args = apply_preset(SimpleNamespace(**{k: getattr(self, k) for k in (
+            "published", "method", "mode", "granularity", "attn_layers", "mlp_layers", "ratio", "scope", "rounds",
+            "uniform")}))
+        for k, v in vars(args).items():
+            object.__setattr__(self, k, v)  # no re-validation
+        methods.get(self.method)
+        rules.check(rules.Request(self.method, allocation=self.allocation, rounds=self.rounds, uniform=self.uniform,
+                                  scope=self.scope, round_to=self.round_to, noise=self.noise))
+        self._prune = PruneConfig(ratio=self.ratio, attn_layers=self.attn_layers,
+                                  mlp_layers=self.mlp_layers or self.attn_layers, scope=self.scope,
+                                  granularity=self.granularity, round_to=self.round_to, uniform=self.uniform)
+        self._moreau = MoreauConfig(mode=self.mode, std=self.std, lamb=self.lamb, lr=self.prox_lr, soft=self.soft,
+                                    iters=self.iters, avg_last=self.avg_last, group=self.threshold_group,
+                                    n_samples=self.noise_samples, noise=self.noise, seed=self.seed,
+                                    micro_batch_size=self.micro_batch_size)
+        self._options = ScoringOptions(self.reduction, self.vectorize, self.head_score, self.taylor_variant, self.seed,
+                                       self.micro_batch_size, self.estimator_path, self.gradient_checkpointing,
+                                       self.memory_check)
+        if self.backend not in mk.BACKENDS + ("auto",):
+            raise ValueError(f"backend must be one of {('auto',) + mk.BACKENDS}, got {self.backend!r}")
+        if self.report_path is not None and not str(self.report_path).endswith(".json"):
+            raise ValueError(f"report_path must end with .json, got {self.report_path!r}")
+        return self
+
+    @property
+    def report(self) -> dict | None:
+        """The pruning report (parameters before/after, widths and kept units per layer) once pruned."""
+        return None if self._result is None else self._result.report.as_dict()
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        discover(model)  # UnsupportedArchitecture (a ValueError) names what we can prune
+        resolve_target(model, self._prune)  # layer ranges against the model's depth, before any work
+        batch = None
+        if methods.get(self.method).needs_batch:
+            if state.data is None or state.data.calib is None:
+                raise ValueError(f"{NAME} with method {self.method!r} needs calibration data: pass dataset=... "
+                                 "(and num_calibration_samples/max_seq_length) to oneshot")
+            batch = calibration_batch(state.data.calib, next(model.parameters()).device)
+        with mk.use_backend(self.backend), torch.enable_grad():
+            self._result = prune_model(model, batch, self.method, self._prune, moreau=self._moreau,
+                                       reduction=self.reduction, vectorize=self.vectorize, seed=self.seed,
+                                       micro_batch_size=self.micro_batch_size, progress=False,
+                                       allocation=self.allocation, rounds=self.rounds,
+                                       taylor_variant=self.taylor_variant, estimator_path=self.estimator_path,
+                                       gradient_checkpointing=self.gradient_checkpointing,
+                                       check_memory=self.memory_check, head_score=self.head_score)
+        if self.report_path is not None:
+            Path(self.report_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.report_path).write_text(json.dumps(self.report, indent=2, default=json_default) + "\n")
+        return True
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        # llm-compressor's save rewrites config.json from the checkpoint at _name_or_path (unpruned widths)
+        model.config._name_or_path = ""
+        if not getattr(model.save_pretrained, "_moreau", False):
+            model.save_pretrained = _saving_pruned(model.save_pretrained, model, self.uniform, self.report)
+        return True
+
+
+def calibration_batch(loader, device: torch.device | str = "cpu") -> torch.LongTensor:
+    """The token rows of llm-compressor's calibration loader as one batch [n, seq] on ``device``.
+
+    Each item is a dict with ``input_ids`` (and ``attention_mask``: padding is dropped), a tensor,
+    or a tuple/list whose first element is the ids. The rows must have the same length once padding
+    is dropped (pack or truncate the dataset to one length, e.g. ``max_seq_length``); a ValueError
+    says which lengths were found otherwise.
+    """
+    rows: list[torch.Tensor] = []
+    for item in loader:
+        if isinstance(item, dict):
+            if "input_ids" not in item:
+                raise ValueError(f"calibration batches need 'input_ids'; got keys {sorted(item)}")
+            ids, mask = item["input_ids"], item.get("attention_mask")
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+            ids, mask = item[0], None
+        elif isinstance(item, torch.Tensor):
+            ids, mask = item, None
+        else:
+            raise ValueError(f"calibration batches must be dicts with 'input_ids' or tensors; got {type(item).__name__}")
+        ids = torch.as_tensor(ids)
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        mask = None if mask is None else torch.as_tensor(mask).reshape(ids.shape).bool()
+        for i in range(ids.shape[0]):
+            rows.append(ids[i] if mask is None else ids[i][mask[i]])
+    if not rows:
+        raise ValueError("the calibration loader gave no batches")
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"the calibration samples have {len(lengths)} different lengths without padding "
+                         f"({lengths[0]} to {lengths[-1]} tokens); the Moreau estimate needs rows of one length: "
+                         "give oneshot samples of at least max_seq_length tokens, or pack them")
+    if lengths[0] < 2:
+        raise ValueError("the calibration samples need at least 2 tokens each (the loss predicts the next token)")
+    return torch.stack(rows).long().to(device)
+
+
+def _saving_pruned(save, model, uniform: bool, report: dict | None):
+    """llm-compressor's ``save_pretrained`` followed by what makes the directory describe the pruned
+    model: the per-layer config and modeling file (unless ``uniform``: the stock config transformers
+    wrote is right then) and the pruning report."""
+
+    @wraps(save)
+    def save_pretrained(save_directory, *args, **kwargs):
+        config = None if uniform else pruned_config_dict(model)  # refuses a model it cannot describe, first
+        save(save_directory, *args, **kwargs)
+        out = Path(save_directory)
+        if config is not None:
+            written = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+            if "quantization_config" in written:  # added by a quantization modifier of the recipe
+                config["quantization_config"] = written["quantization_config"]
+            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=json_default) + "\n",
+                                           encoding="utf-8")
+            (out / MODELING_FILE).write_text(render_modeling_file(config[BASE_ARCH_KEY]), encoding="utf-8")
+        if report is not None:
+            (out / PRUNING_INFO_FILE).write_text(json.dumps(report, indent=2, default=json_default) + "\n",
+                                                 encoding="utf-8")
+
+    save_pretrained._overridden = True  # llm-compressor must not wrap it again
+    save_pretrained._moreau = True
+    return save_pretrained
+
+
+ModifierFactory.register(NAME, MoreauPruningModifier)

@@ -1,0 +1,152 @@
+"""MoreauPruningModifier in llm-compressor recipes, end to end on tiny random models (no hub):
+the same kept units as prune_model on the same tokens, checkpoints that reload, a quantization or
+Wanda modifier after ours, and clear errors for bad recipes."""
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("llmcompressor", reason="needs llm-compressor (scripts/setup.sh installs it with --no-deps)")
+
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.core import active_session  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from moreau_pruner import MoreauConfig, PruneConfig, load_pruned, prune_model  # noqa: E402
+from moreau_pruner.integrations.llmcompressor import MoreauPruningModifier, calibration_batch  # noqa: E402
+
+from _tiny import word_tokenizer  # noqa: E402
+from golden import WORDS, model_dir  # noqa: E402
+
+BATCH = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+#: the recipe's options and the same options for prune_model
+OPTIONS = dict(ratio=0.5, attn_layers="0:4", granularity="kv-group", mode="reference", iters=2)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny models saved once: oneshot reads the checkpoint's config.json (config._name_or_path)."""
+    root = tmp_path_factory.mktemp("models")
+    return lambda kind: model_dir(root, kind)
+
+
+def tiny_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def prune_config(**over) -> PruneConfig:
+    return PruneConfig(ratio=0.5, attn_layers="0:4", mlp_layers="0:4", granularity="kv-group", **over)
+
+
+def loader(batch=BATCH, batch_size=2):
+    return DataLoader([{"input_ids": row} for row in batch], batch_size=batch_size)
+
+
+def recipe_file(tmp_path, extra: str = "", **fields) -> str:
+    lines = "".join(f"      {k}: {json.dumps(v)}\n" for k, v in fields.items())
+    text = f"pruning_stage:\n  pruning_modifiers:\n    MoreauPruningModifier:\n{lines}{extra}"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def run_oneshot(model, recipe, out=None, **kw):
+    kw.setdefault("dataset", loader())
+    return oneshot(model=model, processor=word_tokenizer(WORDS), recipe=recipe, output_dir=out,
+                   tie_word_embeddings=True, **kw)
+
+
+def our_modifier():
+    return next(m for m in active_session().lifecycle.recipe.modifiers if isinstance(m, MoreauPruningModifier))
+
+
+KEPT = ("kept_kv_groups", "kept_query_heads", "kept_channels")
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_recipe_keeps_prune_models_units_and_reloads(tmp_path, saved, kind):
+    model = tiny_model(saved(kind))
+    want = copy.deepcopy(model)
+    ref = prune_model(want, BATCH, "moreau", prune_config(), moreau=MoreauConfig(mode="reference", iters=2),
+                      progress=False)
+    out = tmp_path / "out"
+    pruned = run_oneshot(model, recipe_file(tmp_path, **OPTIONS), out)
+    got = our_modifier().report
+    assert [[row[k] for k in KEPT] for row in got["layers"]] == [[row[k] for k in KEPT] for row in ref.report.layers]
+    assert got["params_after"] == ref.report.params_after < ref.report.params_before
+    for (name, a), (_, b) in zip(pruned.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(a, b), name
+    info = json.loads((out / "pruning_info.json").read_text())
+    assert info["layers"][0]["kept_channels"] == ref.report.layers[0]["kept_channels"]
+    back, _ = load_pruned(out)
+    with torch.no_grad():
+        assert torch.equal(back(BATCH).logits, want(BATCH).logits)
+    assert (out / "modeling_pruned.py").is_file()
+
+
+def test_uniform_recipe_then_quantization_writes_a_stock_quantized_checkpoint(tmp_path, saved):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = ("  quantization_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
+             "        group_0:\n          targets: [Linear]\n"
+             "          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}\n")
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_model(saved("mistral")), recipe_file(tmp_path, extra, uniform=True, **OPTIONS), out)
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.model_type == "mistral" and "quantization_config" in cfg.to_dict()
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (3, 1, 20)
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        a, b = back(BATCH).logits, model(BATCH).logits
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    # weight-only int8 of the pruned weights, nothing else: close to the in-memory model
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_wanda_after_ours_sparsifies_the_pruned_model(tmp_path, saved):
+    extra = "  wanda_modifiers:\n    WandaPruningModifier:\n      sparsity: 0.5\n      targets: ['re:.*mlp.*proj']\n"
+    model = run_oneshot(tiny_model(saved("qwen2")), recipe_file(tmp_path, extra, **OPTIONS))
+    down = model.model.layers[1].mlp.down_proj.weight
+    assert down.shape == (48, 20)  # pruned by ours, then sparsified by Wanda
+    assert (down == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_bad_recipes_fail_clearly_before_any_work(tmp_path, saved):
+    with pytest.raises(ValueError, match="ratio must be in"):
+        MoreauPruningModifier(ratio=1.5)
+    with pytest.raises(ValueError, match="(?i)extra inputs are not permitted"):
+        MoreauPruningModifier(ratio=0.2, ignore=["lm_head"])
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        MoreauPruningModifier(granularity="neurons")
+    with pytest.raises(ValueError, match="method must be one of"):
+        MoreauPruningModifier(method="obs")
+    with pytest.raises(ValueError, match="ratio must be in"):
+        run_oneshot(tiny_model(saved("llama")), recipe_file(tmp_path, ratio=1.5))
+
+
+def test_unprunable_model_and_missing_data_fail_clearly(tmp_path, saved):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    before = copy.deepcopy(gpt2.state_dict())
+    with pytest.raises(ValueError, match="(?i)gpt2"):
+        run_oneshot(gpt2, recipe_file(tmp_path, **OPTIONS))
+    assert all(torch.equal(before[k], v) for k, v in gpt2.state_dict().items())
+    with pytest.raises(ValueError, match="needs calibration data"):
+        run_oneshot(tiny_model(saved("llama")), recipe_file(tmp_path, **OPTIONS), dataset=None)
+
+
+def test_calibration_batch_drops_padding_and_refuses_ragged_rows():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]])
+    full = calibration_batch([{"input_ids": ids[1:], "attention_mask": torch.ones(1, 4)}, (ids[1:],)])
+    assert full.tolist() == [[8, 9, 10, 11], [8, 9, 10, 11]]
+    padded = calibration_batch([{"input_ids": ids[:1], "attention_mask": torch.tensor([[1, 1, 1, 0]])}])
+    assert padded.tolist() == [[5, 6, 7]]
+    with pytest.raises(ValueError, match="different lengths"):
+        calibration_batch([{"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}])
+    with pytest.raises(ValueError, match="no batches"):
+        calibration_batch([])
