@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..model.checks import load_checked
 from .atomic import json_default, staged_directory
 
 __all__ = [
@@ -457,12 +458,13 @@ def load_pruned(
     kwargs["dtype"] = "auto" if dtype is None else dtype
     if per_layer:
         template = template_module(base_arch)
-        model = template.PrunedForCausalLM.from_pretrained(
-            str(directory), config=template.PrunedConfig.from_dict(d), **kwargs)
+        model = load_checked(template.PrunedForCausalLM.from_pretrained, directory,
+                             config=template.PrunedConfig.from_dict(d), **kwargs)
     else:  # a stock directory: --uniform output or a dense checkpoint
         import transformers
 
-        model = getattr(transformers, base_arch).from_pretrained(str(directory), local_files_only=True, **kwargs)
+        model = load_checked(getattr(transformers, base_arch).from_pretrained, directory, local_files_only=True,
+                             **kwargs)
     model.to(device)
     model.eval()
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import load_checked
+
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -70,7 +72,8 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
 
             model, tok = load_pruned(path, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+            model = load_checked(AutoModelForCausalLM.from_pretrained, path, dtype=torch_dtype,
+                                 local_files_only=True)
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.to(device)
     model.eval()
