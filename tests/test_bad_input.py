@@ -1,6 +1,7 @@
 """Bad input to the three CLIs and the loaders: one clear error, before any long work, nothing left on disk,
 the input untouched; and never a model with random or dropped weights."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from moreau_pruner import load_pruned
 from moreau_pruner.model.loading import load_model
 
 from _tiny import word_tokenizer
-from golden import WORDS, model_dir, tiny_model
+from golden import WORDS, model_dir, text_file as golden_text, tiny_model
 
 
 def _edit_config(directory: Path, **changes) -> Path:
@@ -73,3 +74,156 @@ def test_a_pruned_directory_lacking_layers_is_an_error(tmp_path):
     for load in (load_pruned, load_model):
         with pytest.raises(ValueError, match=r"missing from the weights.*model\.layers\.\{1,2\}\.self_attn"):
             load(d)
+
+
+# ----------------------------------------------------------------------------- the three CLIs, bad input
+ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = ROOT / "tests" / "data" / "zeroshot"
+BASE = {
+    "moreau-prune": ["--model", "{model}", "--calib-file", "{text}", "--eval-file", "{text}", "--num-examples", "4",
+                     "--seq-len", "16", "--eval-seq-lens", "16", "--eval-tokens", "96", "--iters", "2",
+                     "--avg-last", "1", "--quiet", "--generate", "", "--out", "{tmp}/out"],
+    "moreau-recover": ["--model", "{model}", "--data", "{text}", "--out", "{tmp}/out", "--max-steps", "2",
+                       "--batch-size", "2", "--cutoff-len", "16", "--eval-seq-len", "16", "--eval-windows", "2",
+                       "--quiet"],
+    "moreau-eval": ["--model", "{model}", "--tasks", "moreau_tiny_facts", "--include-path", str(TASK_DIR),
+                    "--quiet", "--no-update-info"],
+}
+
+
+def _main(prog):
+    from moreau_pruner.cli import eval as eval_cli, prune, recover
+
+    return {"moreau-prune": prune.main, "moreau-recover": recover.main, "moreau-eval": eval_cli.main}[prog]
+
+
+def _argv(prog, extra, **values):
+    """BASE[prog] with ``extra`` appended; an option given in ``extra`` replaces its BASE value, and
+    ``extra`` entries ("--opt", None) drop an option of BASE."""
+    base, extra = list(BASE[prog]), list(extra)
+    i = 0
+    while i < len(extra):
+        if extra[i] in base and extra[i].startswith("--") and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            j = base.index(extra[i])
+            if extra[i + 1] == "<drop>":
+                del base[j:j + 2]
+            else:
+                base[j + 1] = extra[i + 1]
+            del extra[i:i + 2]
+        else:
+            i += 1
+    return [a.format(**values) for a in base + extra]
+
+
+def _tree(root: Path) -> dict:
+    """Every path under ``root`` with its content's hash (``dir`` for directories)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "-> " + str(p.readlink())
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _expect_one_line_error(prog, argv, pattern, root, capsys):
+    """``prog argv`` exits 2 with one ``PROG: error:`` line matching ``pattern``, no traceback, and leaves
+    everything under ``root`` (the input model included) as it was."""
+    capsys.readouterr()
+    before = _tree(root)
+    rc = _main(prog)(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert _tree(root) == before
+    return lines[0]
+
+
+def _symlink_to_model(tmp, model):
+    (tmp / "link").symlink_to(model, target_is_directory=True)
+
+
+def _a_file(tmp, model):
+    (tmp / "afile").write_text("not a directory\n")
+
+
+OUT_CASES = [
+    # id, program, options, the error's pattern, set-up
+    ("prune-out-is-model", "moreau-prune", ["--out", "{model}", "--overwrite"], r"is the input model.*destroy", None),
+    ("prune-out-symlink-to-model", "moreau-prune", ["--out", "{tmp}/link", "--overwrite"], r"is the input model",
+     _symlink_to_model),
+    ("prune-out-dotdot-model", "moreau-prune", ["--out", "{model}/../model-llama", "--overwrite"],
+     r"is the input model", None),
+    ("prune-out-holds-model", "moreau-prune", ["--out", "{tmp}", "--overwrite"], r"holds the input model", None),
+    ("recover-out-is-model", "moreau-recover", ["--out", "{model}", "--overwrite"], r"is the input model", None),
+    ("recover-out-symlink-to-model", "moreau-recover", ["--out", "{tmp}/link/.", "--overwrite"],
+     r"is the input model", _symlink_to_model),
+    ("prune-out-empty", "moreau-prune", ["--out", ""], r"--out is empty", None),
+    ("recover-out-empty", "moreau-recover", ["--out", ""], r"--out is empty", None),
+    ("prune-overwrite-without-out", "moreau-prune", ["--out", "<drop>", "--overwrite"], r"no --out was given", None),
+    ("prune-out-is-a-file", "moreau-prune", ["--out", "{tmp}/afile"], r"is an existing file", _a_file),
+    ("recover-out-is-a-file", "moreau-recover", ["--out", "{tmp}/afile"], r"is an existing file", _a_file),
+    ("prune-out-under-a-file", "moreau-prune", ["--out", "{tmp}/afile/sub"], r"afile is a file, not a directory",
+     _a_file),
+    ("prune-out-unwritable", "moreau-prune", ["--out", "/proc/moreau-out"], r"cannot write in /proc", None),
+    ("recover-out-unwritable", "moreau-recover", ["--out", "/proc/moreau-out"], r"cannot write in /proc", None),
+    ("prune-json-missing-dir", "moreau-prune", ["--json", "{tmp}/nodir/r.json"], r"nodir does not exist", None),
+    ("recover-json-missing-dir", "moreau-recover", ["--json", "{tmp}/nodir/r.json"], r"nodir does not exist", None),
+    ("eval-json-missing-dir", "moreau-eval", ["--json", "{tmp}/nodir/r.json"], r"nodir does not exist", None),
+    ("prune-json-empty", "moreau-prune", ["--json", ""], r"--json is empty", None),
+    ("eval-json-is-a-dir", "moreau-eval", ["--json", "{tmp}"], r"is a directory", None),
+    ("eval-json-unwritable", "moreau-eval", ["--json", "/proc/r.json"], r"cannot write in /proc", None),
+]
+
+
+@pytest.mark.parametrize("prog,extra,pattern,setup", [c[1:] for c in OUT_CASES], ids=[c[0] for c in OUT_CASES])
+def test_a_bad_out_or_json_is_one_line_before_any_work(tmp_path, capsys, prog, extra, pattern, setup):
+    if prog == "moreau-recover":
+        pytest.importorskip("peft")
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    if setup is not None:
+        setup(tmp_path, model)
+    _expect_one_line_error(prog, _argv(prog, extra, model=model, text=text, tmp=tmp_path), pattern, tmp_path, capsys)
+
+
+def test_too_little_free_space_is_an_error_before_the_work(tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    from moreau_pruner.io import target
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(target.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 4096, 4096))
+    monkeypatch.setattr("moreau_pruner.pipeline.resolve_target",  # the long work must not start
+                        lambda *a: pytest.fail("pruning started with too little space"))
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    line = _expect_one_line_error("moreau-prune", _argv("moreau-prune", [], model=model, text=text, tmp=tmp_path),
+                                  r"the output needs about 0\.\d MB but .* has 0\.0 MB free", tmp_path, capsys)
+    assert "/out" in line
+
+
+def test_a_save_that_fails_keeps_the_report_and_says_why(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    argv = _argv("moreau-prune", ["--json", "{tmp}/r.json"], model=model, text=text, tmp=tmp_path)
+    rc = _main("moreau-prune")(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"saving --out .*/out failed: .*No space left on device \(the model needs about 0\.\d MB\); "
+                     r"nothing was written there, the report was written to .*r\.json", err), err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -117,8 +117,7 @@ def run(args) -> dict:
     include_paths = resolve_include_paths(args.include_path)  # bad paths fail before the model loads
     require_lm_eval()
     opt.check_device(args.device)
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a directory; give a file name")
+    opt.check_report(args.json)
     t0 = time.perf_counter()
     if not args.quiet:
         print(f"moreau-eval: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)

@@ -297,7 +297,8 @@ def job_from_args(args):
     else:
         opt.check_device(args.device)
     lens = opt.parse_eval_lens(args.eval_seq_lens) if args.eval else []
-    opt.check_out(args.out, args.overwrite)
+    opt.check_out(args.out, args.overwrite, args.model)
+    opt.check_report(args.json)
     prune = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers, mlp_layers=args.mlp_layers or args.attn_layers,
                         scope=args.scope, granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
     moreau = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.prox_lr, soft=args.soft,
