@@ -84,7 +84,7 @@ BASE = {
                      "--seq-len", "16", "--eval-seq-lens", "16", "--eval-tokens", "96", "--iters", "2",
                      "--avg-last", "1", "--quiet", "--generate", "", "--out", "{tmp}/out"],
     "moreau-recover": ["--model", "{model}", "--data", "{text}", "--out", "{tmp}/out", "--max-steps", "2",
-                       "--batch-size", "2", "--cutoff-len", "16", "--eval-seq-len", "16", "--eval-windows", "2",
+                       "--batch-size", "2", "--cutoff-len", "16", "--eval-seq-lens", "16", "--eval-windows", "2",
                        "--quiet"],
     "moreau-eval": ["--model", "{model}", "--tasks", "moreau_tiny_facts", "--include-path", str(TASK_DIR),
                     "--quiet", "--no-update-info"],
@@ -227,3 +227,103 @@ def test_a_save_that_fails_keeps_the_report_and_says_why(tmp_path, capsys, monke
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# ----------------------------------------------------------------------------- bad or hostile model directories
+def _bad_copy(tmp, model):
+    return _copy(model, tmp / "bad")
+
+
+def _six_layers(tmp, model):
+    _edit_config(_bad_copy(tmp, model), num_hidden_layers=6)
+
+
+def _planted_code(model_type):
+    def setup(tmp, model):
+        d = _bad_copy(tmp, model)
+        (d / "modeling_evil.py").write_text(f"open({str(tmp / 'ran')!r}, 'w').write('planted code ran')\n")
+        _edit_config(d, model_type=model_type, architectures=["EvilForCausalLM"],
+                     auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                               "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    return setup
+
+
+def _index_to(shard):
+    def setup(tmp, model):
+        d = _bad_copy(tmp, model)
+        outside = tmp / "outside.safetensors"
+        (d / "model.safetensors").rename(outside)
+        names = list(load_file(outside))
+        target = str(outside) if shard == "absolute" else shard
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: target for k in names}}))
+    return setup
+
+
+def _weights_bytes(cut):
+    def setup(tmp, model):
+        w = _bad_copy(tmp, model) / "model.safetensors"
+        data = w.read_bytes()
+        w.write_bytes(b"not a safetensors file at all" * 4 if cut == "garbage" else data[:len(data) - cut])
+    return setup
+
+
+def _no_weights(tmp, model):
+    (_bad_copy(tmp, model) / "model.safetensors").unlink()
+
+
+def _corrupt_config(tmp, model):
+    (_bad_copy(tmp, model) / "config.json").write_text('{"model_type": "llama", "hidden_size": 48,')
+
+
+def _small_vocab(tmp, model):
+    d = tmp / "bad"
+    tiny_model("llama", vocab_size=20).save_pretrained(d)
+    word_tokenizer(WORDS).save_pretrained(d)  # more than 20 tokens
+
+
+MODEL_CASES = [
+    # id, programs, extra options, the error's pattern, set-up of {tmp}/bad
+    ("more-layers-than-weights", ("prune", "recover", "eval"), [],
+     r"missing from the weights \(they would be random\): model\.layers\.\{4,5\}\.", _six_layers),
+    ("custom-code-unknown-type", ("prune", "recover", "eval"), [], r"own model code.*never runs code",
+     _planted_code("evil")),
+    ("custom-code-stock-type", ("prune",), [], r"own model code.*trust_remote_code=False", _planted_code("llama")),
+    ("index-shard-through-dotdot", ("prune", "recover", "eval"), [], r"shard '\.\./outside\.safetensors', outside",
+     _index_to("../outside.safetensors")),
+    ("index-shard-absolute", ("prune",), [], r"outside.safetensors', outside .*refused", _index_to("absolute")),
+    ("truncated-safetensors", ("prune", "recover", "eval"), [], r"model\.safetensors is not a readable safetensors "
+     r"file \(truncated or corrupt\?\): .*incomplete metadata", _weights_bytes(100)),
+    ("garbage-safetensors", ("prune",), [], r"not a readable safetensors file", _weights_bytes("garbage")),
+    ("no-weights", ("prune", "recover", "eval"), [], r"bad holds no weights", _no_weights),
+    ("corrupt-config", ("prune", "recover", "eval"), [], r"bad/config\.json is not valid JSON", _corrupt_config),
+    ("token-ids-beyond-vocab", ("prune",), ["--no-eval"], r"calibration text has token ids up to \d+, but the model "
+     r"embeds only 20 tokens", _small_vocab),
+    ("tokenizer-beyond-vocab", ("eval",), [], r"the tokenizer has \d+ tokens but the model embeds only 20",
+     _small_vocab),
+]
+MODEL_RUNS = [(f"{c[0]}-{p}", f"moreau-{p}", *c[2:]) for c in MODEL_CASES for p in c[1]]
+
+
+@pytest.mark.parametrize("prog,extra,pattern,setup", [c[1:] for c in MODEL_RUNS], ids=[c[0] for c in MODEL_RUNS])
+def test_a_bad_model_directory_is_one_line(tmp_path, capsys, prog, extra, pattern, setup):
+    if prog == "moreau-recover":
+        pytest.importorskip("peft")
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    setup(tmp_path, model)
+    argv = _argv(prog, ["--model", "{tmp}/bad", *extra], model=model, text=text, tmp=tmp_path)
+    _expect_one_line_error(prog, argv, pattern, tmp_path, capsys)
+    assert not (tmp_path / "ran").exists()  # no planted code ran
+
+
+def test_the_sharded_loader_refuses_custom_code_and_shards_outside(tmp_path):
+    from moreau_pruner.distributed.loading import SafetensorsRows, load_sharded
+
+    model = model_dir(tmp_path, "llama")
+    _planted_code("evil")(tmp_path, model)
+    with pytest.raises(ValueError, match="never runs code"):
+        load_sharded(tmp_path / "bad", "float32", None)  # refused before any rank work
+    shutil.rmtree(tmp_path / "bad")
+    _index_to("../outside.safetensors")(tmp_path, model)
+    with pytest.raises(ValueError, match="outside"):
+        SafetensorsRows(tmp_path / "bad")
+    assert not (tmp_path / "ran").exists()

@@ -32,6 +32,7 @@ import moreau_kernels as mk
 
 from .estimate.config import MoreauConfig
 from .io.target import check_space, keep_report, model_bytes
+from .model.checks import check_token_ids
 from .prune import rules
 from .prune.allocation import allocate, allocate_structured, parse_allocation
 from .prune.apply import PruneReport, PruneResult, prune_structure
@@ -154,6 +155,7 @@ def run(job: PruneJob) -> dict | None:
         check_space(job.out, model_bytes(model))
     target = resolve_target(model, job.prune)  # fail fast, before the long work
     batch = calibrate(tok, job.data, job.device)
+    check_token_ids(model, batch, "the calibration text")
     eval_ids = evaluation_ids(tok, job.data)
     ppl = Perplexity(model, eval_ids, job.data, times, job.progress)
     half = half_gemm_mode(job)

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import torch
 
+    from ..model.checks import check_tokenizer_fits
     from ..model.loading import load_model
 
     names = parse_tasks(args.tasks)
@@ -122,6 +123,7 @@ def run(args) -> dict:
     if not args.quiet:
         print(f"moreau-eval: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
     model, tok = load_model(args.model, args.dtype, args.device)
+    check_tokenizer_fits(model, tok)
     load_s = time.perf_counter() - t0
     with _progress_bars(not args.quiet):
         result = evaluate_zero_shot(model, tok, names, include_path=include_paths, num_fewshot=args.num_fewshot,

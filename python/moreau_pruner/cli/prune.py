@@ -19,7 +19,7 @@ The pipeline: load the model -> draw a calibration batch (10 x 64 tokens by defa
 the gradient (Moreau: T proximal steps on noisy weights; Taylor: one plain gradient) -> score every
 attention unit and MLP channel by sum |W * G| -> remove the lowest-scoring units -> measure
 perplexity on held-out text before and after -> save (safetensors + per-layer config; reloads with
-moreau_pruner.load_pruned or AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
+moreau_pruner.load_pruned, which runs no code from the directory).
 With --uniform every layer keeps the same widths and --out is a stock Llama/Mistral/Qwen2 directory
 that plain AutoModelForCausalLM.from_pretrained(dir), vLLM, SGLang and GGUF converters read.
 

@@ -42,8 +42,8 @@ to the recovery text are told apart.
 trained on), a .txt file, a .jsonl/.json file of {"text": ...} rows, or Alpaca-style
 {"instruction", "input", "output"} rows (LLM-Pruner's prompt; loss on the response only).
 
-OUT receives the trained model (moreau_pruner.load_pruned(OUT) or
-AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)), OUT/adapter (the LoRA adapter
+OUT receives the trained model (moreau_pruner.load_pruned(OUT), which runs no code from the
+directory), OUT/adapter (the LoRA adapter
 alone, peft format; not with --tuning full) and OUT/recovery.json (losses, perplexity before/after, steps, time). While the
 run goes, checkpoints land in OUT/checkpoints; run the same command again to continue a killed run."""
 
