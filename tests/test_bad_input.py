@@ -238,6 +238,18 @@ def _six_layers(tmp, model):
     _edit_config(_bad_copy(tmp, model), num_hidden_layers=6)
 
 
+def _widths_disagree(tmp, model):
+    _edit_config(_bad_copy(tmp, model), intermediate_size=44)
+
+
+def _pruned_lacking_layers(tmp, model):
+    from moreau_pruner import PruneConfig, prune_model, save_pruned
+
+    pruned = tiny_model("llama")
+    prune_model(pruned, None, method="magnitude", prune=PruneConfig(ratio=0.3), progress=False)
+    _edit_weights(save_pruned(pruned, tmp / "bad", tokenizer=word_tokenizer(WORDS)), _drop_layers(1, 2))
+
+
 def _planted_code(model_type):
     def setup(tmp, model):
         d = _bad_copy(tmp, model)
@@ -285,6 +297,10 @@ MODEL_CASES = [
     # id, programs, extra options, the error's pattern, set-up of {tmp}/bad
     ("more-layers-than-weights", ("prune", "recover", "eval"), [],
      r"missing from the weights \(they would be random\): model\.layers\.\{4,5\}\.", _six_layers),
+    ("config-widths-disagree", ("prune", "recover", "eval"), [],
+     r"another shape than config\.json gives: model\.layers\.\{0,1,2,3\}\.mlp\.down_proj", _widths_disagree),
+    ("pruned-directory-lacking-layers", ("prune", "recover", "eval"), [],
+     r"missing from the weights.*model\.layers\.\{1,2\}\.", _pruned_lacking_layers),
     ("custom-code-unknown-type", ("prune", "recover", "eval"), [], r"own model code.*never runs code",
      _planted_code("evil")),
     ("custom-code-stock-type", ("prune",), [], r"own model code.*trust_remote_code=False", _planted_code("llama")),
