@@ -99,7 +99,7 @@ def _main(prog):
 
 def _argv(prog, extra, **values):
     """BASE[prog] with ``extra`` appended; an option given in ``extra`` replaces its BASE value, and
-    ``extra`` entries ("--opt", None) drop an option of BASE."""
+    ``extra`` entries ("--opt", "<drop>") drop an option of BASE."""
     base, extra = list(BASE[prog]), list(extra)
     i = 0
     while i < len(extra):
