@@ -31,6 +31,8 @@ from torch import nn
 import moreau_kernels as mk
 
 from .estimate.config import MoreauConfig
+from .io.target import check_space, keep_report, model_bytes
+from .model.checks import check_token_ids
 from .prune import rules
 from .prune.allocation import allocate, allocate_structured, parse_allocation
 from .prune.apply import PruneReport, PruneResult, prune_structure
@@ -163,8 +165,11 @@ def run(job: PruneJob) -> dict | None:
 
     model, tok = load_model(job.model, job.dtype, job.device)
     times["load_s"] = time.perf_counter() - t0
+    if job.out:  # the output fits, before the long work
+        check_space(job.out, model_bytes(model))
     target = resolve_target(model, job.prune)  # fail fast, before the long work
     batch = calibrate(tok, job.data, job.device)
+    check_token_ids(model, batch, "the calibration text")
     comp = None
     if job.compensate is not None:
         comp_cfg = replace(job.compensate, batch=compensation_batch(tok, job, job.device))
@@ -336,7 +341,8 @@ def finish(job: PruneJob, model: nn.Module, tok, report: dict, times: dict) -> d
 
     if job.out:
         t = time.perf_counter()
-        save(model, job.out, tok, report, job.prune.uniform, job.overwrite)
+        with keep_report(report, job.out, job.json, model_bytes(model)):
+            save(model, job.out, tok, report, job.prune.uniform, job.overwrite)
         times["save_s"] = time.perf_counter() - t
         report["out"] = str(Path(job.out).resolve())
     if job.json:

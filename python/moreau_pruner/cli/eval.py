@@ -111,18 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     import torch
 
+    from ..model.checks import check_tokenizer_fits
     from ..model.loading import load_model
 
     names = parse_tasks(args.tasks)
     include_paths = resolve_include_paths(args.include_path)  # bad paths fail before the model loads
     require_lm_eval()
     opt.check_device(args.device)
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a directory; give a file name")
+    opt.check_report(args.json)
     t0 = time.perf_counter()
     if not args.quiet:
         print(f"moreau-eval: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
     model, tok = load_model(args.model, args.dtype, args.device)
+    check_tokenizer_fits(model, tok)
     load_s = time.perf_counter() - t0
     with _progress_bars(not args.quiet):
         result = evaluate_zero_shot(model, tok, names, include_path=include_paths, num_fewshot=args.num_fewshot,

@@ -96,10 +96,52 @@ def parse_eval_lens(spec: str) -> list[int]:
     return lens
 
 
-def check_out(out: str | None, overwrite: bool) -> None:
-    """An existing, non-empty ``--out`` is replaced only with ``--overwrite``."""
+def check_out(out: str | None, overwrite: bool, model: str | None = None) -> None:
+    """:func:`check_out_target`, and an existing, non-empty ``--out`` is replaced only with ``--overwrite``."""
+    check_out_target(out, overwrite, model)
     if out and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def check_out_target(out: str | None, overwrite: bool, model: str | None = None) -> None:
+    """``--out`` can hold the output and destroys nothing: not empty text, not a file, not ``--model`` nor a
+    directory holding it (through symlinks and ``..`` too: ``--overwrite`` would replace the input), and
+    writable; ``--overwrite`` needs an ``--out``."""
+    from ..io.target import check_writable
+
+    if out is None:
+        if overwrite:
+            raise ValueError("--overwrite replaces an existing --out, but no --out was given")
+        return
+    if not out.strip():
+        raise ValueError("--out is empty; give a directory to write the output to")
+    target = Path(out).expanduser()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file, not a directory")
+    if model is not None:
+        source, resolved = Path(model).expanduser().resolve(), target.resolve()
+        if resolved == source or resolved in source.parents:
+            what = "is" if resolved == source else "holds"
+            raise ValueError(f"--out {out} {what} the input model {model}: writing there would destroy it "
+                             "(also with --overwrite); choose another --out")
+    check_writable(target, "--out")
+
+
+def check_report(path: str | None) -> None:
+    """``--json`` names a file that can be written: not empty text, not a directory, in an existing,
+    writable directory."""
+    from ..io.target import check_writable
+
+    if path is None:
+        return
+    if not path.strip():
+        raise ValueError("--json is empty; give a file name for the report")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise IsADirectoryError(f"--json {path} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: the directory {target.parent} does not exist")
+    check_writable(target, "--json")
 
 
 def check_device(spec: str):
@@ -134,9 +176,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from ..estimate.config import EstimatorError
     from ..evaluate.zeroshot import TaskDataUnavailable
+    from ..io.target import OutputError
 
     return (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            ImportError, EstimatorError, BackendUnavailable, FloatingPointError, TaskDataUnavailable)
+            ImportError, EstimatorError, BackendUnavailable, FloatingPointError, TaskDataUnavailable,
+            OutputError)
 
 
 def main(prog: str, parser: argparse.ArgumentParser, run: Callable, show: Callable[[object], None],

@@ -20,7 +20,7 @@ The pipeline: load the model -> draw a calibration batch (10 x 64 tokens by defa
 the gradient (Moreau: T proximal steps on noisy weights; Taylor: one plain gradient) -> score every
 attention unit and MLP channel by sum |W * G| -> remove the lowest-scoring units -> measure
 perplexity on held-out text before and after -> save (safetensors + per-layer config; reloads with
-moreau_pruner.load_pruned or AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).
+moreau_pruner.load_pruned, which runs no code from the directory).
 With --uniform every layer keeps the same widths and --out is a stock Llama/Mistral/Qwen2 directory
 that plain AutoModelForCausalLM.from_pretrained(dir), vLLM, SGLang and GGUF converters read.
 
@@ -300,7 +300,8 @@ def job_from_args(args):
     else:
         opt.check_device(args.device)
     lens = opt.parse_eval_lens(args.eval_seq_lens) if args.eval else []
-    opt.check_out(args.out, args.overwrite)
+    opt.check_out(args.out, args.overwrite, args.model)
+    opt.check_report(args.json)
     prune = PruneConfig(ratio=args.ratio, attn_layers=args.attn_layers, mlp_layers=args.mlp_layers or args.attn_layers,
                         scope=args.scope, granularity=args.granularity, round_to=args.round_to, uniform=args.uniform)
     moreau = MoreauConfig(mode=args.mode, std=args.std, lamb=args.lamb, lr=args.prox_lr, soft=args.soft,

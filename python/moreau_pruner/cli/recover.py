@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io.atomic import write_json
+from ..io.target import check_space, model_bytes
 from ..recover.checkpoints import prepare_out
 from ..recover.config import TUNINGS, RecoverConfig
 from ..recover.dataset import load_recovery_data
@@ -41,8 +42,8 @@ to the recovery text are told apart.
 trained on), a .txt file, a .jsonl/.json file of {"text": ...} rows, or Alpaca-style
 {"instruction", "input", "output"} rows (LLM-Pruner's prompt; loss on the response only).
 
-OUT receives the trained model (moreau_pruner.load_pruned(OUT) or
-AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)), OUT/adapter (the LoRA adapter
+OUT receives the trained model (moreau_pruner.load_pruned(OUT), which runs no code from the
+directory), OUT/adapter (the LoRA adapter
 alone, peft format; not with --tuning full) and OUT/recovery.json (losses, perplexity before/after, steps, time). While the
 run goes, checkpoints land in OUT/checkpoints; run the same command again to continue a killed run."""
 
@@ -176,12 +177,12 @@ def run(args):
     )
     cfg.validate()
     opt.check_device(cfg.device)
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a directory; give a file name")
+    opt.check_report(args.json)
     if args.teacher is not None and not args.distill:
         raise ValueError("--teacher is the dense model of distillation: add --distill")
     if cfg.tuning == "lora":
         peft_module()
+    opt.check_out_target(args.out, args.overwrite, args.model)
     out = Path(args.out).expanduser().absolute()
     prepare_out(out, args.overwrite, "always" if args.resume else "auto")
     if args.adapter is not None:
@@ -193,6 +194,7 @@ def run(args):
     from ..model.loading import load_model
 
     model, tokenizer = load_model(args.model, dtype=cfg.resolved_dtype(), device=cfg.device)
+    check_space(out, model_bytes(model))  # the merged model fits, before the training
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; recovery needs one to read the data")
     data = load_recovery_data(args.data, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,

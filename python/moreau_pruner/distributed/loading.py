@@ -21,6 +21,8 @@ from torch import nn
 
 from ..estimate.params import unique_named_parameters
 from ..estimate.strategies.fsdp import shard_range
+from ..io.pruned import read_config
+from ..model.checks import check_stock_config, check_weights
 from ..model.loading import embedded_model_path, load_model, parse_dtype
 from ..model.meta import meta_model
 from ..model.structure import find_layers
@@ -59,25 +61,18 @@ class SafetensorsRows:
     """Read row slices of named tensors from a safetensors checkpoint (one file or an index)."""
 
     def __init__(self, directory: Path):
-        import json
-
         from safetensors import safe_open
 
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (directory / "model.safetensors").is_file():
-            weight_map = None
-        else:
+        files = check_weights(directory)  # shards inside the directory, headers readable
+        if not files:
             raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json")
         self._files = {}
         self._where = {}
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        for f in files:
-            h = safe_open(str(directory / f), framework="pt", device="cpu")
-            self._files[f] = h
+        for path in files:
+            h = safe_open(str(path), framework="pt", device="cpu")
+            self._files[path.name] = h
             for k in h.keys():
-                self._where[k] = f
+                self._where[k] = path.name
 
     def __call__(self, name: str, start: int, stop: int) -> torch.Tensor:
         f = self._where.get(name)
@@ -105,11 +100,11 @@ def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
     path = embedded_model_path() if spec is None else Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (give a .gguf file or a local model directory)")
-    hf_dir = (path.is_dir() and (path / "config.json").is_file()
-              and "layer_intermediate_size" not in (path / "config.json").read_text())
-    if hf_dir:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    cfg = read_config(path) if path.is_dir() else {}
+    if cfg and "layer_intermediate_size" not in cfg:
+        check_stock_config(cfg, path / "config.json")
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         reader = SafetensorsRows(path)
 
         def factory():

@@ -10,7 +10,8 @@ and MLP channels per layer). Stock configs cannot express that, so a saved direc
   ``layer_num_attention_heads``, ``layer_num_key_value_heads``, ``layer_intermediate_size``,
   ``model_type`` ``pruned_<base>`` and an ``auto_map`` pointing at
 - ``modeling_pruned.py``: written from ``templates/modeling_pruned.py``, so that
-  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works;
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works (it runs the directory's
+  Python: only for a directory one wrote oneself; ``load_pruned`` runs none);
 - the tokenizer files, ``generation_config.json`` and ``pruning_info.json`` when given/present.
 
 ``load_pruned`` reloads such a directory without ``trust_remote_code`` by rendering the same
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..model.checks import check_stock_config, check_weights, load_checked
 from .atomic import json_default, staged_directory
 
 __all__ = [
@@ -458,6 +460,9 @@ def load_pruned(
     weights = directory / WEIGHTS_FILE
     if per_layer and not weights.is_file():
         raise FileNotFoundError(f"{weights} not found (the pruned model's weights)")
+    if not per_layer:
+        check_stock_config(d, directory / CONFIG_FILE)
+    check_weights(directory)
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
@@ -468,12 +473,13 @@ def load_pruned(
     kwargs["dtype"] = "auto" if dtype is None else dtype
     if per_layer:
         template = template_module(base_arch)
-        model = template.PrunedForCausalLM.from_pretrained(
-            str(directory), config=template.PrunedConfig.from_dict(d), **kwargs)
+        model = load_checked(template.PrunedForCausalLM.from_pretrained, directory,
+                             config=template.PrunedConfig.from_dict(d), **kwargs)
     else:  # a stock directory: --uniform output or a dense checkpoint
         import transformers
 
-        model = getattr(transformers, base_arch).from_pretrained(str(directory), local_files_only=True, **kwargs)
+        model = load_checked(getattr(transformers, base_arch).from_pretrained, directory, local_files_only=True,
+                             **kwargs)
     model.to(device)
     model.eval()
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import torch
+
+from .checks import check_stock_config, check_weights, load_checked
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -57,21 +58,24 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf file; give a GGUF file or a model directory")
         _check_gguf_deps()
-        kw = dict(gguf_file=path.name, local_files_only=True)
+        kw = dict(gguf_file=path.name, local_files_only=True, trust_remote_code=False)
         tok = AutoTokenizer.from_pretrained(path.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch_dtype, **kw)
     else:
+        from ..io.pruned import load_pruned, read_config
+
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found: {path} is not a model directory")
-        cfg = json.loads(cfg_file.read_text())
+        cfg = read_config(path)
         if "layer_intermediate_size" in cfg:
-            from ..io.pruned import load_pruned
-
             model, tok = load_pruned(path, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            check_stock_config(cfg, cfg_file)
+            check_weights(path)
+            model = load_checked(AutoModelForCausalLM.from_pretrained, path, dtype=torch_dtype,
+                                 local_files_only=True, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model.to(device)
     model.eval()
     return model, tok

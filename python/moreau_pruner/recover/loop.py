@@ -5,8 +5,8 @@ micro-batch is the LM loss or distillation from the dense teacher (:class:`_Obje
 Training is deterministic given ``seed``: the batches follow :func:`.dataset.batch_indices`, and a
 checkpoint (:mod:`.checkpoints`) written every ``save_every`` steps under ``OUT/checkpoints`` lets a
 killed run continue to the same final weights as an uninterrupted one. At the end the model is saved
-with :func:`moreau_pruner.io.pruned.save_pruned` to ``OUT`` (reloadable with ``load_pruned`` or
-``from_pretrained(OUT, trust_remote_code=True)``), a LoRA adapter alone goes to ``OUT/adapter`` (peft
+with :func:`moreau_pruner.io.pruned.save_pruned` to ``OUT`` (reloadable with ``load_pruned``, which runs no
+code from the directory), a LoRA adapter alone goes to ``OUT/adapter`` (peft
 ``save_pretrained``) and the run's record (losses, perplexity before/after, steps, time) to
 ``OUT/recovery.json``.
 """
