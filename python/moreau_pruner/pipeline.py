@@ -153,12 +153,17 @@ def prune_target(model: nn.Module, batch: torch.Tensor | None, method: str, targ
 
 # ============================================================================ a whole run (the CLI's)
 def run(job: PruneJob) -> dict | None:
-    """Run ``job``; returns the report (None on FSDP2 ranks other than 0)."""
+    """Run ``job``; returns the report (None on FSDP2 ranks other than 0). The kernel backend
+    ``job.backend`` holds for the run only (the caller's choice is back afterwards)."""
     if job.distributed:
         from .distributed.fsdp import run_job
 
         return run_job(job, finish_sharded)
-    mk.set_backend(job.backend)
+    with mk.use_backend(job.backend):
+        return _run_here(job)
+
+
+def _run_here(job: PruneJob) -> dict:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     from .model.loading import load_model

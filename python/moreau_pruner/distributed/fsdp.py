@@ -36,10 +36,10 @@ def run_job(job, finish_rank0) -> dict | None:
     none is left waiting.
     """
     check_environment()
-    mk.set_backend(job.backend)
     ctx = init(job.device)
     try:
-        return _run_job(job, ctx, finish_rank0)
+        with mk.use_backend(job.backend):
+            return _run_job(job, ctx, finish_rank0)
     finally:
         dist.destroy_process_group()
 
