@@ -6,8 +6,8 @@
 Each input is an ``estimate.json`` written by ``bench_estimate.py``. Per path it lists the Moreau
 overhead (step − fwd+bwd) of each side as the median over its runs with the range of the runs, the
 same as % of fwd+bwd, and the tracked live-tensor peak. Timings get a verdict against the noise of
-the session (the larger run-to-run range of the two sides, or the larger fwd+bwd q20–q80 width of
-a single run); tracked peaks are deterministic, so the new one must be equal or lower, and a higher
+the session (the larger run-to-run range of the two sides, or the variation of fwd+bwd itself, the
+same work every time: its range over every run and path of the session, when that is larger); tracked peaks are deterministic, so the new one must be equal or lower, and a higher
 one is flagged. ``--previous`` adds the figures of an earlier published ``estimate.json``.
 """
 from __future__ import annotations
@@ -92,19 +92,24 @@ def compare(old_docs: list[dict], new_docs: list[dict], previous: dict | None = 
         lines.append(f"| {name} | {date} | `{d.get('commit', '?')}` | {threads} | {lo:.2f}–{hi:.2f} | "
                      f"`python benchmarks/bench_estimate.py {' '.join(d.get('argv', []))}` |")
     lines += ["", "### Moreau overhead per step (median over the runs, range of the runs in brackets)", "",
-              "Noise band = the larger run-to-run range of the overhead on either side, or the larger fwd+bwd "
-              "q20–q80 width of a single run; a difference within it is noise.", "",
+              "Noise band = the larger of: the run-to-run range of the overhead on either side, the fwd+bwd "
+              "q20–q80 width of one run, and the range of the fwd+bwd medians over every run and path of the "
+              "session (the same work each time, so its spread is the load's effect); a difference within it is "
+              "noise.", "",
               "| path | fwd+bwd ms old | fwd+bwd ms new | overhead ms old | overhead ms new | Δ ms | noise band ms | "
               "verdict | overhead % old | overhead % new | Δ % | verdict (%) | previous published |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}
+    all_fb = [v[p]["fwd_bwd"] for v in old_v + new_v for p in v if "fwd_bwd" in v[p]]
+    session_fb = max(all_fb) - min(all_fb) if all_fb else 0.0
     for p in paths:
         get = lambda vs, m: [v[p][m] for v in vs if p in v and m in v[p]]  # noqa: E731
         o, n = get(old_v, "overhead"), get(new_v, "overhead")
         if not o or not n:
             lines.append(f"| {p} | – | – | {_cell(o)} | {_cell(n)} | – | – | not measured on both sides | | | | | |")
             continue
-        jitter = max(q80 - q20 for q20, q80 in zip(get(old_v + new_v, "fwd_bwd_q20"), get(old_v + new_v, "fwd_bwd_q80")))
+        jitter = max(max(q80 - q20 for q20, q80 in zip(get(old_v + new_v, "fwd_bwd_q20"),
+                                                        get(old_v + new_v, "fwd_bwd_q80"))), session_fb)
         d_ms, band, v_ms = timing_verdict(o, n, jitter)
         op, np_ = get(old_v, "overhead_pct"), get(new_v, "overhead_pct")
         fb = statistics.median(get(old_v + new_v, "fwd_bwd"))
@@ -116,7 +121,7 @@ def compare(old_docs: list[dict], new_docs: list[dict], previous: dict | None = 
                      f"{_cell(n)} | {d_ms:+.0f} | {band:.0f} | {v_ms} | {_cell(op, 1)} | {_cell(np_, 1)} | "
                      f"{d_pct:+.1f} (band {band_pct:.1f}) | {v_pct} | {prev_txt} |")
     lines += ["", "### Tracked live-tensor peak (deterministic: new must be equal or lower)", "",
-              "| path | tracked MiB old | tracked MiB new | Δ MiB | verdict | fwd+bwd tracked MiB old / new | "
+              "| path | tracked MiB old | tracked MiB new | Δ bytes | verdict | fwd+bwd tracked MiB old / new | "
               "floor MiB old / new | RSS peak MiB old / new (noisy) | previous published tracked MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
@@ -129,7 +134,7 @@ def compare(old_docs: list[dict], new_docs: list[dict], previous: dict | None = 
         verdicts.setdefault(p, ("–", "–"))
         verdicts[p] += (v,)
         prev = prev_v.get(p, {}).get("tracked_peak")
-        lines.append(f"| {p} | {_cell(o, 1)} | {_cell(n, 1)} | {d:+.2f} | {v} | "
+        lines.append(f"| {p} | {_cell(o, 1)} | {_cell(n, 1)} | {d * 2**20:+,.0f} | {v} | "
                      f"{_cell(get(old_v, 'tracked_fwd_bwd_peak'), 1)} / {_cell(get(new_v, 'tracked_fwd_bwd_peak'), 1)} | "
                      f"{_cell(get(old_v, 'tracked_floor'), 1)} / {_cell(get(new_v, 'tracked_floor'), 1)} | "
                      f"{_cell(get(old_v, 'peak_mem'))} / {_cell(get(new_v, 'peak_mem'))} | "

@@ -92,3 +92,13 @@ def test_main_writes_markdown_and_refuses_bad_input(tmp_path):
         CE.main(["--old", str(files["old-1"]), "--new", str(files["new-1"]), "--shape", "llama7b",
                  "--out", str(tmp_path / "y.md")])
     assert not (tmp_path / "x.md").exists() and not (tmp_path / "y.md").exists()
+
+
+def test_the_sessions_fwd_bwd_swing_widens_the_band():
+    """One run per side under a changing load: fwd+bwd (the same work) moved by 2 s, so a 1.5 s change of
+    the overhead is noise, not a speed-up."""
+    old = [doc({"fused": 2000}, {"fused": 3233.0}, fwd_bwd=30000.0)]
+    new = [doc({"fused": 500}, {"fused": 3233.0}, fwd_bwd=28000.0)]
+    assert "within noise" in row(CE.compare(old, new), "Moreau overhead", "fused")
+    new = [doc({"fused": 500}, {"fused": 3233.0}, fwd_bwd=30000.0)]
+    assert "| faster |" in row(CE.compare(old, new), "Moreau overhead", "fused")
