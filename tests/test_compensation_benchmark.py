@@ -1,21 +1,13 @@
 """benchmarks/compensation.py end to end on a tiny random-init Llama (seconds on CPU): the tuning cells on the
 calibration split, the method cells on both held-out texts, resumability, and the QUALITY.md section."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from _bench import load_benchmark
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,14 @@
 """End-to-end check of the quality benchmark on a tiny random-init Llama (seconds on CPU):
 JSON schema, resumability (a second run computes nothing), torn-line tolerance, rendering."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from _bench import load_benchmark
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")
