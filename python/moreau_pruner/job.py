@@ -78,10 +78,15 @@ class PruneJob:
                              noise=self.moreau.noise, distributed=self.distributed is not None)
 
 
+def calibration_text(settings: DataSettings) -> str:
+    """The text calibration windows are drawn from: ``calib_file`` whole, else the calibration side of
+    the named corpus."""
+    return data.load_text(settings.calib_file) if settings.calib_file else data.calibration_text(settings.calib)
+
+
 def calibrate(tokenizer, settings: DataSettings, device: str | torch.device = "cpu") -> torch.Tensor:
     """The calibration batch [num_examples, seq_len] on ``device``."""
-    calib_text = data.load_text(settings.calib_file) if settings.calib_file else data.calibration_text(settings.calib)
-    return data.calibration_batch(tokenizer, calib_text, settings.num_examples, settings.seq_len,
+    return data.calibration_batch(tokenizer, calibration_text(settings), settings.num_examples, settings.seq_len,
                                   settings.seed).to(device)
 
 
@@ -90,10 +95,8 @@ def compensation_batch(tokenizer, job: PruneJob, device: str | torch.device = "c
     the calibration text, seed ``job.data.seed``); None when it uses the scoring batch or is off."""
     if job.compensate is None or job.compensate_batch is None:
         return None
-    d = job.data
-    calib_text = data.load_text(d.calib_file) if d.calib_file else data.calibration_text(d.calib)
     examples, seq_len = job.compensate_batch
-    return data.calibration_batch(tokenizer, calib_text, examples, seq_len, d.seed).to(device)
+    return data.calibration_batch(tokenizer, calibration_text(job.data), examples, seq_len, job.data.seed).to(device)
 
 
 def evaluation_ids(tokenizer, settings: DataSettings) -> torch.Tensor | None:
