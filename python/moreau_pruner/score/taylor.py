@@ -27,7 +27,6 @@ import time
 import torch
 from torch import nn
 
-from ..estimate.gradients import fisher_diagonal  # noqa: F401 - LLM-Pruner's second order, named here too
 from ..prune.target import PruneTarget, as_target
 from .context import LocalScoring
 from .importance import LayerScores, model_scores
