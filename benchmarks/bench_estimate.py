@@ -55,11 +55,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from moreau_pruner.model.meta import SHAPES  # noqa: E402
+
 LLAMA = {
-    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama7b": SHAPES["llama-7b"],
+    "llama3-8b": SHAPES["llama-3-8b"],
     # a LLaMA-shaped toy for checking the benchmark itself (scripts/gpu_check.sh --dry-run, tests)
     "llama-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
