@@ -19,7 +19,7 @@ from torch import nn
 
 from ..prune.compensate import BIAS_SWITCHES, CompensateConfig, OneProcess, compensate_model
 from ..prune.config import PruneConfig
-from ..prune.plan import plan_global, plan_local
+from ..prune.plan import plan_units
 from ..prune.target import resolve_target
 from .context import Context, all_reduce, batch_rows, gather_rows
 
@@ -58,8 +58,7 @@ class Ranks(OneProcess):
 
 def plans_of(structure, scores, cfg: PruneConfig):
     """The plans :func:`moreau_pruner.prune.apply.prune_structure` makes from ``scores`` (the same on every rank)."""
-    target = resolve_target(structure, cfg)
-    return plan_local(target, scores) if cfg.scope == "local" else plan_global(target, scores)
+    return plan_units(resolve_target(structure, cfg), scores)
 
 
 def compensate_fsdp(model: nn.Module, scores, prune: PruneConfig, batch: torch.Tensor, cfg: CompensateConfig,

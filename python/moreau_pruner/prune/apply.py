@@ -10,7 +10,7 @@ from torch import nn
 
 from ..model.structure import ModelStructure
 from ..score.importance import LayerScores
-from .plan import Counts, LayerPlan, check_scores, count_parameters, plan_global, plan_local, uniform_cost
+from .plan import Counts, LayerPlan, check_scores, count_parameters, plan_units, uniform_cost
 from .config import PruneConfig
 from .target import PruneTarget, as_target, check_uniform_structure
 
@@ -126,9 +126,7 @@ def prune_structure(target: PruneTarget | ModelStructure, scores: list[LayerScor
     check_scores(target, scores)
     cost = uniform_cost(target, scores) if cfg.uniform else None
     before = count_parameters(structure.model)
-    if counts is not None and cfg.scope != "local":
-        raise ValueError("explicit unit counts apply to local pruning (scope='local')")
-    plans = plan_local(target, scores, counts) if cfg.scope == "local" else plan_global(target, scores)
+    plans = plan_units(target, scores, counts)
     old = structure.widths()
     compensation = compensate(structure, plans) if compensate is not None else None
     apply_plan(structure, plans)

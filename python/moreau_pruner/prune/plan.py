@@ -191,6 +191,16 @@ def plan_global(target: PruneTarget, scores: list[LayerScores]) -> list[LayerPla
     return plans
 
 
+def plan_units(target: PruneTarget, scores: list[LayerScores], counts=None) -> list[LayerPlan]:
+    """The plans :func:`moreau_pruner.prune.apply.prune_structure` applies: the local rule (``counts``
+    overriding how many units each layer loses) or the global one."""
+    if target.config.scope != "local":
+        if counts is not None:
+            raise ValueError("explicit unit counts apply to local pruning (scope='local')")
+        return plan_global(target, scores)
+    return plan_local(target, scores, counts)
+
+
 def check_scores(target: PruneTarget, scores: list[LayerScores]) -> None:
     """Scores fit the target: one entry per layer, the right number of finite scores where a layer is pruned."""
     structure, cfg = target.structure, target.config
