@@ -14,7 +14,7 @@ from llmcompressor.core import active_session  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from moreau_pruner import MoreauConfig, PruneConfig, load_pruned, prune_model  # noqa: E402
-from moreau_pruner.integrations.llmcompressor import MoreauPruningModifier, calibration_batch  # noqa: E402
+from moreau_pruner.integrations.llmcompressor import MoreauPruningModifier, calibration_batch, target_layers  # noqa: E402
 
 from _tiny import word_tokenizer  # noqa: E402
 from golden import WORDS, model_dir  # noqa: E402
@@ -118,7 +118,11 @@ def test_bad_recipes_fail_clearly_before_any_work(tmp_path, saved):
     with pytest.raises(ValueError, match="ratio must be in"):
         MoreauPruningModifier(ratio=1.5)
     with pytest.raises(ValueError, match="(?i)extra inputs are not permitted"):
-        MoreauPruningModifier(ratio=0.2, ignore=["lm_head"])
+        MoreauPruningModifier(ratio=0.2, sparsity=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        MoreauPruningModifier(targets="LlamaDecoderLayer", attn_layers="0:2")
+    with pytest.raises(ValueError, match="ignore is empty"):
+        MoreauPruningModifier(ignore=[])
     with pytest.raises(ValueError, match="granularity must be one of"):
         MoreauPruningModifier(granularity="neurons")
     with pytest.raises(ValueError, match="method must be one of"):
@@ -150,3 +154,58 @@ def test_calibration_batch_drops_padding_and_refuses_ragged_rows():
         calibration_batch([{"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}])
     with pytest.raises(ValueError, match="no batches"):
         calibration_batch([])
+
+
+ALL = (range(4), range(4))
+
+
+@pytest.mark.parametrize("targets,ignore,default,want", [
+    (["LlamaDecoderLayer"], None, None, ((0, 4), (0, 4))),
+    ("re:.*layers\\.[12]$", None, None, ((1, 3), (1, 3))),
+    (["re:.*self_attn$", "re:.*mlp$"], ["re:.*layers\\.3\\.mlp\\.down_proj"], None, ((0, 4), (0, 3))),
+    (["re:model\\.layers"], ["lm_head", "re:model\\.layers\\.0\\.", "model.layers.3.input_layernorm"], None,
+     ((1, 4), (1, 4))),
+    (None, ["lm_head", "re:.*layers\\.3\\.self_attn"], ALL, ((0, 3), (0, 4))),
+    (None, ["re:.*layers\\.0\\."], (range(0, 2), range(0, 3)), ((1, 2), (1, 3))),
+])
+def test_targets_and_ignore_select_layer_ranges(targets, ignore, default, want):
+    from golden import tiny_model as random_model
+
+    targets = [targets] if isinstance(targets, str) else targets
+    assert target_layers(random_model("llama"), targets, ignore, default) == want
+
+
+@pytest.mark.parametrize("targets,ignore,error", [
+    (["Linear"], None, "matches 'model.layers.0.self_attn.q_proj', which is not a decoder layer"),
+    (["re:.*q_proj"], None, "not a decoder layer, attention or MLP module"),
+    (["LlamaForCausalLM"], None, "matches 'the whole model'"),
+    (["MistralDecoderLayer"], None, "matches no module"),
+    (["re:.*self_attn$"], None, "select mlp in layers none"),
+    (["LlamaDecoderLayer"], ["re:.*layers\\.1\\."], r"select attention in layers \[0, 2, 3\]"),
+    (["LlamaDecoderLayer"], ["LlamaForCausalLM"], "layers none"),
+])
+def test_targets_that_name_no_layer_range_are_refused(targets, ignore, error):
+    from golden import tiny_model as random_model
+
+    with pytest.raises(ValueError, match=error):
+        target_layers(random_model("llama"), targets, ignore, ALL)
+
+
+def test_recipe_targets_and_ignore_prune_the_layers_they_name(tmp_path, saved):
+    """targets: decoder layers, ignore: layer 0 and the head (llm-compressor's usual ignore): the same units
+    as prune_model on layers 1:4, and layer 0 untouched."""
+    model = tiny_model(saved("llama"))
+    want = copy.deepcopy(model)
+    ref = prune_model(want, BATCH, "moreau", PruneConfig(ratio=0.5, attn_layers="1:4", mlp_layers="1:4",
+                                                         granularity="kv-group"),
+                      moreau=MoreauConfig(mode="reference", iters=2), progress=False)
+    options = {k: v for k, v in OPTIONS.items() if k != "attn_layers"}
+    pruned = run_oneshot(model, recipe_file(tmp_path, targets=["LlamaDecoderLayer"],
+                                            ignore=["lm_head", "re:model\\.layers\\.0\\."], **options))
+    got = our_modifier().report
+    assert [[row[k] for k in KEPT] for row in got["layers"]] == [[row[k] for k in KEPT] for row in ref.report.layers]
+    for (name, a), (_, b) in zip(pruned.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == (48, 40)
+    with pytest.raises(ValueError, match="not a decoder layer"):
+        run_oneshot(tiny_model(saved("llama")), recipe_file(tmp_path, targets=["Linear"], **options))
