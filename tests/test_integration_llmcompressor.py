@@ -87,14 +87,17 @@ def test_recipe_keeps_prune_models_units_and_reloads(tmp_path, saved, kind):
     assert (out / "modeling_pruned.py").is_file()
 
 
+#: weight-only int8 per output channel after ours, the head left in full precision
+INT8 = ("  quantization_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
+        "        group_0:\n          targets: [Linear]\n"
+        "          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}\n")
+
+
 def test_uniform_recipe_then_quantization_writes_a_stock_quantized_checkpoint(tmp_path, saved):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    extra = ("  quantization_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
-             "        group_0:\n          targets: [Linear]\n"
-             "          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}\n")
     out = tmp_path / "out"
-    model = run_oneshot(tiny_model(saved("mistral")), recipe_file(tmp_path, extra, uniform=True, **OPTIONS), out)
+    model = run_oneshot(tiny_model(saved("mistral")), recipe_file(tmp_path, INT8, uniform=True, **OPTIONS), out)
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "mistral" and "quantization_config" in cfg.to_dict()
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (3, 1, 20)
@@ -104,6 +107,26 @@ def test_uniform_recipe_then_quantization_writes_a_stock_quantized_checkpoint(tm
     assert a.shape == b.shape and torch.isfinite(a).all()
     # weight-only int8 of the pruned weights, nothing else: close to the in-memory model
     assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_per_layer_recipe_then_quantization_reloads_with_load_pruned(tmp_path, saved):
+    """Not uniform: our per-layer config with llm-compressor's quantization_config, the packed int8 weights
+    of compressed-tensors; load_pruned decompresses them and gives the in-memory model's logits exactly."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_model(saved("mistral")), recipe_file(tmp_path, INT8, **OPTIONS), out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "pruned_mistral" and cfg["layer_num_key_value_heads"] == [1, 1, 1, 1]
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.gate_proj.weight_packed")
+        assert packed.dtype == torch.int32 and "model.layers.0.mlp.gate_proj.weight" not in f.keys()
+    back, _ = load_pruned(out)
+    with torch.no_grad():
+        assert torch.equal(back(BATCH).logits, model(BATCH).logits)
+    # read after a forward: right after loading, compressed-tensors had not yet put the .weight attribute back
+    assert back.model.layers[0].mlp.gate_proj.weight.shape == (20, 48)
 
 
 def test_wanda_after_ours_sparsifies_the_pruned_model(tmp_path, saved):
