@@ -55,8 +55,8 @@ def recipe_file(tmp_path, extra: str = "", **fields) -> str:
 
 def run_oneshot(model, recipe, out=None, **kw):
     kw.setdefault("dataset", loader())
-    return oneshot(model=model, processor=word_tokenizer(WORDS), recipe=recipe, output_dir=out,
-                   tie_word_embeddings=True, **kw)
+    kw.setdefault("tie_word_embeddings", True)  # oneshot's default: keep a tied head tied
+    return oneshot(model=model, processor=word_tokenizer(WORDS), recipe=recipe, output_dir=out, **kw)
 
 
 def our_modifier():
@@ -91,6 +91,35 @@ def test_recipe_keeps_prune_models_units_and_reloads(tmp_path, saved, kind):
 INT8 = ("  quantization_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
         "        group_0:\n          targets: [Linear]\n"
         "          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}\n")
+
+
+@pytest.mark.parametrize("untied", ["config", "oneshot"])
+def test_untied_llama_keeps_prune_models_units_and_reloads(tmp_path, untied):
+    """A Llama whose head is its own matrix (tie_word_embeddings=False in its config), or a tied one that
+    oneshot unties (tie_word_embeddings=False): the units prune_model keeps, and a checkpoint that reloads
+    with the same logits (our per-layer config follows llm-compressor's re-tying at save)."""
+    from golden import tiny_model as random_model
+
+    d = tmp_path / "llama-untied"
+    random_model("llama", tie_word_embeddings=untied != "config").save_pretrained(d)
+    word_tokenizer(WORDS).save_pretrained(d)
+    model = tiny_model(d)
+    want = copy.deepcopy(model)
+    if untied == "oneshot":
+        want.config.tie_word_embeddings = False
+        want.lm_head.weight = torch.nn.Parameter(want.model.embed_tokens.weight.detach().clone())
+    ref = prune_model(want, BATCH, "moreau", prune_config(), moreau=MoreauConfig(mode="reference", iters=2),
+                      progress=False)
+    out = tmp_path / "out"
+    pruned = run_oneshot(model, recipe_file(tmp_path, **OPTIONS), out, tie_word_embeddings=False)
+    got = our_modifier().report
+    assert [[row[k] for k in KEPT] for row in got["layers"]] == [[row[k] for k in KEPT] for row in ref.report.layers]
+    # llm-compressor's save re-ties a head that still equals the embedding (the one oneshot untied): one table
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == (untied == "oneshot")
+    back, _ = load_pruned(out)
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) == (untied == "oneshot")
+    with torch.no_grad():
+        assert torch.equal(back(BATCH).logits, want(BATCH).logits)
 
 
 def test_uniform_recipe_then_quantization_writes_a_stock_quantized_checkpoint(tmp_path, saved):

@@ -321,10 +321,14 @@ def _saving_pruned(save, model, uniform: bool, report: dict | None):
 
     @wraps(save)
     def save_pretrained(save_directory, *args, **kwargs):
-        config = None if uniform else pruned_config_dict(model)  # refuses a model it cannot describe, first
+        if not uniform:
+            pruned_config_dict(model)  # refuses a model it cannot describe, before anything is written
         save(save_directory, *args, **kwargs)
         out = Path(save_directory)
-        if config is not None:
+        if not uniform:
+            # described after the save: llm-compressor re-ties a head equal to the embedding (one that oneshot
+            # untied) and sets tie_word_embeddings while saving, and writes the one table
+            config = pruned_config_dict(model)
             written = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
             if "quantization_config" in written:  # added by a quantization modifier of the recipe
                 config["quantization_config"] = written["quantization_config"]
