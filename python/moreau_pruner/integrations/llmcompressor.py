@@ -34,6 +34,7 @@ clears that path and wraps the save so that a ``uniform: true`` model gets a sto
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 try:
+    from compressed_tensors.utils.match import is_match
     from llmcompressor.core import State
     from llmcompressor.modifiers import Modifier
     from llmcompressor.modifiers.factory import ModifierFactory
@@ -58,7 +60,7 @@ from ..cli.prune import apply_preset
 from ..estimate.config import MoreauConfig
 from ..io.atomic import json_default
 from ..io.pruned import BASE_ARCH_KEY, CONFIG_FILE, MODELING_FILE, PRUNING_INFO_FILE, pruned_config_dict, render_modeling_file
-from ..model.structure import discover
+from ..model.structure import discover, find_layers
 from ..pipeline import prune_model
 from ..prune import rules
 from ..prune.config import PruneConfig
@@ -66,7 +68,7 @@ from ..prune.target import resolve_target
 from ..score import methods
 from ..score.registry import ScoringOptions
 
-__all__ = ["MoreauPruningModifier", "calibration_batch"]
+__all__ = ["MoreauPruningModifier", "calibration_batch", "target_layers"]
 
 NAME = "MoreauPruningModifier"
 
@@ -76,10 +78,10 @@ class MoreauPruningModifier(Modifier):
 
     The fields mirror ``moreau-prune``; those left unset take its defaults (or, with
     ``published: true``, MoreauPruner's published settings). Layer ranges are ``"start:end"``, a pair
-    or a name (``all``, ``published``, ``published-to-end``); llm-compressor's ``targets``/``ignore``
-    module patterns do not apply (the units are whole heads and channels of the decoder layers), so
-    they are refused like any other unknown field. ``report_path``: also write the pruning report
-    (kept units per layer) to this JSON file.
+    or a name (``all``, ``published``, ``published-to-end``). ``targets``/``ignore`` take llm-compressor's
+    module patterns instead (``re:`` regexes and class names, see :func:`target_layers`) where they name
+    a set of decoder layers. ``report_path``: also write the pruning report (kept units per layer) to this
+    JSON file.
     """
 
     # The modifier reads llm-compressor's calibration loader itself when it is initialized, so it
@@ -120,6 +122,8 @@ class MoreauPruningModifier(Modifier):
     memory_check: bool = True
     seed: int = 0
     report_path: str | None = None
+    targets: str | list[str] | None = None
+    ignore: str | list[str] | None = None
 
     _prune: Any = PrivateAttr(default=None)
     _moreau: Any = PrivateAttr(default=None)
@@ -130,6 +134,15 @@ class MoreauPruningModifier(Modifier):
     def _resolve(self) -> "MoreauPruningModifier":
         """Fill the unset options with moreau-prune's preset and check every value and combination
         (a bad recipe fails when it is parsed, before the model is touched)."""
+        if self.targets is not None and (self.attn_layers is not None or self.mlp_layers is not None):
+            raise ValueError("give the layers to prune either as targets (llm-compressor module patterns) or as "
+                             "attn_layers/mlp_layers, not both")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, [value])
+            elif value is not None and not value:
+                raise ValueError(f"{name} is empty: leave it out or name modules")
         args = apply_preset(SimpleNamespace(**{k: getattr(self, k) for k in (
             "published", "method", "mode", "granularity", "attn_layers", "mlp_layers", "ratio", "scope", "rounds",
             "uniform")}))
@@ -161,8 +174,11 @@ class MoreauPruningModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        discover(model)  # UnsupportedArchitecture (a ValueError) names what we can prune
-        resolve_target(model, self._prune)  # layer ranges against the model's depth, before any work
+        structure = discover(model)  # UnsupportedArchitecture (a ValueError) names what we can prune
+        if self.targets is not None or self.ignore is not None:
+            attn, mlp = target_layers(model, self.targets, self.ignore, self._prune.layer_ranges(structure.num_layers))
+            self._prune = replace(self._prune, attn_layers=attn, mlp_layers=mlp)
+        resolve_target(structure, self._prune)  # layer ranges against the model's depth, before any work
         batch = None
         if methods.get(self.method).needs_batch:
             if state.data is None or state.data.calib is None:
@@ -189,6 +205,76 @@ class MoreauPruningModifier(Modifier):
         if not getattr(model.save_pretrained, "_moreau", False):
             model.save_pretrained = _saving_pruned(model.save_pretrained, model, self.uniform, self.report)
         return True
+
+
+def target_layers(model: torch.nn.Module, targets: list[str] | None, ignore: list[str] | None,
+                  default: tuple[range, range]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The attention and MLP layer ranges ``(start, end)`` that llm-compressor's ``targets``/``ignore``
+    select, matched as llm-compressor matches them (``compressed_tensors``' ``is_match``: ``re:`` + a regex
+    applied with ``re.match`` to module names, an exact name, or a class name such as ``LlamaDecoderLayer``).
+
+    A target must name whole pruning blocks: decoder layers (attention and MLP; their list
+    ``model.layers`` is all of them), attention modules (``self_attn``) or MLP modules; what a matched block contains is covered by it, and a target that
+    matches any other module (one projection, ``Linear``, the head) or none is refused, because the units
+    are heads and channels that span a block's projections. Without ``targets`` the ``default`` ranges
+    (``attn_layers``/``mlp_layers`` or the preset) are the start. ``ignore`` then leaves out every block
+    it names, contains or lies inside (``re:model\\.layers\\.0\\.`` leaves layer 0 whole; ignoring one
+    projection leaves its whole block); modules outside the blocks (embeddings, ``lm_head``, norms) are
+    never pruned, so ignoring them changes nothing. The attention and the MLP layers left must each be
+    one non-empty contiguous range (the pruner's ``attn_layers``/``mlp_layers``); a ValueError says what
+    was selected otherwise.
+    """
+    structure = discover(model)
+    blocks: dict[str, tuple[str, int]] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for ls in structure.layers:
+        blocks[names[id(ls.layer)]] = ("layer", ls.index)
+        blocks[names[id(ls.attn)]] = ("attention", ls.index)
+        blocks[names[id(ls.mlp)]] = ("mlp", ls.index)
+    container = names[id(find_layers(model))]  # the ModuleList of decoder layers: all of them
+    modules = list(model.named_modules())
+    selected = {"attention": set(), "mlp": set()}
+
+    def parts(kind: str) -> tuple[str, ...]:
+        return ("attention", "mlp") if kind == "layer" else (kind,)
+
+    if targets is None:
+        selected = {"attention": set(default[0]), "mlp": set(default[1])}
+    for target in targets or ():
+        hits = [n for n, m in modules if is_match(n, m, target)]
+        if not hits:
+            raise ValueError(f"targets entry {target!r} matches no module of the model")
+        chosen = [n for n in hits if n in blocks or n == container]
+        for n in hits:
+            if n not in chosen and not any(n.startswith(c + ".") for c in chosen):
+                raise ValueError(
+                    f"targets entry {target!r} matches {n or 'the whole model'!r}, which is not a decoder layer, "
+                    "attention or MLP module: Moreau pruning removes heads and channels across all of a block's "
+                    "projections, so targets must name whole blocks (e.g. 'LlamaDecoderLayer', "
+                    r"'re:.*layers\.(1|2)$', 're:.*self_attn$', 're:.*mlp$')")
+        for n in chosen:
+            for kind, index in [blocks[n]] if n in blocks else [("layer", ls.index) for ls in structure.layers]:
+                for part in parts(kind):
+                    selected[part].add(index)
+    for target in ignore or ():
+        for n, m in modules:
+            if not is_match(n, m, target):
+                continue
+            for block, (kind, index) in blocks.items():
+                inside = n.startswith(block + ".") and kind != "layer"  # a layer's norms are not pruned
+                if n == block or n == "" or block.startswith(n + ".") or inside:
+                    for part in parts(kind):
+                        selected[part].discard(index)
+    ranges = []
+    for part in ("attention", "mlp"):
+        layers = sorted(selected[part])
+        if not layers or layers != list(range(layers[0], layers[-1] + 1)):
+            raise ValueError(
+                f"targets/ignore select {part} in layers {layers or 'none'}; MoreauPruningModifier prunes the "
+                "attention and the MLP of one contiguous, non-empty range of layers each (attn_layers, mlp_layers): "
+                "select whole decoder layers or both blocks of a contiguous range")
+        ranges.append((layers[0], layers[-1] + 1))
+    return ranges[0], ranges[1]
 
 
 def calibration_batch(loader, device: torch.device | str = "cpu") -> torch.LongTensor:
@@ -235,10 +321,14 @@ def _saving_pruned(save, model, uniform: bool, report: dict | None):
 
     @wraps(save)
     def save_pretrained(save_directory, *args, **kwargs):
-        config = None if uniform else pruned_config_dict(model)  # refuses a model it cannot describe, first
+        if not uniform:
+            pruned_config_dict(model)  # refuses a model it cannot describe, before anything is written
         save(save_directory, *args, **kwargs)
         out = Path(save_directory)
-        if config is not None:
+        if not uniform:
+            # described after the save: llm-compressor re-ties a head equal to the embedding (one that oneshot
+            # untied) and sets tie_word_embeddings while saving, and writes the one table
+            config = pruned_config_dict(model)
             written = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
             if "quantization_config" in written:  # added by a quantization modifier of the recipe
                 config["quantization_config"] = written["quantization_config"]

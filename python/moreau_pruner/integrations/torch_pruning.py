@@ -1,22 +1,30 @@
-"""Moreau (and plain-gradient Taylor) importance for Torch-Pruning's ``MetaPruner``: MLP channels.
+"""Moreau (and plain-gradient Taylor) importance for Torch-Pruning's ``MetaPruner``: MLP channels and
+hidden size.
 
 ``MoreauImportance(model, batch, config)`` is a Torch-Pruning importance: called on a group, it
 returns one score per channel, Σ|W ⊙ Ĝ| over the group's linear layers (Torch-Pruning's group
 Taylor score with the Moreau estimate Ĝ of :func:`moreau_pruner.estimate` in place of the
-gradient). The estimate runs once, on the model as it is when the first group is scored, with
-gradients enabled; it runs again only when a group's weights changed shape since (a later step of
-an iterative ``MetaPruner``). ``TaylorImportance(model, batch)`` is the same with the plain gradient
-of the calibration loss, for comparison. With Torch-Pruning's defaults (``group_reduction='mean'``,
-``normalizer='mean'``) the ranking inside a group is that of ``prune_model``'s ``reduction='sum'``, so
-the same MLP channels are kept.
+gradient; a tied head's Ĝ is its embedding's). The estimate runs once, on the model as it is when
+the first group is scored, with gradients enabled; it runs again only when a group's weights changed
+shape since (a later step of an iterative ``MetaPruner``). ``TaylorImportance(model, batch)`` is the
+same with the plain gradient of the calibration loss, for comparison. With Torch-Pruning's defaults
+(``group_reduction='mean'``, ``normalizer='mean'``) the ranking inside a group is that of
+``prune_model``'s ``reduction='sum'``, so the same MLP channels are kept. The hidden-size group (the
+residual stream: embedding, o_proj/down_proj rows, every reader's columns, the norms) is scored the
+same way; Torch-Pruning leaves ``config.hidden_size`` as it was.
 
-Attention heads are refused. On a grouped-query (GQA) model Torch-Pruning 1.6 ranks heads from the
-attention group's scores, whose width is that of the key/value projections, reshaped into query
-heads (``pruner/algorithms/base_pruner.py``): the choice of query heads ignores the q/o scores, so
-it can keep worthless heads. An importance cannot repair that, so a group that prunes heads (q/k/v
-rows, o columns) raises a ValueError: put the attention modules in ``ignored_layers`` and prune
-attention with :func:`moreau_pruner.prune_model` (our planner keeps whole KV groups or query heads
-per group).
+Attention heads are refused. Torch-Pruning 1.6.1 with transformers 5 cannot be trusted with them on a
+grouped-query (GQA) model: traced through the default SDPA attention (no ``repeat_kv`` in the graph) the
+attention group has the key/value width and ``pruner/algorithms/base_pruner.py`` reshapes its scores
+into query heads, so the query heads it keeps ignore the q/o weights (it kept zeroed heads in our
+test); when a KV group has two query heads, removing one per group maps onto every key/value channel
+and the group is silently skipped; and the attention group of a rotary model does not build at all
+(``rotate_half``'s slice/concat loop shifts the indices on every turn of
+``_fix_dependency_graph_non_recursive``, so it never ends; Torch-Pruning's issues 527 and 456 report
+such endless loops on Qwen3 and CogVideoX). An importance cannot repair that, so a group that prunes
+heads (q/k/v rows, o columns) raises a ValueError: put the attention modules in ``ignored_layers`` and
+prune attention with :func:`moreau_pruner.prune_model` (our planner keeps whole KV groups or query
+heads per group).
 """
 from __future__ import annotations
 
@@ -64,6 +72,7 @@ class _GradientImportance(tp.importance.GroupTaylorImportance):
 
     def _check(self, group) -> list[tuple[str, nn.Linear]]:
         names = {id(m): n for n, m in self.model.named_modules()}
+        params = {id(p): n for n, p in self.model.named_parameters()}  # a tied head's weight is the embedding's
         linears = []
         for dep, _ in group:
             layer = dep.target.module
@@ -76,7 +85,7 @@ class _GradientImportance(tp.importance.GroupTaylorImportance):
                     "attention modules in ignored_layers (moreau_pruner.integrations.torch_pruning."
                     "attention_modules(model)) and prune attention with moreau_pruner.prune_model")
             if isinstance(layer, nn.Linear):
-                linears.append((names[id(layer)] + ".weight", layer))
+                linears.append((params[id(layer.weight)], layer))
         return linears
 
     @contextmanager
@@ -93,9 +102,8 @@ class _GradientImportance(tp.importance.GroupTaylorImportance):
     def __call__(self, group):
         linears = self._check(group)
         if any(n not in self._grads or self._grads[n].shape != lin.weight.shape for n, lin in linears):
-            params = dict(self.model.named_parameters())  # a tied head's weight is the embedding's
-            names = [n + ".weight" for n, m in self.model.named_modules()
-                     if isinstance(m, nn.Linear) and n + ".weight" in params]
+            params = {id(p): n for n, p in self.model.named_parameters()}  # a tied head's is the embedding's
+            names = list(dict.fromkeys(params[id(m.weight)] for m in self.model.modules() if isinstance(m, nn.Linear)))
             with torch.enable_grad():
                 self._grads = self.gradients(names)
         with self._swapped(linears):
