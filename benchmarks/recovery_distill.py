@@ -123,9 +123,35 @@ def step_flops(config: str, student_params: int, teacher_params: int | None, tok
     return float(student + teacher)
 
 
+#: the settings a record's name does not carry, which a recorded run must share with the one asked for
+BUDGET_KEYS = ("steps", "batch_size", "cutoff_len", "data", "ood_data", "pruned")
+
+
+def run_name(args, config: str, lr: str, seed: int) -> str:
+    return f"{'pilot' if args.pilot else 'final'}-{config}-lr{lr}-s{seed}"
+
+
+def check_recorded(args, results: Path) -> None:
+    """Raises SystemExit, before any run, when a record of a run asked for exists with another budget, data,
+    pruned model or number of evaluation windows (its name would make it count as done)."""
+    for seed in args.seeds:
+        for spec in args.run:
+            config, _, lr = spec.partition(":")
+            path = results / f"{run_name(args, config, lr, seed)}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            asked = {k: getattr(args, k) for k in BUDGET_KEYS}
+            asked["eval_windows"], r["eval_windows"] = args.eval_windows, r["report"]["config"]["eval_windows"]
+            diff = [f"{k} {r.get(k)!r} recorded, {v!r} asked" for k, v in asked.items() if r.get(k) != v]
+            if diff:
+                raise SystemExit(f"{path} records this run with other settings ({'; '.join(diff)}); ask for the "
+                                 f"same settings, or move the record (or {Path(args.work) / path.stem}) away first")
+
+
 def run_one(args, config: str, lr: str, seed: int, results: Path, commit: str) -> Path | None:
     tag = "pilot" if args.pilot else "final"
-    name = f"{tag}-{config}-lr{lr}-s{seed}"
+    name = run_name(args, config, lr, seed)
     record_path = results / f"{name}.json"
     if record_path.exists():
         print(f"{name}: recorded already ({record_path})", flush=True)
@@ -202,6 +228,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     results = Path(args.results)
     if not args.render:
+        check_recorded(args, results)
         commit = C.git_commit()  # before this run renders the README into the checkout
         for seed in args.seeds:
             for spec in args.run:

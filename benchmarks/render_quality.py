@@ -769,13 +769,18 @@ def _gap(before, after, dense):
     return (before - after) / (before - dense)
 
 
-def _distill_rows(records: list[dict], dense: dict) -> list[list[str]]:
-    """One row per (configuration, learning rate): means over the seeds."""
+def _distill_groups(records: list[dict]) -> dict:
+    """(configuration index, learning rate, steps) -> the records of those settings (one per seed)."""
     groups: dict = {}
     for r in records:
-        groups.setdefault((list(DISTILL_CONFIGS).index(r["config"]), r["lr"]), []).append(r)
+        groups.setdefault((list(DISTILL_CONFIGS).index(r["config"]), r["lr"], r["steps"]), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def _distill_rows(records: list[dict], dense: dict) -> list[list[str]]:
+    """One row per (configuration, learning rate, steps): means over the seeds."""
     rows = []
-    for (_, lr), rs in sorted(groups.items()):
+    for (_, lr, steps), rs in _distill_groups(records).items():
         reps = [r["report"] for r in rs]
 
         def col(key, when):
@@ -792,11 +797,38 @@ def _distill_rows(records: list[dict], dense: dict) -> list[list[str]]:
         sps = mean_std([r["seconds_per_step"] for r in rs])
         loads = [r["loadavg"]["mean"] for r in rs if r.get("loadavg")]
         gpu = mean_std([r["gpu_estimate"]["seconds_per_step"] * 1e3 for r in rs])
-        rows.append([DISTILL_CONFIGS[rs[0]["config"]], f"{lr:g}", ", ".join(str(r["seed"]) for r in rs),
+        rows.append([DISTILL_CONFIGS[rs[0]["config"]], f"{lr:g}", str(steps), ", ".join(str(r["seed"]) for r in rs),
                      cell("ppl"), cell("ppl_ood"), gap("ppl_ood", "ood"), gap("ppl", "heldout"),
                      f"{sps[0]:.1f}" + (f" ({min(loads):.1f}-{max(loads):.1f})" if loads else ""),
                      f"{rs[0]['flops_per_step'] / 1e9:.0f}", f"{gpu[0]:.2f}"])
     return rows
+
+
+def _budget(records: list[dict]) -> str:
+    """The training budget of ``records``: one number of steps, or those of the steps column."""
+    steps = sorted({r["steps"] for r in records})
+    r0 = records[0]
+    n = f"{steps[0]} steps" if len(steps) == 1 else f"the steps of each row ({', '.join(map(str, steps))})"
+    return f"{n} of {r0['batch_size']} x {r0['cutoff_len']} tokens of {r0['data']}'s calibration side"
+
+
+def _best_line(final: list[dict], dense: dict) -> list[str]:
+    """Which final setting closes most of the out-of-domain gap (mean over its seeds), against the target, and
+    which configurations were run at that budget."""
+    gaps = _ood_gaps(final, dense)
+    if not gaps:
+        return []
+    mean, (ci, lr, steps) = max((statistics.fmean(g), key) for key, g in gaps.items())
+    config, ood = list(DISTILL_CONFIGS)[ci], final[0]["ood_data"]
+    n = len(gaps[(ci, lr, steps)])
+    line = (f"Best out of domain: {DISTILL_CONFIGS[config]} (lr {lr:g}, {steps} steps), closing {mean:.1%} of the "
+            f"{ood} perplexity gap to the dense model (mean of {n} seed{'s' if n > 1 else ''}). Target: at least "
+            f"{DISTILL_TARGET:.0%} — {'met' if mean >= DISTILL_TARGET else 'not met'}.")
+    run = [DISTILL_CONFIGS[c] for i, c in enumerate(DISTILL_CONFIGS) if any(k[0] == i and k[2] == steps for k in gaps)]
+    if len(run) < len(DISTILL_CONFIGS):
+        line += (f" At {steps} steps only {', '.join(run)} ran; the three recoveries at one budget are compared "
+                 f"in the pilot below.")
+    return [line, ""]
 
 
 def distill_markdown(directory: Path, heading: str = "##") -> list[str]:
@@ -811,39 +843,32 @@ def distill_markdown(directory: Path, heading: str = "##") -> list[str]:
     dense = _dense_of(final)
     ev = r0["report"]["ppl_before"]
     out = [f"{heading} Recovery at one budget: LoRA vs distillation, in domain and out of domain", "",
-           f"The same pruned model (`{r0['prune_command']}`), recovery text and budget for every row: "
-           f"{r0['steps']} steps of {r0['batch_size']} x {r0['cutoff_len']} tokens of {r0['data']}'s calibration "
-           f"side. In domain: {r0['data']}'s held-out side; out of domain: {r0['ood_data']}'s held-out side "
-           f"({ev['n_windows'] if ev else '?'} windows of {ev['seq_len'] if ev else '?'} tokens each). Distillation: "
-           "forward KL(teacher || student) from the dense model at T = 1, no LM loss mixed in. Gap closed: "
-           "(pruned - recovered) / (pruned - dense) perplexity; 1 = the dense model's perplexity, above 1 = below "
-           "it (adaptation). Learning rates from the pilot below (chosen by the in-domain held-out perplexity, "
+           f"The same pruned model (`{r0['prune_command']}`) and recovery text for every row, trained for "
+           f"{_budget(final or pilot)}. In domain: {r0['data']}'s held-out side; out of domain: {r0['ood_data']}'s "
+           f"held-out side ({ev['n_windows'] if ev else '?'} windows of {ev['seq_len'] if ev else '?'} tokens each). "
+           "Distillation: forward KL(teacher || student) from the dense model at T = 1, no LM loss mixed in. Gap "
+           "closed: (pruned - recovered) / (pruned - dense) perplexity; 1 = the dense model's perplexity, above 1 = "
+           "below it (adaptation). Learning rates from the pilot below (chosen by the in-domain held-out perplexity, "
            "never by the out-of-domain text). Cost: training seconds per step on one thread of "
            f"{r0['device_name']} with the 1-minute load average during the runs in brackets (a shared machine); "
            "GFLOP per step counted from the parameters (forward 2N per token, backward 2N, plus 2N for weight "
            f"gradients when every weight trains, plus the teacher's forward); GPU ms per step = those FLOPs at "
            f"{r0['gpu_estimate']['utilisation']:.0%} of an H100's {r0['gpu_estimate']['peak_flops'] / 1e12:.0f} "
            "bf16 TFLOP/s (a lower bound: steps this small are launch-bound on a GPU).", ""]
-    header = ["recovery", "lr", "seeds", f"{r0['data']} PPL pruned → recovered",
+    header = ["recovery", "lr", "steps", "seeds", f"{r0['data']} PPL pruned → recovered",
               f"{r0['ood_data']} PPL pruned → recovered", f"{r0['ood_data']} gap closed", f"{r0['data']} gap closed",
               "CPU s/step (load)", "GFLOP/step", "GPU ms/step (est.)"]
     if final:
         rows = _distill_rows(final, dense)
-        rows.insert(0, ["dense (the teacher)", "–", "–", f"{dense.get('heldout', math.nan):.2f}",
+        rows.insert(0, ["dense (the teacher)", "–", "–", "–", f"{dense.get('heldout', math.nan):.2f}",
                         f"{dense.get('ood') or math.nan:.2f}", "–", "–", "–", "–", "–"])
         out += [table(header, rows), ""]
-        best = max(((statistics.fmean(g), c) for c, g in _ood_gaps(final, dense).items() if g), default=None)
-        if best is not None:
-            seeds = sorted({r["seed"] for r in final})
-            out += [f"Best out of domain: {DISTILL_CONFIGS[best[1]]}, closing {best[0]:.1%} of the {r0['ood_data']} "
-                    f"perplexity gap to the dense model (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}). "
-                    f"Target: at least {DISTILL_TARGET:.0%} — "
-                    f"{'met' if best[0] >= DISTILL_TARGET else 'not met'}.", ""]
+        out += _best_line(final, dense)
     if pilot:
         ev = pilot[0]["report"]["ppl_before"]
-        out += [f"Pilot ({pilot[0]['steps']} steps, same batch, {ev['n_windows'] if ev else '?'} evaluation windows; "
-                "the learning rate of each recovery above is the one with the lowest in-domain held-out perplexity "
-                "here):", "", table(header, _distill_rows(pilot, _dense_of(pilot))), ""]
+        out += [f"Pilot ({_budget(pilot)}, {ev['n_windows'] if ev else '?'} evaluation windows; the learning rate of "
+                "each recovery above is the one with the lowest in-domain held-out perplexity here):", "",
+                table(header, _distill_rows(pilot, _dense_of(pilot))), ""]
     out += ["Records and exact commands: `benchmarks/results/recovery/distill/` "
             f"(e.g. `{r0['command']}`).", ""]
     return out
@@ -860,13 +885,13 @@ def _dense_of(records: list[dict]) -> dict:
 
 
 def _ood_gaps(records: list[dict], dense: dict) -> dict:
-    """configuration -> out-of-domain gap closed of each record (learning rates pooled: one per config)."""
+    """(configuration index, learning rate, steps) -> the out-of-domain gap closed of each of its records."""
     out: dict = {}
-    for r in records:
-        rep = r["report"]
-        g = _gap(_ppl_of(rep.get("ppl_ood_before")), _ppl_of(rep.get("ppl_ood_after")), dense.get("ood"))
-        if g is not None:
-            out.setdefault(r["config"], []).append(g)
+    for key, rs in _distill_groups(records).items():
+        gaps = [_gap(_ppl_of(r["report"].get("ppl_ood_before")), _ppl_of(r["report"].get("ppl_ood_after")),
+                     dense.get("ood")) for r in rs]
+        if any(g is not None for g in gaps):
+            out[key] = [g for g in gaps if g is not None]
     return out
 
 

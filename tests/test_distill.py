@@ -405,13 +405,13 @@ def _bench_module(name):
     return mod
 
 
-def _fake_record(config, seed, ood_after, tag="final", heldout_after=20.0):
+def _fake_record(config, seed, ood_after, tag="final", heldout_after=20.0, steps=300):
     ppl = lambda x: {"ppl": x, "n_windows": 64, "seq_len": 128}  # noqa: E731
     report = {"ppl_before": ppl(30.0), "ppl_after": ppl(heldout_after), "ppl_ood_before": ppl(100.0),
               "ppl_ood_after": ppl(ood_after)}
     if config != "lora-lm":
         report["teacher"] = {"ppl": ppl(25.0), "ppl_ood": ppl(60.0)}
-    return {"name": f"{tag}-{config}-s{seed}", "tag": tag, "config": config, "lr": 1e-3, "seed": seed, "steps": 300,
+    return {"name": f"{tag}-{config}-s{seed}", "tag": tag, "config": config, "lr": 1e-3, "seed": seed, "steps": steps,
             "batch_size": 2, "cutoff_len": 128, "data": "pydoc", "ood_data": "fortunes",
             "prune_command": "moreau-prune --out P", "command": "moreau-recover ...", "device_name": "a CPU",
             "loadavg": {"mean": 5.0}, "seconds_per_step": 10.0, "flops_per_step": 2e11,
@@ -426,15 +426,43 @@ def test_benchmark_tables_say_whether_the_target_is_met(tmp_path):
     (tmp_path / "pilot.json").write_text(json.dumps(_fake_record("lora-kd", 0, 95.0, tag="pilot")))
     text = "\n".join(rq.distill_markdown(tmp_path))
     # full-kd: gaps (100 - 85) / 40 and (100 - 87) / 40: 0.35 on average, above a third
-    assert "| full fine-tuning, distillation | 0.001 | 0, 1 | 30.00 → 20.00 ± 0.00 (n=2) | 100.00 → 86.00 ± 1.41 (n=2) " \
-           "| 0.350 ± 0.035 (n=2) | 2.000 ± 0.000 (n=2) |" in text
-    assert "| dense (the teacher) | – | – | 25.00 | 60.00 |" in text
-    assert "closing 35.0% of the fortunes perplexity gap" in text and "— met." in text
-    assert "Pilot (300 steps" in text
+    assert "| full fine-tuning, distillation | 0.001 | 300 | 0, 1 | 30.00 → 20.00 ± 0.00 (n=2) | 100.00 → 86.00 ± 1.41 " \
+           "(n=2) | 0.350 ± 0.035 (n=2) | 2.000 ± 0.000 (n=2) |" in text
+    assert "| dense (the teacher) | – | – | – | 25.00 | 60.00 |" in text
+    assert "(lr 0.001, 300 steps), closing 35.0% of the fortunes perplexity gap" in text and "— met." in text
+    assert "Pilot (300 steps" in text and "only" not in text
     (tmp_path / "full-kd-0.json").unlink()
     (tmp_path / "full-kd-1.json").unlink()
-    assert "LoRA, distillation, closing 27.5%" in "\n".join(rq.distill_markdown(tmp_path))
+    assert "LoRA, distillation (lr 0.001, 300 steps), closing 27.5%" in "\n".join(rq.distill_markdown(tmp_path))
     assert "not met" in "\n".join(rq.distill_markdown(tmp_path))
+
+
+def test_benchmark_tables_keep_budgets_apart(tmp_path):
+    rq = _bench_module("render_quality")
+    # one configuration at a longer budget: its own row, and the best line says the others did not run there
+    for seed, ood in enumerate([84.0, 86.0]):
+        (tmp_path / f"long-{seed}.json").write_text(json.dumps(_fake_record("full-kd", seed, ood, steps=600)))
+    (tmp_path / "short.json").write_text(json.dumps(_fake_record("full-kd", 0, 98.0, steps=300)))
+    text = "\n".join(rq.distill_markdown(tmp_path))
+    assert "| full fine-tuning, distillation | 0.001 | 300 | 0 |" in text
+    assert "| full fine-tuning, distillation | 0.001 | 600 | 0, 1 |" in text
+    assert "for every row, trained for the steps of each row (300, 600) of 2 x 128 tokens" in text
+    assert "(lr 0.001, 600 steps), closing 37.5%" in text and "— met." in text
+    assert "At 600 steps only full fine-tuning, distillation ran" in text
+
+
+def test_benchmark_refuses_a_record_made_with_another_budget(tmp_path):
+    rd = _bench_module("recovery_distill")
+    rec = _fake_record("full-kd", 0, 90.0, tag="pilot", steps=50)
+    rec.update(pruned="/p")
+    rec["report"]["config"] = {"eval_windows": 16}
+    (tmp_path / "pilot-full-kd-lr1e-3-s0.json").write_text(json.dumps(rec))
+    argv = ["--pilot", "--pruned", "/p", "--run", "full-kd:1e-3", "--results", str(tmp_path), "--steps"]
+    rd.check_recorded(rd.parse([*argv, "50", "--eval-windows", "16"]), tmp_path)  # the same run: counts as done
+    with pytest.raises(SystemExit, match="steps 50 recorded, 150 asked"):
+        rd.check_recorded(rd.parse([*argv, "150", "--eval-windows", "16"]), tmp_path)
+    with pytest.raises(SystemExit, match="eval_windows 16 recorded, 64 asked"):
+        rd.check_recorded(rd.parse([*argv, "50"]), tmp_path)
 
 
 def test_step_flops_count_the_teacher_and_the_weight_gradients():
