@@ -22,6 +22,7 @@ from torch import nn
 from ..estimate.params import unique_named_parameters
 from ..estimate.strategies.fsdp import shard_range
 from ..io.pruned import read_config
+from ..io.staging import check_complete
 from ..model.checks import check_stock_config, check_weights
 from ..model.loading import embedded_model_path, load_model, parse_dtype
 from ..model.meta import meta_model
@@ -100,6 +101,8 @@ def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
     path = embedded_model_path() if spec is None else Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (give a .gguf file or a local model directory)")
+    if path.is_dir():
+        check_complete(path)
     cfg = read_config(path) if path.is_dir() else {}
     if cfg and "layer_intermediate_size" not in cfg:
         check_stock_config(cfg, path / "config.json")

@@ -16,13 +16,13 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..io.staging import staging_path
 from .checkpoints import (CHECKPOINTS_DIR, mismatch, prepare_out, read_checkpoint, read_checkpoint_state,
                           set_rng_state, write_checkpoint)
 from .config import RecoverConfig
@@ -316,7 +316,7 @@ def recover(
     side_tmp = None
     if out_path is not None and tuning.kind == "lora":  # the adapter alone, written before merging
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        side_tmp = out_path.parent / f".{out_path.name}.adapter-{uuid.uuid4().hex[:8]}"
+        side_tmp = staging_path(out_path, "adapter")
         tuning.save_side(side_tmp)
     try:
         trained = tuning.finish()
