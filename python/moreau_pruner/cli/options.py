@@ -104,9 +104,9 @@ def check_out(out: str | None, overwrite: bool, model: str | None = None) -> Non
 
 
 def check_out_target(out: str | None, overwrite: bool, model: str | None = None) -> None:
-    """``--out`` can hold the output and destroys nothing: not empty text, not a file, not ``--model`` nor a
-    directory holding it (through symlinks and ``..`` too: ``--overwrite`` would replace the input), and
-    writable; ``--overwrite`` needs an ``--out``. Left-overs of killed runs that
+    """``--out`` can hold the output and destroys nothing: not empty text, not a file, not ``--model``, a
+    directory holding it or a directory inside it (through symlinks and ``..`` too: ``--overwrite`` would
+    replace the input), and writable; ``--overwrite`` needs an ``--out``. Left-overs of killed runs that
     wrote ``--out`` are cleaned here, before the run (:func:`moreau_pruner.io.staging.clean_stale`)."""
     from ..io.staging import clean_stale
     from ..io.target import check_writable
@@ -124,6 +124,9 @@ def check_out_target(out: str | None, overwrite: bool, model: str | None = None)
             what = "is" if resolved == source else "holds"
             raise ValueError(f"--out {out} {what} the input model {model}: writing there would destroy it "
                              "(also with --overwrite); choose another --out")
+        if source in resolved.parents and source.is_dir():
+            raise ValueError(f"--out {out} is inside the input model {model}: writing there would change the "
+                             "model directory; choose an --out outside it")
     clean_stale(target)  # what killed runs left there (a lost --out comes back from its old copy)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"--out {out} is an existing file, not a directory")
