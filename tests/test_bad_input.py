@@ -403,3 +403,64 @@ def test_a_non_finite_training_loss_is_one_line_and_keeps_the_earlier_checkpoint
                      lines[0]), lines[0]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002"]
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- under torchrun (gloo, 2 ranks)
+# Faults injected into every process of the job (torchrun's ranks cannot be monkeypatched from here).
+INJECT = """\
+import os
+fault = os.environ.get("MOREAU_TEST_FAULT")
+if fault == "no-space":
+    import collections, shutil
+    usage = collections.namedtuple("usage", "total used free")
+    shutil.disk_usage = lambda path: usage(10**6, 10**6 - 4096, 4096)
+elif fault == "save-enospc":
+    import errno, safetensors.torch
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    safetensors.torch.save_file = full_disk
+"""
+
+TORCHRUN_CASES = [
+    # id, options, the error's pattern, set-up of {tmp}/bad, injected fault
+    ("out-unwritable", ["--out", "/proc/moreau-out"], r"--out /proc/moreau-out: cannot write in /proc", None, None),
+    ("more-layers-than-weights", ["--model", "{tmp}/bad"], r"model\.layers\.(\{4,5\}|4)\.", _six_layers, None),
+    ("too-little-space", [], r"the output needs about 0\.\d MB but .* has 0\.0 MB free", None, "no-space"),
+    ("save-fails", ["--json", "{tmp}/r.json"], r"saving --out .*/out failed: .*No space left on device \(the model "
+     r"needs about 0\.\d MB\); nothing was written there, the report was written to .*r\.json", None, "save-enospc"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern,setup,fault", [c[1:] for c in TORCHRUN_CASES],
+                         ids=[c[0] for c in TORCHRUN_CASES])
+def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pattern, setup, fault):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    if setup is not None:
+        setup(tmp_path, model)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOREAU_TEST_FAULT": fault or "",
+           "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = _argv("moreau-prune", ["--backend", "reference", *extra], model=model, text=text, tmp=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--device", "cpu", *argv]
+    before = _tree(tmp_path)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moreau-prune: error: ")]
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]  # rank 0's line; rank 1 is quiet
+    assert re.search(pattern, lines[0]), lines[0]
+    after = _tree(tmp_path)
+    if fault == "save-enospc":  # the report is kept
+        assert json.loads((tmp_path / "r.json").read_text())["params_after"] > 0
+        del after["r.json"]
+    assert after == before

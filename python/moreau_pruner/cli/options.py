@@ -192,12 +192,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(prog: str, parser: argparse.ArgumentParser, run: Callable, show: Callable[[object], None],
          argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, ``run(args)``, ``show(result)`` (unless None); a user error is one line and
-    exit status 2."""
+    exit status 2. Under torchrun (``--distributed``) only rank 0 prints it, every rank exits 2: the
+    checks before the process group runs see the same arguments and files on every rank, and the
+    errors after it are raised alike on every rank (the device check compares the ranks, rank 0's
+    failure is sent to all), so the other ranks would print the same line again."""
     args = parser.parse_args(argv)
     try:
         result = run(args)
     except user_errors() as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not (getattr(args, "distributed", None) and os.environ.get("RANK", "0") != "0"):
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if result is not None:
         show(result)
