@@ -464,3 +464,25 @@ def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pat
         assert json.loads((tmp_path / "r.json").read_text())["params_after"] > 0
         del after["r.json"]
     assert after == before
+
+
+def test_a_recovery_adapter_write_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    pytest.importorskip("peft")
+    from moreau_pruner.recover import tuning
+
+    def full_disk(self, directory):
+        Path(directory).mkdir()
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tuning.LoraTuning, "save_side", full_disk)
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    rc = _main("moreau-recover")(_argv("moreau-recover", [], model=model, text=text, tmp=tmp_path))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("moreau-recover: error: ")]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert re.search(r"saving --out .*/out failed while writing the LoRA adapter: .*No space left on device; nothing "
+                     r"was written there", lines[0]), lines[0]
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
