@@ -162,6 +162,9 @@ OUT_CASES = [
     ("prune-out-dotdot-model", "moreau-prune", ["--out", "{model}/../model-llama", "--overwrite"],
      r"is the input model", None),
     ("prune-out-holds-model", "moreau-prune", ["--out", "{tmp}", "--overwrite"], r"holds the input model", None),
+    ("prune-out-inside-model", "moreau-prune", ["--out", "{model}/pruned"], r"is inside the input model", None),
+    ("recover-out-inside-model", "moreau-recover", ["--out", "{tmp}/link/sub/../rec"], r"is inside the input model",
+     _symlink_to_model),
     ("recover-out-is-model", "moreau-recover", ["--out", "{model}", "--overwrite"], r"is the input model", None),
     ("recover-out-symlink-to-model", "moreau-recover", ["--out", "{tmp}/link/.", "--overwrite"],
      r"is the input model", _symlink_to_model),
@@ -279,6 +282,13 @@ def _weights_bytes(cut):
     return setup
 
 
+def _incomplete_save(tmp, model):
+    from moreau_pruner import save_pruned
+
+    d = save_pruned(tiny_model("llama"), tmp / "bad", tokenizer=word_tokenizer(WORDS), extra={"run": 1})
+    (d / "tokenizer.json").unlink()  # (a file of the save lost, e.g. by a partial copy)
+
+
 def _no_weights(tmp, model):
     (_bad_copy(tmp, model) / "model.safetensors").unlink()
 
@@ -311,6 +321,8 @@ MODEL_CASES = [
      r"file \(truncated or corrupt\?\): .*incomplete metadata", _weights_bytes(100)),
     ("garbage-safetensors", ("prune",), [], r"not a readable safetensors file", _weights_bytes("garbage")),
     ("no-weights", ("prune", "recover", "eval"), [], r"bad holds no weights", _no_weights),
+    ("incomplete-save", ("prune", "recover", "eval"), [], r"bad is incomplete: 1 of the files its save wrote are "
+     r"not there \(tokenizer\.json\)", _incomplete_save),
     ("corrupt-config", ("prune", "recover", "eval"), [], r"bad/config\.json is not valid JSON", _corrupt_config),
     ("token-ids-beyond-vocab", ("prune",), ["--no-eval"], r"calibration text has token ids up to \d+, but the model "
      r"embeds only 20 tokens", _small_vocab),
@@ -343,3 +355,134 @@ def test_the_sharded_loader_refuses_custom_code_and_shards_outside(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         SafetensorsRows(tmp_path / "bad")
     assert not (tmp_path / "ran").exists()
+
+
+# ----------------------------------------------------------------------------- recovery's own failures
+def test_a_recovery_save_that_fails_keeps_the_report_and_says_why(tmp_path, capsys, monkeypatch):
+    import errno
+
+    pytest.importorskip("peft")
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    argv = _argv("moreau-recover", ["--json", "{tmp}/r.json"], model=model, text=text, tmp=tmp_path)
+    rc = _main("moreau-recover")(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert re.search(r"moreau-recover: error: saving --out .*/out failed: .*No space left on device \(the model "
+                     r"needs about 0\.\d MB\); nothing was written there, the report was written to .*r\.json", err), err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["losses"]) == 2 and report["steps"] == 2
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_non_finite_training_loss_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("peft")
+    from moreau_pruner.recover import loop
+
+    real, calls = loop.lm_loss_sum, []
+
+    def diverging(*a, **k):  # the loss of step 3 overflows
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "lm_loss_sum", diverging)
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    argv = _argv("moreau-recover", ["--max-steps", "4", "--save-every", "1"], model=model, text=text, tmp=tmp_path)
+    rc = _main("moreau-recover")(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("moreau-recover: error: ")]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert re.search(r"the training loss is nan at step 3 of recovery: lower the learning rate \(--lr, now 0\.0001\)",
+                     lines[0]), lines[0]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002"]
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- under torchrun (gloo, 2 ranks)
+# Faults injected into every process of the job (torchrun's ranks cannot be monkeypatched from here).
+INJECT = """\
+import os
+fault = os.environ.get("MOREAU_TEST_FAULT")
+if fault == "no-space":
+    import collections, shutil
+    usage = collections.namedtuple("usage", "total used free")
+    shutil.disk_usage = lambda path: usage(10**6, 10**6 - 4096, 4096)
+elif fault == "save-enospc":
+    import errno, safetensors.torch
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    safetensors.torch.save_file = full_disk
+"""
+
+TORCHRUN_CASES = [
+    # id, options, the error's pattern, set-up of {tmp}/bad, injected fault
+    ("out-unwritable", ["--out", "/proc/moreau-out"], r"--out /proc/moreau-out: cannot write in /proc", None, None),
+    ("more-layers-than-weights", ["--model", "{tmp}/bad"], r"model\.layers\.(\{4,5\}|4)\.", _six_layers, None),
+    ("too-little-space", [], r"the output needs about 0\.\d MB but .* has 0\.0 MB free", None, "no-space"),
+    ("save-fails", ["--json", "{tmp}/r.json"], r"saving --out .*/out failed: .*No space left on device \(the model "
+     r"needs about 0\.\d MB\); nothing was written there, the report was written to .*r\.json", None, "save-enospc"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern,setup,fault", [c[1:] for c in TORCHRUN_CASES],
+                         ids=[c[0] for c in TORCHRUN_CASES])
+def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pattern, setup, fault):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    if setup is not None:
+        setup(tmp_path, model)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOREAU_TEST_FAULT": fault or "",
+           "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = _argv("moreau-prune", ["--backend", "reference", *extra], model=model, text=text, tmp=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--device", "cpu", *argv]
+    before = _tree(tmp_path)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moreau-prune: error: ")]
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]  # rank 0's line; rank 1 is quiet
+    assert re.search(pattern, lines[0]), lines[0]
+    after = _tree(tmp_path)
+    if fault == "save-enospc":  # the report is kept
+        assert json.loads((tmp_path / "r.json").read_text())["params_after"] > 0
+        del after["r.json"]
+    assert after == before
+
+
+def test_a_recovery_adapter_write_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    pytest.importorskip("peft")
+    from moreau_pruner.recover import tuning
+
+    def full_disk(self, directory):
+        Path(directory).mkdir()
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tuning.LoraTuning, "save_side", full_disk)
+    model, text = model_dir(tmp_path, "llama"), golden_text(tmp_path)
+    rc = _main("moreau-recover")(_argv("moreau-recover", [], model=model, text=text, tmp=tmp_path))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("moreau-recover: error: ")]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert re.search(r"saving --out .*/out failed while writing the LoRA adapter: .*No space left on device; nothing "
+                     r"was written there", lines[0]), lines[0]
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

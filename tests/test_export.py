@@ -62,7 +62,7 @@ def test_uniform_export_reloads_stock_with_identical_logits(tmp_path, kind, tied
     want = logits(m)
     out = save_uniform(m, tmp_path / "stock", tokenizer=word_tokenizer(WORDS), extra=rep.as_dict())
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tokenizer")) == [
-        "config.json", "generation_config.json", "model.safetensors", "pruning_info.json"]
+        "config.json", "generation_config.json", "model.safetensors", "moreau_complete.json", "pruning_info.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == kind and cfg["architectures"] == [KINDS[kind][1].__name__]
     assert "auto_map" not in cfg and not set(cfg) & {"layer_num_attention_heads", "layer_intermediate_size"}

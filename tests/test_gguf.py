@@ -188,7 +188,8 @@ def _tokenizer_json(directory, edit):
      "no pre-tokenizer that splits text like this"),
     (lambda d: _tokenizer_json(d, lambda tj: tj["model"].update(byte_fallback=True)), "byte fallback"),
     (lambda d: _tokenizer_json(d, lambda tj: tj.update(normalizer={"type": "NFC"})), "normalizes text first"),
-    (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "has no tokenizer.json"),
+    (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json", "moreau_complete.json")],
+     "has no tokenizer.json"),  # (as another tool's directory: with the marker, removed files are refused)
     (lambda d: _config(d, hidden_act="gelu"), "MLP activation 'gelu'"),
     (lambda d: _config(d, sliding_window=16), "sliding window of 16 tokens"),
     (lambda d: _config(d, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moreau_pruner.io import pruned as mio
+from moreau_pruner.io.staging import COMPLETE_FILE
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -494,5 +495,6 @@ def test_tokenizer_class_fallback_and_error(tmp_path):
     _, tok = mio.load_pruned(out)  # the generic fast tokenizer reads tokenizer.json
     assert tok("w5 w17")["input_ids"] == [5, 17]
     os.remove(out / "tokenizer.json")
+    os.remove(out / COMPLETE_FILE)  # (as another tool's directory: with the marker, a removed file is refused)
     with pytest.raises(ValueError, match="NoSuchTokenizerFast"):
         mio.load_pruned(out)

@@ -104,9 +104,11 @@ def check_out(out: str | None, overwrite: bool, model: str | None = None) -> Non
 
 
 def check_out_target(out: str | None, overwrite: bool, model: str | None = None) -> None:
-    """``--out`` can hold the output and destroys nothing: not empty text, not a file, not ``--model`` nor a
-    directory holding it (through symlinks and ``..`` too: ``--overwrite`` would replace the input), and
-    writable; ``--overwrite`` needs an ``--out``."""
+    """``--out`` can hold the output and destroys nothing: not empty text, not a file, not ``--model``, a
+    directory holding it or a directory inside it (through symlinks and ``..`` too: ``--overwrite`` would
+    replace the input), and writable; ``--overwrite`` needs an ``--out``. Left-overs of killed runs that
+    wrote ``--out`` are cleaned here, before the run (:func:`moreau_pruner.io.staging.clean_stale`)."""
+    from ..io.staging import clean_stale
     from ..io.target import check_writable
 
     if out is None:
@@ -116,14 +118,18 @@ def check_out_target(out: str | None, overwrite: bool, model: str | None = None)
     if not out.strip():
         raise ValueError("--out is empty; give a directory to write the output to")
     target = Path(out).expanduser()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"--out {out} is an existing file, not a directory")
     if model is not None:
         source, resolved = Path(model).expanduser().resolve(), target.resolve()
         if resolved == source or resolved in source.parents:
             what = "is" if resolved == source else "holds"
             raise ValueError(f"--out {out} {what} the input model {model}: writing there would destroy it "
                              "(also with --overwrite); choose another --out")
+        if source in resolved.parents and source.is_dir():
+            raise ValueError(f"--out {out} is inside the input model {model}: writing there would change the "
+                             "model directory; choose an --out outside it")
+    clean_stale(target)  # what killed runs left there (a lost --out comes back from its old copy)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file, not a directory")
     check_writable(target, "--out")
 
 
@@ -186,12 +192,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(prog: str, parser: argparse.ArgumentParser, run: Callable, show: Callable[[object], None],
          argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, ``run(args)``, ``show(result)`` (unless None); a user error is one line and
-    exit status 2."""
+    exit status 2. Under torchrun (``--distributed``) only rank 0 prints it, every rank exits 2: the
+    checks before the process group runs see the same arguments and files on every rank, and the
+    errors after it are raised alike on every rank (the device check compares the ranks, rank 0's
+    failure is sent to all), so the other ranks would print the same line again."""
     args = parser.parse_args(argv)
     try:
         result = run(args)
     except user_errors() as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not (getattr(args, "distributed", None) and os.environ.get("RANK", "0") != "0"):
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if result is not None:
         show(result)

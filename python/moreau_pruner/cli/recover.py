@@ -211,7 +211,8 @@ def run(args):
               + (f"; out-of-domain text: {data.ood_source}" if data.ood_source else ""), file=sys.stderr)
     result = recover(model, tokenizer, data, cfg, out=out, adapter=args.adapter,
                      resume="always" if args.resume else "auto", overwrite=args.overwrite,
-                     progress=not args.quiet, extra_info=_source_info(args.model), teacher=teacher)
+                     progress=not args.quiet, extra_info=_source_info(args.model), teacher=teacher,
+                     report_path=args.json)
     if args.json:
         write_json(args.json, result.report)
     return result

@@ -11,6 +11,10 @@ plan every rank computed alike, evaluates and saves it in the usual format.
 
 Evaluation (``--eval-seq-lens``) and the sample generation run on rank 0 on the gathered model;
 pass ``--no-eval`` when the dense model does not fit one device.
+
+As in one process, the free space for the output is checked once the model is loaded, before the
+scoring (rank 0 checks, every rank stops), and a save that still fails keeps the report
+(:func:`moreau_pruner.pipeline.finish`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.distributed as dist
 
 import moreau_kernels as mk
 
+from ..io.target import OutputError, check_space, model_bytes
 from .context import Context, DistributedError, check_environment, init
 from .loading import gather_to_rank0, load_sharded
 from .scoring import FsdpScoring
@@ -44,6 +49,20 @@ def run_job(job, finish_rank0) -> dict | None:
         dist.destroy_process_group()
 
 
+def _check_space(out, nbytes: int, ctx: Context) -> None:
+    """Rank 0 checks the free space for ``nbytes`` at ``out`` (where it saves); every rank raises its
+    OutputError, so none is left waiting."""
+    status = [None]
+    if ctx.is_main:
+        try:
+            check_space(out, nbytes)
+        except OutputError as e:
+            status = [str(e)]
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise OutputError(status[0])
+
+
 def _run_job(job, ctx: Context, finish_rank0):
     from ..job import calibrate, compensation_batch, half_gemm_context, half_gemm_mode
     from ..prune.target import resolve_target
@@ -53,6 +72,8 @@ def _run_job(job, ctx: Context, finish_rank0):
     t0 = time.perf_counter()
     sm = load_sharded(job.model, job.dtype, ctx)
     times["load_s"] = time.perf_counter() - t0
+    if job.out:  # the output fits where rank 0 saves it, before the long work
+        _check_space(job.out, model_bytes(sm.model), ctx)
     target = resolve_target(sm.model, job.prune)
     batch = calibrate(sm.tokenizer, job.data, ctx.device)
     half = half_gemm_mode(job)

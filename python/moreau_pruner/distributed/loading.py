@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,8 @@ from torch import nn
 from ..estimate.params import unique_named_parameters
 from ..estimate.strategies.fsdp import shard_range
 from ..io.pruned import read_config
-from ..model.checks import check_stock_config, check_weights
+from ..io.staging import check_complete
+from ..model.checks import check_loading, check_stock_config, check_weights
 from ..model.loading import embedded_model_path, load_model, parse_dtype
 from ..model.meta import meta_model
 from ..model.structure import find_layers
@@ -74,6 +76,18 @@ class SafetensorsRows:
             for k in h.keys():
                 self._where[k] = path.name
 
+    def check_fits(self, model: nn.Module, directory: Path) -> None:
+        """A ValueError naming the tensors ``model`` (a meta model of config.json) needs that the checkpoint
+        lacks, those it holds that the model has no place for, and those of another shape, before any rank
+        reads a row (the check one process gets from :func:`moreau_pruner.model.checks.load_checked`)."""
+        expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        have = {k: tuple(self._files[f].get_slice(k).get_shape()) for k, f in self._where.items()}
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        check_loading(directory, {
+            "missing_keys": [n for n, _ in unique_named_parameters(model) if n not in have],
+            "unexpected_keys": [k for k in have if k not in expected and not any(p.search(k) for p in ignored)],
+            "mismatched_keys": [(k, have[k], expected[k]) for k in have if k in expected and have[k] != expected[k]]})
+
     def __call__(self, name: str, start: int, stop: int) -> torch.Tensor:
         f = self._where.get(name)
         if f is None:
@@ -100,6 +114,8 @@ def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
     path = embedded_model_path() if spec is None else Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (give a .gguf file or a local model directory)")
+    if path.is_dir():
+        check_complete(path)
     cfg = read_config(path) if path.is_dir() else {}
     if cfg and "layer_intermediate_size" not in cfg:
         check_stock_config(cfg, path / "config.json")
@@ -110,7 +126,9 @@ def load_sharded(spec, dtype, ctx: Context) -> ShardedModel:
         def factory():
             return AutoModelForCausalLM.from_config(config)
 
-        model = fully_shard_model(meta_model(factory, torch_dtype, real_buffers=True), ctx)
+        meta = meta_model(factory, torch_dtype, real_buffers=True)
+        reader.check_fits(meta, path)
+        model = fully_shard_model(meta, ctx)
         materialize(model, ctx, lambda n, a, b: reader(n, a, b).to(torch_dtype))
         return ShardedModel(model, tok, factory, torch_dtype, True)
     full, tok = load_model(spec, torch_dtype, "cpu")  # every rank reads the whole file (no sliced reader)

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .staging import clean_stale, fsync_dir, fsync_file, staging_path
 
 __all__ = ["OUTTYPES", "GGUFExport", "plan_gguf", "export_gguf", "pre_tokenizer_name"]
 
@@ -391,7 +392,8 @@ def export_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtype: s
     model, tokenizer = load_pruned(directory, dtype=torch.float32)
     plan, vocab, theta, rope_freqs = plan_gguf(model, directory, outtype, tokenizer)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale(out)
+    tmp = staging_path(out)
     writer = gguf.GGUFWriter(tmp, plan.arch)
     try:
         _write(writer, model, directory, plan, vocab, theta, rope_freqs)
@@ -399,7 +401,9 @@ def export_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtype: s
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
+        fsync_file(tmp)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ import torch
 
 from ..model.checks import check_stock_config, check_weights, load_checked
 from .atomic import json_default, staged_directory
+from .staging import check_complete
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -448,12 +449,17 @@ def load_pruned(
     quiet: no "run the custom code?" prompt, no config-type warning (see ``_load_tokenizer``). ``dtype``
     None keeps the saved dtype. The model is moved to ``device`` and put in eval mode.
     ``attn_implementation`` ("sdpa", "eager", ...) is passed to transformers; None = its default.
+
+    An incomplete directory is refused (:func:`moreau_pruner.io.staging.check_complete`): one whose
+    completion marker lists files that are not there, or the unfinished copy of an interrupted save.
+    Directories of older versions (no marker; e.g. pruning_info.json and whole weights) load as before.
     """
     directory = Path(directory).expanduser()
     if not directory.exists():
         raise FileNotFoundError(f"pruned model directory {directory} does not exist")
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory")
+    check_complete(directory)
     d = read_config(directory)
     per_layer = is_per_layer(d, directory / CONFIG_FILE)
     base_arch = _base_arch_of(d, directory / CONFIG_FILE) if per_layer else stock_architecture(d, directory / CONFIG_FILE)

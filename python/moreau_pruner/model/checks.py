@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["check_safetensors", "check_stock_config", "check_token_ids", "check_tokenizer_fits", "check_weights",
+__all__ = ["check_loading", "check_safetensors", "check_stock_config", "check_token_ids", "check_tokenizer_fits", "check_weights",
            "load_checked", "loading_problems", "shard_names", "tensor_names"]
 
 
@@ -66,10 +66,16 @@ def load_checked(from_pretrained: Callable, directory: Path, **kwargs):
                                       **kwargs)
     finally:
         logging.set_verbosity(level)
+    check_loading(directory, info)
+    return model
+
+
+def check_loading(directory: Path, info: dict) -> None:
+    """A ValueError naming every missing, unexpected or mis-shaped tensor of ``info`` (as
+    ``output_loading_info`` gives it) read from ``directory``; nothing when there is none."""
     problems = loading_problems(info)
     if problems:
         raise ValueError(f"{directory}: the weights do not fit config.json: tensors " + "; tensors ".join(problems))
-    return model
 
 
 # ----------------------------------------------------------------------------- what a directory may hold

@@ -63,7 +63,9 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch_dtype, **kw)
     else:
         from ..io.pruned import load_pruned, read_config
+        from ..io.staging import check_complete
 
+        check_complete(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found: {path} is not a model directory")

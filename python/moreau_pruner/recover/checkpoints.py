@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
+
+from ..io.staging import clean_stale, fsync_dir, fsync_tree, staging_path
 
 
 __all__ = ["CHECKPOINTS_DIR", "check_fit", "checkpoint_dirs", "mismatch", "prepare_out", "read_checkpoint",
@@ -56,15 +57,18 @@ def write_checkpoint(out: Path, step: int, tensors: dict[str, torch.Tensor], wei
     root = out / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale(final, every_name=True)  # what killed runs left in OUT/checkpoints
+    tmp = staging_path(final)
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / weights_file), metadata={"format": "pt"})
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / _TRAINER_FILE)
         (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,13 +16,14 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..io.staging import staging_path
+from ..io.target import OutputError, keep_report, model_bytes
 from .checkpoints import (CHECKPOINTS_DIR, mismatch, prepare_out, read_checkpoint, read_checkpoint_state,
                           set_rng_state, write_checkpoint)
 from .config import RecoverConfig
@@ -178,8 +179,9 @@ def _step(run: _Run, step: int) -> tuple[float, float, float]:
             kl_total += kl
             lm_total += lm
     if not math.isfinite(total):
-        raise FloatingPointError(f"recovery: the training loss is {total} at step {step + 1}; "
-                                 "lower the learning rate or use float32")
+        raise FloatingPointError(f"the training loss is {total} at step {step + 1} of recovery: lower the "
+                                 f"learning rate (--lr, now {cfg.lr:g}) or train in float32 (the checkpoints of "
+                                 "earlier steps are kept)")
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
     run.optimizer.step()
@@ -234,6 +236,7 @@ def recover(
     callback: Callable[[int, float], None] | None = None,
     extra_info: dict | None = None,
     teacher=None,
+    report_path: str | os.PathLike | None = None,
 ) -> RecoverResult:
     """Fine-tunes ``model`` on ``data`` (LoRA or every weight, LM loss or distillation; see
     :class:`RecoverConfig`) and (with ``out``) saves the result.
@@ -248,6 +251,10 @@ def recover(
     (with ``config.distill``): the dense model, as a :class:`.teacher.Teacher`, a model object, a model
     directory, a ``.gguf`` file or ``"embedded"``; it is frozen (eval mode, no gradients) and moved to
     the training device and ``config.teacher_dtype`` in place, and its perplexity is measured too.
+    When saving to ``out`` fails for want of space or permission, the report is kept (written to
+    ``report_path``, else printed on stdout as JSON) and an :class:`~moreau_pruner.io.target.OutputError`
+    says so and how much space the model needs. A non-finite training loss stops the run with a
+    FloatingPointError naming the step; the checkpoints of the steps before it stay under ``out``.
 
     Every input is checked before anything is written. ``model`` is modified in place (LoRA layers
     are inserted, then merged away); the trained model is ``result.model``.
@@ -316,8 +323,13 @@ def recover(
     side_tmp = None
     if out_path is not None and tuning.kind == "lora":  # the adapter alone, written before merging
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        side_tmp = out_path.parent / f".{out_path.name}.adapter-{uuid.uuid4().hex[:8]}"
-        tuning.save_side(side_tmp)
+        side_tmp = staging_path(out_path, "adapter")
+        try:
+            tuning.save_side(side_tmp)
+        except OSError as e:
+            shutil.rmtree(side_tmp, ignore_errors=True)
+            raise OutputError(f"saving --out {out_path} failed while writing the LoRA adapter: {e}; nothing was "
+                              "written there") from e
     try:
         trained = tuning.finish()
         trained.eval()
@@ -342,7 +354,8 @@ def recover(
         }
         _report_extras(report, before, trained, tokenizer, data, teacher, history.parts, cfg, progress)
         if out_path is not None:
-            _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start)
+            with keep_report(report, out_path, report_path, model_bytes(trained)):
+                _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start)
         else:  # (with an output, the time up to the report written, as saved)
             report["total_time_s"] = round(time.perf_counter() - t_start, 3)
     finally:
