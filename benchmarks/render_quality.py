@@ -978,7 +978,12 @@ def _compensation_tuning(recs: list[dict], corpus: str = "pydoc") -> list[str]:
         return f"{val:.2f} ({fit:.2f})" + (f" n={len(recs)}" if len(recs) > 1 else "")
 
     none = by.get(("none", None, None), [])
-    rows = [["none", "–", cell(none)] + [""] * (len(tokens) - 1)] if none else []
+    if none and tokens and tokens[0][0] == 0:  # the scoring batch is a column: the none cell fits under it
+        rows = [["none", "–", cell(none)] + [""] * (len(tokens) - 1)]
+    elif none:  # validation PPL only, the same in every column
+        rows = [["none", "–"] + [f"{statistics.fmean(r['ppl']['calib-val'] for r in none):.2f}"] * len(tokens)]
+    else:
+        rows = []
     if refs:
         rows.append(["none, on the compensation windows", "–"] + [
             f"({statistics.fmean(refs[e]):.2f})" if refs.get(e) else "–" for e, _, _ in tokens])
@@ -1001,6 +1006,11 @@ def _compensation_tuning(recs: list[dict], corpus: str = "pydoc") -> list[str]:
         base = statistics.fmean(r["ppl"]["calib-val"] for r in none) if none else math.nan
         out += [f"Lowest validation PPL: `{mode}`, damping {damping:g}, {ex[2]:,} tokens ({best_val:.2f}"
                 + (f", {_rel(best_val, base):+.1f} % against no compensation" if none else "") + ").", ""]
+        cheap = min(((next(t for t in tokens if t[0] == e)[2], v, m, d) for v, (m, d, e) in scored
+                     if v <= 1.01 * best_val), default=None)
+        if cheap and cheap[0] < ex[2]:
+            out += [f"Within 1 % of it with the fewest tokens (the rule for the cells, cheaper to fit): `{cheap[2]}`, "
+                    f"damping {cheap[3]:g}, {cheap[0]:,} tokens ({cheap[1]:.2f}).", ""]
     return out
 
 
