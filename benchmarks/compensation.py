@@ -7,18 +7,23 @@ the same pruning without it (BENCHMARKS.md §3). One JSON record per cell in
 Two kinds of cells:
 
 * ``tune``: the compensation's damping, calibration token count and mode, chosen on the
-  calibration side only. The calibration documents of the corpus are split again (the same
+  calibration side only. The calibration documents of the ``--calib`` corpus (``mixed``: both
+  corpora's calibration sides, :func:`moreau_pruner.data.split_corpus`) are split again (the same
   document-level rule, 20 %) into a *fit* part and a *validation* part. Units are scored (Taylor,
   10 x 64 tokens) and compensated on windows of the fit part; the cell records the perplexity on the
   validation part (``calib-val``) and on the compensation windows themselves (``fit``), so the gap
   between the two shows whether the fit to a few hundred tokens carries beyond them. The
   evaluation text is not read.
-* ``cell``: a method's units (scored on the usual 10 x 64-token calibration batch of seed s, every
-  layer, cached in ``--scores-cache``; the policy-gradient mask is cached too) at a size given as
+* ``cell``: a method's units (scored on the usual 10 x 64-token calibration batch of seed s drawn
+  from the calibration side of ``--score-calib``, pydoc by default, every layer, cached in
+  ``--scores-cache``; the policy-gradient mask is cached too) at a size given as
   the fraction of the decoder blocks' parameters removed (``--sizes``; the local ratio that reaches
   it is solved per layer range with ``ratio_for_params``), pruned without compensation (``none``)
   and with each ``--modes`` entry at ``--damping`` on ``--examples`` x ``--seq-len`` calibration
-  tokens (seed s). Perplexity on the first ``--windows`` 128-token windows of the held-out pydoc and
+  tokens (seed s) of the ``--calib`` corpus's calibration side. With the default ``--score-calib
+  pydoc`` the ``none`` cell does not depend on ``--calib``, so its record is shared (its key names
+  no corpus); ``--calib mixed`` fits the compensation to pydoc and fortunes text alike while the
+  units stay those of the pydoc scores, which isolates the effect of the fit's text. Perplexity on the first ``--windows`` 128-token windows of the held-out pydoc and
   fortunes texts.
 
 Cost: wall seconds of the scoring, the compensation and the evaluation on this machine (with the
@@ -28,6 +33,8 @@ time can be estimated as FLOPs / sustained throughput (``--gpu-tflops``).
 
     python benchmarks/compensation.py tune --examples 0,16,64 --dampings 0.001,0.01,0.1,1
     python benchmarks/compensation.py cell --methods taylor --sizes 0.2 --layers 4:30,0:30 --seeds 0
+    python benchmarks/compensation.py tune --calib mixed --examples 16,64,128 --dampings 0.01,0.1,0.3,1
+    python benchmarks/compensation.py cell --calib mixed --damping 0.1 --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -70,6 +77,12 @@ def _ints(s):
 
 def _strs(s):
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _corpus_tag(corpus: str) -> str:
+    """The key and cache-name suffix of a calibration corpus: empty for pydoc, so that the records and
+    score caches made before the corpus was an option keep their names."""
+    return "" if corpus == "pydoc" else f"|calib-{corpus}"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -125,19 +138,21 @@ class Bench:
         self.done = {r["key"] for r in read_records(self.path)}
         self.ids = {}
 
-    def tokens(self, name: str) -> torch.Tensor:
-        """Token ids of 'calib', 'fit', 'val' (the calibration side and its split) or '<corpus>-heldout'."""
-        if name not in self.ids:
+    def tokens(self, name: str, corpus: str | None = None) -> torch.Tensor:
+        """Token ids of 'calib', 'fit', 'val' (the calibration side of ``corpus``, default ``--calib``, and
+        its split) or '<corpus>-heldout'."""
+        corpus = corpus or self.args.calib
+        if (name, corpus) not in self.ids:
             if name in ("fit", "val"):
-                docs = mp_data.split_documents(mp_data.corpus_documents(self.args.calib))[0]
+                docs = mp_data.split_corpus(corpus)[0]
                 fit, val = mp_data.split_documents(docs)
                 text = "\n\n".join(fit if name == "fit" else val)
             elif name == "calib":
-                text = mp_data.calibration_text(self.args.calib)
+                text = mp_data.calibration_text(corpus)
             else:
                 text = mp_data.heldout_text(name.removesuffix("-heldout"))
-            self.ids[name] = self.loaded.tokenize(text)
-        return self.ids[name]
+            self.ids[(name, corpus)] = self.loaded.tokenize(text)
+        return self.ids[(name, corpus)]
 
     def ratio(self, size: float, layers: str) -> tuple[float, int]:
         target = self.total - int(round(size * self.blocks))
@@ -146,17 +161,17 @@ class Bench:
     def prune_config(self, ratio, layers):
         return PruneConfig(ratio=ratio, attn_layers=layers, mlp_layers=layers, granularity="query-heads")
 
-    def scores(self, method: str, seed: int, source: str) -> tuple[list, float, dict | None]:
+    def scores(self, method: str, seed: int, source: str, corpus: str) -> tuple[list, float, dict | None]:
         """(unit scores of every layer, seconds, policy mask or None) for ``method`` on the 10 x 64 batch of
-        seed ``seed`` from ``source``; cached on disk. Policy gradient: the learned keep-probabilities and
+        seed ``seed`` from ``source`` ('calib' or 'fit') of ``corpus``; cached on disk. Policy gradient: the learned keep-probabilities and
         per-layer removal counts of its final mask (its budget depends on the size and layers, in the key)."""
         lib, opts = METHODS[method]
-        name = f"{method}_s{seed}_{source}_{self.loaded.tag}.pt"
+        name = f"{method}_s{seed}_{source}{_corpus_tag(corpus).replace('|', '_')}_{self.loaded.tag}.pt"
         disk = Path(self.args.scores_cache) / name
         if disk.is_file():
             saved = torch.load(disk)
             return [LayerScores(*x) for x in saved["scores"]], saved["seconds"], saved.get("policy")
-        batch = mp_data.calibration_batch(None, self.tokens(source), 10, 64, seed)
+        batch = mp_data.calibration_batch(None, self.tokens(source, corpus), 10, 64, seed)
         every = self.prune_config(0.5, f"0:{self.structure.num_layers}")
         t0 = time.perf_counter()
         scores, _, _ = compute_scores(self.dense, batch, lib, every, MoreauConfig(mode="paper", seed=seed), seed=seed,
@@ -165,13 +180,15 @@ class Bench:
         self._save(disk, scores, seconds, None)
         return scores, seconds, None
 
-    def policy_mask(self, seed: int, ratio: float, layers: str):
-        """The pg-taylor mask at this ratio and layer range: (probabilities as LayerScores, counts, seconds)."""
-        disk = Path(self.args.scores_cache) / f"pg-taylor_s{seed}_r{ratio:g}_{layers.replace(':', '-')}_{self.loaded.tag}.pt"
+    def policy_mask(self, seed: int, ratio: float, layers: str, corpus: str):
+        """The pg-taylor mask at this ratio and layer range, searched on ``corpus``: (probabilities as LayerScores,
+        counts, seconds)."""
+        disk = Path(self.args.scores_cache) / (f"pg-taylor_s{seed}_r{ratio:g}_{layers.replace(':', '-')}"
+                                               f"{_corpus_tag(corpus).replace('|', '_')}_{self.loaded.tag}.pt")
         if disk.is_file():
             saved = torch.load(disk)
             return [LayerScores(*x) for x in saved["scores"]], saved["policy"]["counts"], saved["seconds"]
-        batch = mp_data.calibration_batch(None, self.tokens("calib"), 10, 64, seed)
+        batch = mp_data.calibration_batch(None, self.tokens("calib", corpus), 10, 64, seed)
         model = copy.deepcopy(self.dense)
         t0 = time.perf_counter()
         res = prune_model(model, batch, "policy-gradient", self.prune_config(ratio, layers), seed=seed, progress=False,
@@ -227,12 +244,12 @@ def run_tune(b: Bench, args) -> None:
     ratio, target = b.ratio(args.tune_size, args.tune_layers)
     cfg = b.prune_config(ratio, args.tune_layers)
     for seed in args.seeds:
-        scores, score_s, _ = b.scores("taylor", seed, "fit")
+        scores, score_s, _ = b.scores("taylor", seed, "fit", args.calib)
         score_batch = mp_data.calibration_batch(None, b.tokens("fit"), 10, 64, seed)
         grid = [("none", None, 0)] + [(m, d, e) for m in args.modes for d in args.dampings for e in args.examples]
         for mode, damping, examples in grid:
             key = (f"tune|{b.loaded.tag}|taylor|s{seed}|size{args.tune_size}|{args.tune_layers}|{mode}|d{damping}|"
-                   f"e{examples}x{args.seq_len}|val{args.windows}")
+                   f"e{examples}x{args.seq_len}|val{args.windows}{_corpus_tag(args.calib)}")
             batch = score_batch if not examples else \
                 mp_data.calibration_batch(None, b.tokens("fit"), examples, args.seq_len, seed)
             if mode != "none":
@@ -243,7 +260,8 @@ def run_tune(b: Bench, args) -> None:
             model, rep, comp_s = b.prune(scores, cfg, None, comp, batch)
             p_val, _, ev = evaluate(model, val, args.windows, 0, 1024)
             p_fit = _ppl_of(model, batch)
-            b.write({"key": key, "kind": "tune", "method": "taylor", "seed": seed, "size": args.tune_size,
+            b.write({"key": key, "kind": "tune", "calib": args.calib, "method": "taylor", "seed": seed,
+                     "size": args.tune_size,
                      "layers": args.tune_layers, "ratio": ratio, "target_params": target, "mode": mode,
                      "damping": damping, "examples": examples, "seq_len": args.seq_len if examples else 64,
                      "tokens": int(batch.numel()), "params_after": rep.params_after, "params_before": rep.params_before,
@@ -255,11 +273,12 @@ def run_tune(b: Bench, args) -> None:
 def _fit_reference(b: Bench, args, scores, cfg, seed: int, examples: int, batch) -> None:
     """The uncompensated model's PPL on the compensation windows of (seed, examples): what ``fit`` is compared
     with (record kind ``tune-ref``, once per window set)."""
-    key = f"tune-ref|{b.loaded.tag}|taylor|s{seed}|size{args.tune_size}|{args.tune_layers}|e{examples}x{args.seq_len}"
+    key = (f"tune-ref|{b.loaded.tag}|taylor|s{seed}|size{args.tune_size}|{args.tune_layers}|e{examples}x{args.seq_len}"
+           f"{_corpus_tag(args.calib)}")
     if key in b.done:
         return
     model, rep, _ = b.prune(scores, cfg, None, None, batch)
-    b.write({"key": key, "kind": "tune-ref", "seed": seed, "size": args.tune_size, "layers": args.tune_layers,
+    b.write({"key": key, "kind": "tune-ref", "calib": args.calib, "seed": seed, "size": args.tune_size, "layers": args.tune_layers,
              "examples": examples, "tokens": int(batch.numel()), "ppl": {"fit": _ppl_of(model, batch)},
              "cost": {"compensate_s": 0.0}})
 
@@ -297,15 +316,17 @@ def _group(b: Bench, args, held, method, seed, size, layers) -> None:
     modes = ["none"] + args.modes
     keys = {m: (f"cell|{b.loaded.tag}|{method}|s{seed}|size{size}|{layers}|{m}"
                 + ("" if m == "none" else f"|d{args.damping}|e{args.examples[0]}x{args.seq_len}")
-                + f"|{'+'.join(args.texts)}{args.windows}") for m in modes}
+                + f"|{'+'.join(args.texts)}{args.windows}"
+                + _corpus_tag(args.score_calib).replace("calib-", "units-")
+                + ("" if m == "none" else _corpus_tag(args.calib))) for m in modes}
     if all(k in b.done for k in keys.values()):
         return
     cfg = b.prune_config(ratio, layers)
     counts = None
     if method == "pg-taylor":
-        scores, counts, score_s = b.policy_mask(seed, ratio, layers)
+        scores, counts, score_s = b.policy_mask(seed, ratio, layers, args.score_calib)
     else:
-        scores, score_s, _ = b.scores(method, seed, "calib")
+        scores, score_s, _ = b.scores(method, seed, "calib", args.score_calib)
     batch = mp_data.calibration_batch(None, b.tokens("calib"), args.examples[0], args.seq_len, seed)
     for mode in modes:
         if keys[mode] in b.done:
@@ -317,7 +338,7 @@ def _group(b: Bench, args, held, method, seed, size, layers) -> None:
             ppl[text], _, s = evaluate(model, ids, args.windows, 0, 1024)
             ev += s
         b.write({"key": keys[mode], "kind": "cell", "method": method, "seed": seed, "size": size, "layers": layers,
-                 "ratio": ratio, "target_params": target, "mode": mode,
+                 "calib": None if comp is None else args.calib, "score_calib": args.score_calib, "ratio": ratio, "target_params": target, "mode": mode,
                  "damping": None if comp is None else args.damping,
                  "examples": None if comp is None else args.examples[0], "seq_len": args.seq_len,
                  "tokens": 0 if comp is None else int(batch.numel()), "params_before": rep.params_before,
@@ -330,7 +351,7 @@ def _group(b: Bench, args, held, method, seed, size, layers) -> None:
 
 
 def run_dense(b: Bench, args) -> None:
-    key = f"dense|{b.loaded.tag}|{'+'.join(args.texts)}{args.windows}|val{args.windows}"
+    key = f"dense|{b.loaded.tag}|{'+'.join(args.texts)}{args.windows}|val{args.windows}{_corpus_tag(args.calib)}"
     if key in b.done:
         return
     ppl, ev = {}, 0.0
@@ -338,7 +359,7 @@ def run_dense(b: Bench, args) -> None:
         ppl[text], _, s = evaluate(b.dense, b.tokens(f"{text}-heldout"), args.windows, 0, 1024)
         ev += s
     ppl["calib-val"], _, s = evaluate(b.dense, b.tokens("val"), args.windows, 0, 1024)
-    b.write({"key": key, "kind": "dense", "method": "dense", "params_after": b.total, "blocks": b.blocks,
+    b.write({"key": key, "kind": "dense", "calib": args.calib, "method": "dense", "params_after": b.total, "blocks": b.blocks,
              "ppl": ppl, "windows": args.windows, "cost": {"compensate_s": 0.0, "eval_s": ev + s}})
 
 
@@ -349,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scores-cache", default="/tmp/compensation_scores")
-    p.add_argument("--calib", default="pydoc", help="calibration corpus (its calibration side)")
+    p.add_argument("--calib", default="pydoc", choices=mp_data.CORPORA,
+                   help="corpus whose calibration side the compensation fits (tune: also scores and validates on)")
+    p.add_argument("--score-calib", default="pydoc", choices=mp_data.CORPORA,
+                   help="cells: corpus whose calibration side the units are scored on")
     p.add_argument("--texts", type=_strs, default=list(TEXTS), help="held-out corpora evaluated (cells)")
     p.add_argument("--windows", type=int, default=32, help="128-token windows per evaluated text")
     p.add_argument("--seeds", type=_ints, default=[0])

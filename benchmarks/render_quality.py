@@ -929,8 +929,27 @@ def compensation_markdown(comp_dir: Path) -> list[str]:
     return out
 
 
+def _calib(r: dict) -> str:
+    """The corpus a record's compensation was fitted (tune: also scored and validated) on; pydoc for records
+    made before the corpus was recorded."""
+    return r.get("calib") or "pydoc"
+
+
+def _comp_label(r: dict) -> str:
+    """A cell's compensation setting: ``none``, or mode, fit corpus, damping and windows."""
+    if r["mode"] == "none":
+        return "none"
+    return f"{r['mode']}, {_calib(r)} fit, d {r['damping']:g}, {r['examples']} x {r['seq_len']}"
+
+
+def _method_label(r: dict) -> str:
+    units = r.get("score_calib") or "pydoc"
+    return r["method"] + ("" if units == "pydoc" else f" (units scored on {units})")
+
+
 def _compensation_model(tag: str, recs: list[dict]) -> list[str]:
-    dense = next((r for r in recs if r["kind"] == "dense"), None)
+    denses = [r for r in recs if r["kind"] == "dense"]
+    dense = next((r for r in denses if _calib(r) == "pydoc"), denses[0] if denses else None)
     tune = [r for r in recs if r["kind"] in ("tune", "tune-ref")]
     cells = [r for r in recs if r["kind"] == "cell"]
     loads = [r["host"]["load_avg"][0] for r in recs if (r.get("host") or {}).get("load_avg")]
@@ -947,17 +966,21 @@ def _compensation_model(tag: str, recs: list[dict]) -> list[str]:
            + f"; torch {recs[-1].get('torch')}; commit(s) {', '.join(sorted({r.get('git_commit', '') for r in recs} - {''}))}.",
            ""]
     if dense:
-        out += ["Dense model: " + ", ".join(f"{k} {v:.2f}" for k, v in dense["ppl"].items()) +
-                f" (PPL on the first {dense['windows']} 128-token windows of each held-out text; `calib-val` is the "
-                "validation part of the calibration side, used only to choose the settings).", ""]
-    if tune:
-        out += _compensation_tuning(tune)
+        others = [r for r in denses if r is not dense and "calib-val" in r["ppl"]]
+        out += ["Dense model: " + ", ".join(f"{k} {v:.2f}" + (f" ({_calib(dense)})" if k == "calib-val" else "")
+                                             for k, v in dense["ppl"].items())
+                + "".join(f", calib-val {r['ppl']['calib-val']:.2f} ({_calib(r)})" for r in others)
+                + f" (PPL on the first {dense['windows']} 128-token windows of each held-out text; `calib-val` is the "
+                "validation part of the calibration side of the corpus in parentheses, used only to choose the "
+                "settings).", ""]
+    for corpus in sorted({_calib(r) for r in tune}, key=lambda c: (c != "pydoc", c)):
+        out += _compensation_tuning([r for r in tune if _calib(r) == corpus], corpus)
     if cells:
         out += _compensation_cells(cells)
     return out
 
 
-def _compensation_tuning(recs: list[dict]) -> list[str]:
+def _compensation_tuning(recs: list[dict], corpus: str = "pydoc") -> list[str]:
     refs = defaultdict(list)  # examples -> the uncompensated model's PPL on those compensation windows
     for r in recs:
         if r["kind"] == "tune-ref":
@@ -980,14 +1003,19 @@ def _compensation_tuning(recs: list[dict]) -> list[str]:
         return f"{val:.2f} ({fit:.2f})" + (f" n={len(recs)}" if len(recs) > 1 else "")
 
     none = by.get(("none", None, None), [])
-    rows = [["none", "–", cell(none)] + [""] * (len(tokens) - 1)] if none else []
+    if none and tokens and tokens[0][0] == 0:  # the scoring batch is a column: the none cell fits under it
+        rows = [["none", "–", cell(none)] + [""] * (len(tokens) - 1)]
+    elif none:  # validation PPL only, the same in every column
+        rows = [["none", "–"] + [f"{statistics.fmean(r['ppl']['calib-val'] for r in none):.2f}"] * len(tokens)]
+    else:
+        rows = []
     if refs:
         rows.append(["none, on the compensation windows", "–"] + [
             f"({statistics.fmean(refs[e]):.2f})" if refs.get(e) else "–" for e, _, _ in tokens])
     for mode, damping in settings:
         rows.append([mode, f"{damping:g}"] + [cell(by.get((mode, damping, e), [])) for e, _, _ in tokens])
     scored = [(statistics.fmean(r["ppl"]["calib-val"] for r in v), k) for k, v in by.items() if k[0] != "none"]
-    out = ["### Choosing the damping, the token count and the mode (calibration side only)", "",
+    out = [f"### Choosing the damping, the token count and the mode (calibration side of `{corpus}` only)", "",
            f"Taylor units at {r0['size']:.0%} of the block parameters in layers {r0['layers']} (ratio {r0['ratio']:g}), "
            "scored on 10 x 64 tokens of the *fit* part of the calibration text (seed "
            f"{', '.join(str(s) for s in sorted({r['seed'] for r in tune}))}); compensated on windows of the fit part; "
@@ -1003,6 +1031,11 @@ def _compensation_tuning(recs: list[dict]) -> list[str]:
         base = statistics.fmean(r["ppl"]["calib-val"] for r in none) if none else math.nan
         out += [f"Lowest validation PPL: `{mode}`, damping {damping:g}, {ex[2]:,} tokens ({best_val:.2f}"
                 + (f", {_rel(best_val, base):+.1f} % against no compensation" if none else "") + ").", ""]
+        cheap = min(((next(t for t in tokens if t[0] == e)[2], v, m, d) for v, (m, d, e) in scored
+                     if v <= 1.01 * best_val), default=None)
+        if cheap and cheap[0] < ex[2]:
+            out += [f"Within 1 % of it with the fewest tokens (the rule for the cells, cheaper to fit): `{cheap[2]}`, "
+                    f"damping {cheap[3]:g}, {cheap[0]:,} tokens ({cheap[1]:.2f}).", ""]
     return out
 
 
@@ -1014,18 +1047,17 @@ def _compensation_cells(cells: list[dict]) -> list[str]:
         layers = sorted({r["layers"] for r in recs})
         by = defaultdict(dict)  # (method, mode, layers) -> {seed: record}
         for r in recs:
-            by[(r["method"], r["mode"], r["layers"])][r["seed"]] = r
+            by[(_method_label(r), _comp_label(r), r["layers"])][r["seed"]] = r
         settings = sorted({(m, mode) for m, mode, _ in by}, key=lambda k: (method_key(k[0]), k[1] != "none", k[1]))
         r0 = recs[0]
-        comp = next((r for r in recs if r["compensation"]), None)
         out += [f"### {size:.0%} of the decoder blocks' parameters removed", "",
                 "Parameters after pruning: " + "; ".join(
                     f"layers {lay}: {min(r['params_after'] for r in recs if r['layers'] == lay):,} "
                     f"(ratio {next(r['ratio'] for r in recs if r['layers'] == lay):g})" for lay in layers)
                 + f", of {r0['params_before']:,}. PPL on the first {r0['windows']} held-out 128-token windows of each "
-                "text, mean ± std over seeds" + (f"; compensation: damping {comp['damping']:g}, "
-                                                   f"{comp['tokens']:,} calibration tokens ({comp['examples']} x "
-                                                   f"{comp['seq_len']}, seed s)." if comp else "."), ""]
+                "text, mean ± std over seeds. Units scored on pydoc's calibration side unless the method says "
+                "otherwise; compensation: mode, the corpus whose calibration side it was fitted on, damping, "
+                "windows x tokens (seed s).", ""]
         header = ["method", "compensation"] + [f"{t} {lay}" for lay in layers for t in texts]
         rows = []
         for m, mode in settings:
@@ -1080,7 +1112,7 @@ def _compensation_cost(cells: list[dict]) -> list[str]:
     groups = defaultdict(list)
     for r in cells:
         if r["compensation"]:
-            groups[(r["method"], r["size"], r["layers"], r["mode"])].append(r)
+            groups[(_method_label(r), r["size"], r["layers"], _comp_label(r))].append(r)
     for (m, size, lay, mode), recs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1:])):
         comp_s = statistics.fmean(r["cost"]["compensate_s"] for r in recs)
         score_s = statistics.fmean(r["cost"]["score_s"] for r in recs)

@@ -427,6 +427,31 @@ def test_cli_compensate_saves_a_model_that_reloads(tmp_path, uniform):
     assert "weight compensation" in cli.format_report(rep)
 
 
+@pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir(), reason="Debian package 'fortunes' not installed")
+def test_cli_calib_mixed_scores_and_compensates_on_the_mixture(tmp_path, monkeypatch):
+    """moreau-prune --calib mixed: the scoring batch and the compensation windows are both drawn from the
+    calibration side of the mixed corpus (pydoc and fortunes)."""
+    from moreau_pruner import data
+    from moreau_pruner.cli import prune as cli
+
+    drawn = []
+    real = data.calibration_batch
+
+    def spy(tokenizer, text, *args, **kwargs):
+        drawn.append(text)
+        return real(tokenizer, text, *args, **kwargs)
+
+    monkeypatch.setattr(data, "calibration_batch", spy)
+    src = _tiny_dir(tmp_path / "llama", "llama")
+    argv = ["--model", str(src), *CLI_COMMON, "--attn-layers", "0:3", "--calib", "mixed", "--compensate",
+            "--compensate-examples", "3", "--compensate-seq-len", "20", "--out", str(tmp_path / "out"),
+            "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    mixed = data.calibration_text("mixed")
+    assert len(drawn) == 2 and all(t == mixed for t in drawn)
+    assert json.loads((tmp_path / "r.json").read_text())["compensation"]["tokens"] == 60
+
+
 # ----------------------------------------------------------------------------- FSDP2: 2 ranks = 1 process
 FSDP_PRUNE = PruneConfig(ratio=0.5, attn_layers="0:3", mlp_layers="0:3", granularity="query-heads")
 

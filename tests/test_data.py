@@ -144,6 +144,66 @@ def test_split_text_contiguous_on_line_boundary(tmp_path):
         data.split_text(text, 1.5)
 
 
+# ------------------------------------------------------------------ the mixed corpus
+def test_interleave_keeps_each_order_and_levels_the_characters():
+    a = ["aaaa", "aa", "a"]
+    b = ["b", "b", "bbbbbb", "b"]
+    # next from the part with fewer characters so far (ties: the first part); an exhausted part drops out
+    assert data._interleave([a, b]) == ["aaaa", "b", "b", "bbbbbb", "aa", "a", "b"]
+    assert data._interleave([[], b]) == b
+
+
+def test_mixed_corpus_planted(monkeypatch):
+    """A planted pair of corpora: the larger member's calibration side is thinned to every k-th document, the two
+    sides interleave, the held-out side is both held-out sides whole, and a text that one corpus holds out never
+    reaches the mixture's calibration side through the other."""
+    pydoc = [f"topic {i} " + "p" * 400 for i in range(30)]
+    p_calib, p_held = data.split_documents(pydoc)
+    fortunes = [f"fortune {i} " + "f" * 90 for i in range(600)] + [p_held[0]]  # one text in both corpora
+    monkeypatch.setattr(data, "_pydoc_documents", lambda: pydoc)
+    monkeypatch.setattr(data, "_fortune_documents", lambda: fortunes)
+    f_calib, f_held = data.split_documents(fortunes)
+    assert p_held[0] in f_calib  # the trap: calibration side in fortunes, held out in pydoc
+    calib, held = data.split_corpus("mixed")
+    assert set(held) == set(p_held) | set(f_held) and len(held) == len(set(held))
+    assert not set(calib) & set(held)
+    assert [d for d in calib if d in set(p_calib)] == p_calib  # all of pydoc's calibration side, in order
+    used = [d for d in calib if d not in set(p_calib)]
+    k = round(sum(map(len, [d for d in f_calib if d != p_held[0]])) / sum(map(len, p_calib)))
+    assert k > 1 and used == [d for d in f_calib if d != p_held[0]][::k]
+    share = sum(map(len, used)) / sum(map(len, calib))
+    assert 0.4 < share < 0.6
+    # interleaved, not one block after the other
+    first_f = next(i for i, d in enumerate(calib) if d in set(used))
+    last_p = max(i for i, d in enumerate(calib) if d in set(p_calib))
+    assert first_f < last_p
+    assert data.calibration_text("mixed") == "\n\n".join(calib)
+    assert data.heldout_text("mixed") == "\n\n".join(held)
+    assert data.corpus_documents("mixed") == calib + held
+    with pytest.raises(ValueError, match="unknown corpus"):
+        data.split_corpus("nope")
+
+
+@pytest.mark.skipif(not data.FORTUNES_DIR.is_dir(), reason="Debian package 'fortunes' not installed")
+def test_mixed_corpus_never_calibrates_on_the_evaluation_text():
+    """Calibrating on 'mixed' and evaluating on the held-out pydoc or fortunes text is still held out: no held-out
+    document of either is on the mixture's calibration side, not even inside a longer document."""
+    calib, held = data.split_corpus("mixed")
+    assert (calib, held) == data.split_corpus("mixed")  # a fixed order
+    p_calib, p_held = data.split_corpus("pydoc")
+    f_calib, f_held = data.split_corpus("fortunes")
+    assert not set(calib) & (set(p_held) | set(f_held))
+    assert set(held) == set(p_held) | set(f_held)
+    assert set(calib) <= set(p_calib) | set(f_calib) and set(p_calib) <= set(calib)
+    text = data.calibration_text("mixed")
+    assert not [d for d in p_held + f_held if len(d) > 200 and d in text]
+    pydoc_chars = sum(len(d) for d in calib if d in set(p_calib))
+    assert 0.4 < pydoc_chars / sum(map(len, calib)) < 0.6
+    # the fortunes used come from the whole corpus (every file), not from its first files
+    used = [i for i, d in enumerate(f_calib) if d in set(calib)]
+    assert used[0] < len(f_calib) // 10 and used[-1] > 9 * len(f_calib) // 10
+
+
 # ------------------------------------------------------------------ calibration batches
 @pytest.fixture(scope="module")
 def calib_tokenizer(pydoc_split):

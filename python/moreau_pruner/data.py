@@ -10,6 +10,16 @@ Offline corpora (nothing is downloaded):
     ``/usr/share/games/fortunes`` in sorted file-name order, each split into its fortunes at the
     ``%`` separator lines (~15k fortunes, ~2.5M characters).  Terminal overstriking (underline /
     bold written with backspaces) is rendered to the visible letters.  Raises :class:`CorpusNotAvailableError` naming the apt package when absent.
+``"mixed"``
+    A mixture (:data:`MIXTURES`) of the two, for calibration on more than one kind of text: its
+    calibration side holds the calibration sides of pydoc and fortunes in equal measure (fortunes,
+    about five times larger, thinned to every k-th calibration fortune, k the ratio of their
+    character counts rounded, so the fortunes used come from every file), interleaved at document
+    level in a fixed order: the next document always comes from the corpus with fewer characters
+    so far.  Its held-out side is the union of their held-out sides, interleaved the same way (not
+    thinned).  No held-out document of either corpus is on its calibration side, so evaluating on
+    the held-out pydoc or fortunes text after calibrating on ``mixed`` is still held out.
+    :func:`split_corpus` gives the two sides as document lists.
 
 Any other ``source`` given to :func:`load_text`, :func:`calibration_text` or
 :func:`heldout_text` is read as a UTF-8 text file.
@@ -45,12 +55,14 @@ import torch
 
 __all__ = [
     "CORPORA",
+    "MIXTURES",
     "HF_DATASETS",
     "CorpusNotAvailableError",
     "FORTUNES_DIR",
     "corpus_documents",
     "load_text",
     "split_documents",
+    "split_corpus",
     "split_text",
     "calibration_text",
     "heldout_text",
@@ -59,8 +71,11 @@ __all__ = [
     "load_hf_dataset",
 ]
 
-#: Names of the offline corpora understood by :func:`load_text`.
-CORPORA = ("pydoc", "fortunes")
+#: Mixtures of the offline corpora: name -> the corpora whose calibration sides it interleaves.
+MIXTURES = {"mixed": ("pydoc", "fortunes")}
+
+#: Names of the offline corpora (and mixtures) understood by :func:`load_text`.
+CORPORA = ("pydoc", "fortunes", *MIXTURES)
 
 #: Where Debian's ``fortunes`` package installs its text files.
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -137,16 +152,20 @@ def _unique(docs: list[str]) -> list[str]:
 
 
 def corpus_documents(name: str) -> list[str]:
-    """The distinct documents of a named offline corpus (``"pydoc"`` or ``"fortunes"``).
+    """The distinct documents of a named offline corpus (``"pydoc"``, ``"fortunes"`` or a mixture).
 
     Fixed order; repeated documents (pydoc's ``if`` and ``else`` topics share one text, fortunes
     repeat across files) are kept once, at their first place, so that a split cannot put the
-    same text on both sides.
+    same text on both sides.  A mixture's documents are its calibration side followed by its
+    held-out side (:func:`split_corpus`, which is how a mixture is split, not :func:`split_documents`).
     """
     if name == "pydoc":
         return _unique(_pydoc_documents())
     if name == "fortunes":
         return _unique(_fortune_documents())
+    if name in MIXTURES:
+        calib, heldout = split_corpus(name)
+        return calib + heldout
     raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
 
 
@@ -263,9 +282,45 @@ def split_text(text: str, heldout_fraction: float = 0.2) -> tuple[str, str]:
     return calib, heldout
 
 
+def _interleave(parts: Sequence[Sequence[str]]) -> list[str]:
+    """The documents of ``parts`` in one list, each part's order kept: the next document always comes
+    from the part with the fewest characters taken so far (ties: the earlier part); a part that runs
+    out leaves the rest to the others."""
+    taken = [0] * len(parts)
+    pos = [0] * len(parts)
+    out: list[str] = []
+    while True:
+        open_parts = [i for i, p in enumerate(parts) if pos[i] < len(p)]
+        if not open_parts:
+            return out
+        i = min(open_parts, key=lambda j: (taken[j], j))
+        doc = parts[i][pos[i]]
+        out.append(doc)
+        taken[i] += len(doc)
+        pos[i] += 1
+
+
+def split_corpus(name: str, heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """(calibration, held-out) documents of a named corpus: :func:`split_documents` of its documents, or,
+    for a mixture (:data:`MIXTURES`), its members' calibration sides in equal measure and their held-out
+    sides whole, each interleaved (module doc).  A mixture's calibration side leaves out any document that
+    is on a member's held-out side (one text in two corpora)."""
+    if name not in MIXTURES:
+        if not _is_corpus(name):
+            raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
+        return split_documents(corpus_documents(name), heldout_fraction)
+    sides = [split_corpus(member, heldout_fraction) for member in MIXTURES[name]]
+    held_parts = [held for _, held in sides]
+    held_set = {doc for part in held_parts for doc in part}
+    calib_parts = [[doc for doc in calib if doc not in held_set] for calib, _ in sides]
+    smallest = min(sum(map(len, part)) for part in calib_parts)
+    calib_parts = [part[::max(1, round(sum(map(len, part)) / smallest))] for part in calib_parts]
+    return _unique(_interleave(calib_parts)), _unique(_interleave(held_parts))
+
+
 def _split_source(source, heldout_fraction: float) -> tuple[str, str]:
     if _is_corpus(source):
-        calib, heldout = split_documents(corpus_documents(source), heldout_fraction)
+        calib, heldout = split_corpus(source, heldout_fraction)
         return _DOC_SEPARATOR.join(calib), _DOC_SEPARATOR.join(heldout)
     return split_text(load_text(source), heldout_fraction)
 

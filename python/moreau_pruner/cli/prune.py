@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--calib", default="pydoc",
-                   help="calibration source: pydoc, fortunes or a text file (its held-out part is used for eval)")
+                   help="calibration source: pydoc, fortunes, mixed (the calibration sides of both, in equal measure) "
+                        "or a text file (its held-out part is used for eval)")
     g.add_argument("--calib-file", help="use this whole text file for calibration")
     g.add_argument("--eval-file", help="use this whole text file for evaluation")
     g.add_argument("--num-examples", type=int, default=10, help="calibration samples (default 10)")
