@@ -419,6 +419,8 @@ elif fault == "save-enospc":
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     safetensors.torch.save_file = full_disk
+elif fault == "rank1-dies" and os.environ.get("RANK") == "1":
+    os._exit(3)
 """
 
 TORCHRUN_CASES = [
@@ -431,9 +433,9 @@ TORCHRUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra,pattern,setup,fault", [c[1:] for c in TORCHRUN_CASES],
-                         ids=[c[0] for c in TORCHRUN_CASES])
-def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pattern, setup, fault):
+def _launch(tmp_path, extra, setup, fault, launcher):
+    """Run moreau-prune's bad-input options on 2 gloo ranks, launched by torchrun or by moreau-prune
+    itself (--nproc-per-node); (completed process, tree before)."""
     import os
     import socket
     import subprocess
@@ -451,10 +453,20 @@ def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOREAU_TEST_FAULT": fault or "",
            "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = _argv("moreau-prune", ["--backend", "reference", *extra], model=model, text=text, tmp=tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--device", "cpu", *argv]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--device", "cpu", *argv]
+    else:
+        cmd = [sys.executable, "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--nproc-per-node", "2",
+               "--device", "cpu", *argv]
     before = _tree(tmp_path)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300), before
+
+
+@pytest.mark.parametrize("extra,pattern,setup,fault", [c[1:] for c in TORCHRUN_CASES],
+                         ids=[c[0] for c in TORCHRUN_CASES])
+def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pattern, setup, fault):
+    proc, before = _launch(tmp_path, extra, setup, fault, "torchrun")
     lines = [line for line in proc.stderr.splitlines() if line.startswith("moreau-prune: error: ")]
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-3000:]  # rank 0's line; rank 1 is quiet
@@ -464,6 +476,22 @@ def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, extra, pat
         assert json.loads((tmp_path / "r.json").read_text())["params_after"] > 0
         del after["r.json"]
     assert after == before
+
+
+LAUNCH_CASES = [c for c in TORCHRUN_CASES if c[0] in ("out-unwritable", "more-layers-than-weights")] + [
+    ("rank-dies", [], r"rank 1 of 2 failed \(exit status 3\); its output is above", None, "rank1-dies")]
+
+
+@pytest.mark.parametrize("extra,pattern,setup,fault", [c[1:] for c in LAUNCH_CASES], ids=[c[0] for c in LAUNCH_CASES])
+def test_a_failed_launch_of_its_own_ranks_is_one_line(tmp_path, extra, pattern, setup, fault):
+    """moreau-prune --nproc-per-node: the same one line as under torchrun, and none of torchrun's
+    ChildFailedError traceback and failure table; exit 2 for a user error, 1 for a rank that died."""
+    proc, before = _launch(tmp_path, extra, setup, fault, "moreau-prune")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moreau-prune: error: ")]
+    assert proc.returncode == (1 if fault == "rank1-dies" else 2), proc.stderr[-3000:]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert _tree(tmp_path) == before
 
 
 def test_a_recovery_adapter_write_that_fails_is_one_line(tmp_path, capsys, monkeypatch):

@@ -337,6 +337,51 @@ def test_cli_torchrun_saves_a_model_that_reloads(tmp_path, uniform):
         assert torch.equal(b(x).logits, ref)
 
 
+def test_cli_launches_its_own_ranks(tmp_path):
+    """moreau-prune --nproc-per-node 2 starts the ranks itself (torch.distributed.run in-process): the
+    same files as torchrun's launch of the same options, one report, no launcher noise on stderr."""
+    model_dir = _tiny_dir(tmp_path / "llama", "llama")
+    common = ["--model", str(model_dir), "--iters", "2", "--ratio", "0.5", "--attn-layers", "0:3", "--num-examples",
+              "4", "--seq-len", "16", "--no-eval", "--generate", "", "--backend", "reference", "--device", "cpu"]
+    proc = _torchrun(2, common + ["--out", str(tmp_path / "torchrun")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)  # the launcher sets torchrun's 1 itself, without its warning
+    cmd = [sys.executable, "-m", "moreau_pruner.cli", "--distributed", "fsdp", "--nproc-per-node", "2", *common,
+           "--out", str(tmp_path / "launched")]
+    launched = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("parameters") == 1, launched.stdout  # rank 0's report only
+    assert "OMP_NUM_THREADS" not in launched.stderr and "Traceback" not in launched.stderr
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "launched" / name).read_bytes() == (tmp_path / "torchrun" / name).read_bytes(), name
+    infos = [json.loads((tmp_path / d / "pruning_info.json").read_text()) for d in ("launched", "torchrun")]
+    for info in infos:  # what may differ: the timings and the --out path
+        del info["times_s"], info["settings"]["out"]
+        for step in info["moreau"]["log"]:
+            del step["seconds"]
+    assert infos[0] == infos[1]
+
+
+def test_cli_launch_refusals(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    assert _cli(["--nproc-per-node", "2", "--no-eval"]) == 2
+    assert "add --distributed fsdp" in capsys.readouterr().err
+    assert _cli(["--distributed", "fsdp", "--nproc-per-node", "0", "--no-eval"]) == 2
+    assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert _cli(["--distributed", "fsdp", "--nproc-per-node", "2", "--no-eval"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+def test_launch_rank_arguments():
+    from moreau_pruner.cli.launch import rank_arguments
+
+    argv = ["--model", "m", "--nproc-per-node", "2", "--np=3", "--nproc", "4", "--noise", "philox", "--num-examples", "4"]
+    assert rank_arguments(argv) == ["--model", "m", "--noise", "philox", "--num-examples", "4"]
+
+
 def test_cli_torchrun_rejects_bad_device(tmp_path):
     proc = _torchrun(2, ["--device", "cuda:1", "--no-eval"], tmp_path, timeout=120)
     assert proc.returncode != 0

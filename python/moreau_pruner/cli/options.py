@@ -189,6 +189,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
             OutputError)
 
 
+class ExitStatus(Exception):
+    """Ends a command with exit status ``code``; ``message`` (if any) is printed as its one error line
+    (``None``: the error was already printed, e.g. by the ranks of a job the command launched)."""
+
+    def __init__(self, code: int, message: str | None = None):
+        super().__init__(message or f"exit status {code}")
+        self.code, self.message = code, message
+
+
 def main(prog: str, parser: argparse.ArgumentParser, run: Callable, show: Callable[[object], None],
          argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, ``run(args)``, ``show(result)`` (unless None); a user error is one line and
@@ -199,6 +208,10 @@ def main(prog: str, parser: argparse.ArgumentParser, run: Callable, show: Callab
     args = parser.parse_args(argv)
     try:
         result = run(args)
+    except ExitStatus as e:
+        if e.message:
+            print(f"{prog}: error: {e.message}", file=sys.stderr)
+        return e.code
     except user_errors() as e:
         if not (getattr(args, "distributed", None) and os.environ.get("RANK", "0") != "0"):
             print(f"{prog}: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ combination, before the model is loaded) and prints the report; the work is
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from . import compensation
@@ -70,6 +71,7 @@ examples:
   moreau-prune --model ./Llama-3-8B --device cuda --dtype bfloat16 --backend auto --out llama3-pruned
   torchrun --nproc-per-node 8 -m moreau_pruner.cli --distributed fsdp --model ./Llama-3-70B --device cuda \
       --dtype bfloat16 --no-eval --out llama3-70b-pruned      # FSDP2 over 8 GPUs (CPU: --device cpu, gloo)
+  moreau-prune --distributed fsdp --nproc-per-node 2 --device cpu --out pruned   # one host: it starts the ranks
 
 defaults: without flags moreau-prune runs the configuration that measured best on SmolLM2-135M
 at the size of the published settings (README, "Defaults"). --published switches every option
@@ -257,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "every rank first. Rank 0 gathers the full model on its CPU to prune, evaluate and save it "
                         "(--no-eval when the dense model does not fit one device). Structured methods only, "
                         "--allocation uniform, --noise philox")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="with --distributed fsdp: start N ranks on this host from this command (PyTorch's own "
+                        "launcher, what torchrun --standalone runs) instead of launching with torchrun; the options "
+                        "are checked before any rank starts and a failure is one line. Multi-node jobs use torchrun")
 
     g = p.add_argument_group("output")
     opt.add_output(g, "save the pruned model here (safetensors, tokenizer, config, report)")
@@ -294,7 +300,7 @@ def job_from_args(args):
                             rounds=args.rounds, uniform=args.uniform, scope=args.scope, round_to=args.round_to,
                             init=args.init, noise=args.noise, distributed=args.distributed is not None)
     rules.check(request, cli=True)
-    if args.distributed:
+    if args.distributed and getattr(args, "nproc_per_node", None) is None:  # a launch has no rendezvous yet
         from ..distributed.context import check_environment
 
         check_environment()
@@ -329,10 +335,21 @@ def job_from_args(args):
                     compensate_batch=comp_batch)
 
 
-def run(args) -> dict | None:
-    """The whole run of parsed arguments; returns the report (None on FSDP2 ranks other than 0)."""
+def run(args, argv: Sequence[str] | None = None) -> dict | None:
+    """The whole run of parsed arguments; returns the report (None on FSDP2 ranks other than 0, and
+    when ``--nproc-per-node`` launched the ranks: rank 0 printed it). ``argv``: the command line the
+    arguments came from, which the launched ranks receive."""
     from .. import pipeline
 
+    if getattr(args, "nproc_per_node", None) is not None:
+        from . import launch
+
+        launch.check(args.nproc_per_node, args.distributed)
+        if argv is None:
+            raise ValueError("--nproc-per-node needs the command line to give the ranks (run it through main)")
+        job_from_args(apply_preset(args))  # every check that needs no model, before any rank starts
+        launch.launch(argv, args.nproc_per_node)
+        return None
     return pipeline.run(job_from_args(apply_preset(args)))
 
 
@@ -406,7 +423,9 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return opt.main("moreau-prune", build_parser(), run, lambda report: print(format_report(report)), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return opt.main("moreau-prune", build_parser(), lambda args: run(args, argv),
+                    lambda report: print(format_report(report)), argv)
 
 
 if __name__ == "__main__":
