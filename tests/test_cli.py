@@ -1,6 +1,8 @@
 """moreau-prune: the --device check (a clear error instead of a traceback) and the default / --published presets."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,20 @@ def test_given_flags_override_either_preset():
     assert cli.apply_preset(a) is a and a.mode == "reference"  # idempotent
     helptext = cli.build_parser().format_help()
     assert "--published" in helptext and "--published: reference" in helptext and "--published: kv-group" in helptext
+
+
+@pytest.mark.parametrize("module,prog", [("prune", "moreau-prune"), ("eval", "moreau-eval"),
+                                         ("recover", "moreau-recover"), ("export", "moreau-export")])
+def test_every_cli_module_runs_with_python_m(module, prog):
+    """``python -m moreau_pruner.cli.<name>`` is the command (not a silent no-op)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", f"moreau_pruner.cli.{module}", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: {prog}"), proc.stdout[:200]

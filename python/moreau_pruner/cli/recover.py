@@ -238,3 +238,7 @@ def _print_summary(result) -> None:
         print(f"teacher {t['source']}: held-out ppl {fmt(t['ppl'])}, out-of-domain ppl {fmt(t['ppl_ood'])}")
     side = f"adapter in {result.out / ADAPTER_DIR}, " if (result.out / ADAPTER_DIR).is_dir() else ""
     print(f"saved {result.out} ({side}report {result.out / REPORT_FILE})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
