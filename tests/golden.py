@@ -166,6 +166,12 @@ def compare(want, got, exact: bool, where: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the cases
+def _compensation_flags(flags) -> tuple[str, ...]:
+    """Weight compensation is on by default for structured pruning; the cases recorded before that pin
+    the pruning without it (``--no-compensate``), the ``*-compensate-*`` cases with it."""
+    return () if any(f.startswith("--compensate") or f == "--no-compensate" for f in flags) else ("--no-compensate",)
+
+
 def _prune_cli(root: Path, kind: str, *flags: str) -> dict:
     from moreau_pruner.cli.prune import main
 
@@ -175,12 +181,21 @@ def _prune_cli(root: Path, kind: str, *flags: str) -> dict:
     args = ["--model", str(model_dir(root, kind)), "--calib-file", str(text), "--eval-file", str(text),
             "--num-examples", "4", "--seq-len", "16", "--eval-seq-lens", "16,32", "--eval-tokens", "192",
             "--iters", "4", "--avg-last", "2", "--quiet", "--generate", "the value", "--out", str(out / "m"),
-            "--json", str(rep), *flags]
+            "--json", str(rep), *_compensation_flags(flags), *flags]
     rc = main(args)
     if rc != 0:
         raise RuntimeError(f"moreau-prune {' '.join(flags)} exited {rc}")
+    return _fingerprint(out, rep, root, flags)
+
+
+def _fingerprint(out: Path, rep: Path, root: Path, flags) -> dict:
+    """Selected weights are exact anywhere; compensated ones are float results (a least-squares solve), so
+    their SHA is compared only with ``--exact`` and a summary to a tolerance otherwise."""
     w = saved_weights(out / "m")
-    return {"weights": tensors_sha(w), "report": clean_report(json.loads(rep.read_text()), root)}
+    report = clean_report(json.loads(rep.read_text()), root)
+    if _compensation_flags(flags):
+        return {"weights": tensors_sha(w), "report": report}
+    return {"exact": tensors_sha(w), "summary": tensors_summary(w), "report": report}
 
 
 def _free_port() -> int:
@@ -198,13 +213,12 @@ def _torchrun(root: Path, kind: str, world: int, *flags: str) -> dict:
            "--model", str(model_dir(root, kind)), "--calib-file", str(text), "--eval-file", str(text),
            "--num-examples", "6", "--seq-len", "16", "--eval-seq-lens", "16", "--eval-tokens", "192",
            "--iters", "3", "--avg-last", "2", "--quiet", "--generate", "", "--backend", "reference",
-           "--out", str(out / "m"), "--json", str(rep), *flags]
+           "--out", str(out / "m"), "--json", str(rep), *_compensation_flags(flags), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=str(root))
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {' '.join(flags)} failed:\n{proc.stderr[-3000:]}")
-    w = saved_weights(out / "m")
-    return {"weights": tensors_sha(w), "report": clean_report(json.loads(rep.read_text()), root)}
+    return _fingerprint(out, rep, root, flags)
 
 
 def _estimate(root: Path, kind: str, path: str, **cfg) -> dict:
@@ -291,6 +305,13 @@ def cases() -> dict:
         "prune-bf16-llama": lambda r: P(r, "llama", "--dtype", "bfloat16", "--ratio", "0.5", "--attn-layers", "all"),
         "prune-fp16-qwen2": lambda r: P(r, "qwen2", "--dtype", "float16", "--ratio", "0.5", "--attn-layers", "all",
                                         "--half-gemm", "fp32-accumulate"),
+        # weight compensation (the default for structured pruning): its windows from the calibration file
+        "prune-compensate-llama": lambda r: P(r, "llama", "--compensate", "--ratio", "0.5", "--attn-layers", "all"),
+        "prune-compensate-bias-rounds-mha": lambda r: P(r, "llama-mha", "--compensate", "--compensate-mode",
+                                                        "weights+bias", "--rounds", "2", "--method", "taylor",
+                                                        "--ratio", "0.5", "--attn-layers", "all"),
+        "prune-compensate-uniform-qwen2": lambda r: P(r, "qwen2", "--compensate", "--uniform", "--ratio", "0.4",
+                                                      "--compensate-examples", "8", "--compensate-seq-len", "32"),
         # unstructured, N:M, TRIM
         "us-moreau-llama": lambda r: P(r, "llama", "--unstructured", "--ratio", "0.5"),
         "us-wanda-qwen2": lambda r: P(r, "qwen2", "--unstructured", "--method", "wanda", "--ratio", "0.5"),
@@ -329,6 +350,8 @@ def cases() -> dict:
         "fsdp3-second-global-llama": lambda r: _torchrun(r, "llama", 3, "--method", "taylor", "--taylor-variant",
                                                         "param_second", "--scope", "global", "--ratio", "0.3",
                                                         "--attn-layers", "all"),
+        "fsdp2-compensate-mistral": lambda r: _torchrun(r, "mistral", 2, "--compensate", "--method", "taylor",
+                                                       "--ratio", "0.5", "--attn-layers", "all"),
         # recovery
         "recover-qwen2": lambda r: _recover(r, "qwen2"),
     }

@@ -360,7 +360,14 @@ def test_bad_input_is_refused_before_any_work(monkeypatch):
 @pytest.mark.parametrize("argv,words", [
     (["--compensate", "--compensate-damping", "-1"], "damping must be a finite number >= 0"),
     (["--compensate", "--unstructured", "--method", "wanda"], "--compensate updates the weights"),
-    (["--compensate-mode", "bias"], "--compensate-mode tune weight compensation: add --compensate"),
+    (["--no-compensate", "--compensate-mode", "bias"],
+     "--compensate-mode tune weight compensation, which --no-compensate turns off"),
+    (["--published", "--compensate-damping", "0.2"],
+     "--compensate-damping tune weight compensation, which --published leaves off: add --compensate"),
+    (["--unstructured", "--compensate-calib", "mixed"],
+     "--compensate-calib tune weight compensation, which --unstructured leaves off"),
+    (["--compensate-calib", "nonexistent.txt"], "--compensate-calib 'nonexistent.txt': neither a corpus"),
+    (["--compensate-calib", "pydoc", "--compensate-examples", "0"], "--compensate-examples 0 fits the scoring batch"),
     (["--compensate", "--compensate-examples", "-2"], "--compensate-examples must be >= 0"),
     (["--compensate", "--compensate-seq-len", "1"], "--compensate-seq-len must be >= 2"),
 ])
@@ -405,11 +412,13 @@ def test_cli_compensate_saves_a_model_that_reloads(tmp_path, uniform):
     rep = json.loads((tmp_path / "r.json").read_text())
     comp = rep["compensation"]
     assert comp["tokens"] == 60 and comp["layers"] and comp["error_after_mean"] < comp["error_before_mean"]
+    # scored on the default pydoc, compensated on general text (the mixed corpus, where fortunes is installed)
+    fit = "mixed" if data.corpus_available("fortunes") else "pydoc"
+    assert comp["text"] == fit
     # the same pruning through the library
     model, tok = load_model(str(src))
-    text = data.calibration_text("pydoc")
-    batch = data.calibration_batch(tok, text, 4, 16, 0)
-    cbatch = data.calibration_batch(tok, text, 3, 20, 0)
+    batch = data.calibration_batch(tok, data.calibration_text("pydoc"), 4, 16, 0)
+    cbatch = data.calibration_batch(tok, data.calibration_text(fit), 3, 20, 0)
     cfg = PruneConfig(ratio=0.4, granularity="query-heads", uniform=uniform,
                       **({} if uniform else {"attn_layers": "0:3", "mlp_layers": "0:3"}))
     prune_model(model, batch, "taylor", cfg, progress=False,
@@ -433,6 +442,7 @@ def test_cli_calib_mixed_scores_and_compensates_on_the_mixture(tmp_path, monkeyp
     calibration side of the mixed corpus (pydoc and fortunes)."""
     from moreau_pruner import data
     from moreau_pruner.cli import prune as cli
+    from moreau_pruner.model.loading import load_model
 
     drawn = []
     real = data.calibration_batch
@@ -448,8 +458,105 @@ def test_cli_calib_mixed_scores_and_compensates_on_the_mixture(tmp_path, monkeyp
             "--json", str(tmp_path / "r.json")]
     assert cli.main(argv) == 0
     mixed = data.calibration_text("mixed")
-    assert len(drawn) == 2 and all(t == mixed for t in drawn)
-    assert json.loads((tmp_path / "r.json").read_text())["compensation"]["tokens"] == 60
+    _, tok = load_model(str(src))
+    assert len(drawn) == 2 and drawn[0] == mixed and torch.equal(drawn[1], data.tokenize_text(tok, mixed))
+    comp = json.loads((tmp_path / "r.json").read_text())["compensation"]
+    assert comp["tokens"] == 60 and comp["text"] == "mixed"
+
+
+def _cli_run(tmp_path, src, name, *flags):
+    from moreau_pruner.cli import prune as cli
+
+    out, rep = tmp_path / name, tmp_path / f"{name}.json"
+    windows = [] if "--no-compensate" in flags else ["--compensate-examples", "3", "--compensate-seq-len", "20"]
+    argv = ["--model", str(src), *CLI_COMMON, "--attn-layers", "0:3", *windows, *flags, "--out", str(out),
+            "--json", str(rep)]
+    assert cli.main(argv) == 0
+    return json.loads(rep.read_text()), _logits(load_pruned(out)[0], torch.arange(3, 12)[None])
+
+
+def test_cli_compensates_by_default(tmp_path):
+    """moreau-prune compensates structured pruning unless told not to: without the flag it equals
+    --compensate with the default text (mixed, or pydoc without fortunes) spelled out, --no-compensate
+    leaves the weights the selection gives."""
+    from moreau_pruner import data
+
+    src = _tiny_dir(tmp_path / "llama", "llama")
+    fit = "mixed" if data.corpus_available("fortunes") else "pydoc"
+    default, logits = _cli_run(tmp_path, src, "default")
+    spelled, logits2 = _cli_run(tmp_path, src, "spelled", "--compensate", "--compensate-calib", fit,
+                                "--compensate-damping", "0.3", "--compensate-mode", "weights")
+    off, logits3 = _cli_run(tmp_path, src, "off", "--no-compensate")
+    assert default["compensation"]["text"] == fit and default["compensation"]["damping"] == 0.3
+    timeless = lambda rep: {k: v for k, v in rep["compensation"].items() if k != "seconds"}
+    assert timeless(default) == timeless(spelled) and torch.equal(logits, logits2)
+    assert "compensation" not in off and not torch.allclose(logits, logits3)
+    assert default["layers"] == off["layers"]  # the same units: compensation changes weights only
+
+
+def test_default_text_without_fortunes_is_pydoc(tmp_path, monkeypatch):
+    """Where Debian's fortunes is not installed the default fit falls back to pydoc (reported), and naming
+    a missing corpus is an error before any work."""
+    from moreau_pruner import data
+    from moreau_pruner.cli import compensation as cc
+    from moreau_pruner.cli import prune as cli
+
+    monkeypatch.setattr(data, "FORTUNES_DIR", tmp_path / "none")
+    assert not data.corpus_available("fortunes") and not data.corpus_available("mixed") and data.corpus_available("pydoc")
+    args = cli.apply_preset(cli.build_parser().parse_args(CLI_COMMON))
+    assert cc.check_args(args)[2] is None  # the scoring calibration text, pydoc
+    args = cli.apply_preset(cli.build_parser().parse_args(CLI_COMMON + ["--compensate-calib", "mixed"]))
+    with pytest.raises(ValueError, match="--compensate-calib mixed: the corpus is not installed"):
+        cc.check_args(args)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        data.corpus_available("c4")
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], "default"), (["--published"], None), (["--unstructured"], None), (["--calib", "fortunes"], None),
+    (["--calib-file", "FILE"], None), (["--compensate-calib", "FILE"], "FILE"), (["--no-compensate"], "off"),
+])
+def test_which_text_compensation_fits(tmp_path, flags, want):
+    """The compensation text of each way of asking (None: the scoring calibration text)."""
+    from moreau_pruner import data
+    from moreau_pruner.cli import compensation as cc
+    from moreau_pruner.cli import prune as cli
+
+    f = tmp_path / "t.txt"
+    f.write_text("some text\n")
+    flags = [str(f) if a == "FILE" else a for a in flags]
+    args = cli.apply_preset(cli.build_parser().parse_args(CLI_COMMON + flags))
+    cfg, windows, text = cc.check_args(args)
+    if "--published" in flags or "--unstructured" in flags or want == "off":
+        assert cfg is None and windows is None and text is None
+        return
+    assert cfg is not None and cfg.damping == 0.3 and windows == (64, 128)
+    expected = {"default": "mixed" if data.corpus_available("fortunes") else None, "FILE": str(f)}.get(want, want)
+    assert text == expected
+
+
+def test_compensation_windows_are_at_most_what_the_text_holds(tmp_path):
+    """--compensate-examples N is a maximum: a text shorter than N windows gives as many as it holds (the
+    same windows calibration_batch draws for that count); less than one window is an error naming it."""
+    from moreau_pruner import data
+    from moreau_pruner.job import DataSettings, PruneJob, compensation_batch
+    from moreau_pruner.model.loading import load_model
+
+    src = _tiny_dir(tmp_path / "llama", "llama")
+    _, tok = load_model(str(src))
+    f = tmp_path / "short.txt"
+    f.write_text(data.calibration_text("pydoc")[:3000])
+    ids = data.tokenize_text(tok, data.calibration_text(str(f)))
+    job = PruneJob(data=DataSettings(), compensate=CompensateConfig(), compensate_batch=(10_000, 20),
+                   compensate_calib=str(f))
+    got = compensation_batch(tok, job)
+    assert got.shape == (ids.numel() // 20, 20)
+    assert torch.equal(got, data.calibration_batch(tok, ids, ids.numel() // 20, 20, 0))
+    job.compensate_batch = (4, 20)
+    assert torch.equal(compensation_batch(tok, job), data.calibration_batch(tok, ids, 4, 20, 0))
+    job.compensate_batch = (4, ids.numel() + 1)
+    with pytest.raises(ValueError, match=r"fewer than one window of \d+ \(--compensate-seq-len\)"):
+        compensation_batch(tok, job)
 
 
 # ----------------------------------------------------------------------------- FSDP2: 2 ranks = 1 process

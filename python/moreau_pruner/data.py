@@ -59,6 +59,7 @@ __all__ = [
     "HF_DATASETS",
     "CorpusNotAvailableError",
     "FORTUNES_DIR",
+    "corpus_available",
     "corpus_documents",
     "load_text",
     "split_documents",
@@ -120,7 +121,7 @@ def _resolve_overstrike(line: str) -> str:
     return "".join(cells)
 
 
-def _fortune_documents(directory: str | os.PathLike | None = None) -> list[str]:
+def _fortune_files(directory: str | os.PathLike | None = None) -> list[Path]:
     directory = Path(FORTUNES_DIR if directory is None else directory)
     files = []
     if directory.is_dir():
@@ -129,7 +130,13 @@ def _fortune_documents(directory: str | os.PathLike | None = None) -> list[str]:
             if path.suffix == ".dat" or path.is_symlink() or not path.is_file():
                 continue
             files.append(path)
+    return files
+
+
+def _fortune_documents(directory: str | os.PathLike | None = None) -> list[str]:
+    files = _fortune_files(directory)
     if not files:
+        directory = FORTUNES_DIR if directory is None else directory
         raise CorpusNotAvailableError(
             f"corpus 'fortunes' not found: no fortune files under {directory}; install the Debian "
             "package with `apt-get install fortunes`, or use the 'pydoc' corpus or a text file"
@@ -149,6 +156,13 @@ def _fortune_documents(directory: str | os.PathLike | None = None) -> list[str]:
 
 def _unique(docs: list[str]) -> list[str]:
     return list(dict.fromkeys(docs))
+
+
+def corpus_available(name: str) -> bool:
+    """Whether a named offline corpus (or every part of a mixture) is installed here (pydoc always is)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
+    return all(part != "fortunes" or bool(_fortune_files()) for part in MIXTURES.get(name, (name,)))
 
 
 def corpus_documents(name: str) -> list[str]:

@@ -66,7 +66,8 @@ class PruneJob:
     progress: bool = True
     settings: dict = field(default_factory=dict)  # how the run was asked for (the report records it)
     compensate: CompensateConfig | None = None  # weight compensation of the pruned layers (SPEC §11)
-    compensate_batch: tuple[int, int] | None = None  # its own windows (examples, seq_len); None: the scoring batch
+    compensate_batch: tuple[int, int] | None = None  # its own windows (at most examples, seq_len); None: the scoring batch
+    compensate_calib: str | None = None  # the text of those windows (a corpus or a text file); None: data.calib's
 
     def request(self) -> rules.Request:
         """The job's choices, for :func:`moreau_pruner.prune.rules.check`."""
@@ -91,12 +92,22 @@ def calibrate(tokenizer, settings: DataSettings, device: str | torch.device = "c
 
 
 def compensation_batch(tokenizer, job: PruneJob, device: str | torch.device = "cpu") -> torch.Tensor | None:
-    """The calibration windows weight compensation fits (``job.compensate_batch``: examples x seq_len of
-    the calibration text, seed ``job.data.seed``); None when it uses the scoring batch or is off."""
+    """The calibration windows weight compensation fits (``job.compensate_batch``: at most ``examples``
+    windows of ``seq_len`` tokens, fewer when the text holds fewer, seed ``job.data.seed``) from the
+    calibration side of ``job.compensate_calib`` (a named corpus or a text file), else from the scoring
+    calibration text; None when it uses the scoring batch or is off. A ValueError when the text has
+    not one window."""
     if job.compensate is None or job.compensate_batch is None:
         return None
     examples, seq_len = job.compensate_batch
-    return data.calibration_batch(tokenizer, calibration_text(job.data), examples, seq_len, job.data.seed).to(device)
+    source = job.compensate_calib
+    text = calibration_text(job.data) if source is None else data.calibration_text(source)
+    ids = data.tokenize_text(tokenizer, text)
+    windows = min(examples, ids.numel() // seq_len)
+    if windows < 1:
+        raise ValueError(f"the compensation text ({source or 'the calibration text'}) has {ids.numel()} tokens, "
+                         f"fewer than one window of {seq_len} (--compensate-seq-len)")
+    return data.calibration_batch(tokenizer, ids, windows, seq_len, job.data.seed).to(device)
 
 
 def evaluation_ids(tokenizer, settings: DataSettings) -> torch.Tensor | None:

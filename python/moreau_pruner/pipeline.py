@@ -291,6 +291,14 @@ def _unstructured(model: nn.Module, batch: torch.Tensor, job: PruneJob, times: d
     return _UnstructuredReport(model, nm), extra
 
 
+def _compensation_text(job: PruneJob) -> str:
+    """Which text the compensation windows came from, for the report."""
+    d = job.data
+    if job.compensate_batch is None:
+        return "the scoring batch"
+    return job.compensate_calib or d.calib_file or d.calib
+
+
 def build_report(job: PruneJob, model: nn.Module, tok, rep, extra: dict, batch: torch.Tensor, eval_ids, dense: dict,
                  pruned: dict, half: str | None, times: dict) -> dict:
     """The run's report: parameters, widths and kept units, perplexities, the estimate's log, the
@@ -315,7 +323,8 @@ def build_report(job: PruneJob, model: nn.Module, tok, rep, extra: dict, batch: 
         "mlp_layers": [rep.mlp_layers[0], rep.mlp_layers[-1] + 1] if rep.mlp_layers else None,
         "layers": rep.layers,
         "uniform": getattr(rep, "uniform", None),
-        **({"compensation": rep.compensation} if getattr(rep, "compensation", None) else {}),
+        **({"compensation": {**rep.compensation, "text": _compensation_text(job)}}
+           if getattr(rep, "compensation", None) else {}),
         "ppl_dense": dense,
         "ppl_pruned": pruned,
         "calibration": {"source": d.calib_file or d.calib, "shape": list(batch.shape)},

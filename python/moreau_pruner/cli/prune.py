@@ -77,7 +77,10 @@ defaults: without flags moreau-prune runs the configuration that measured best o
 at the size of the published settings (README, "Defaults"). --published switches every option
 below that says so to MoreauPruner's published settings: --mode reference (the published update,
 bit for bit), --granularity kv-group, layers 4:30 of 32 scaled to the model, --ratio 0.2, one
-shot. Flags given explicitly override either.
+shot, no weight compensation. Flags given explicitly override either. Structured pruning is
+followed by weight compensation by default (the weights that stay are refitted to reproduce each
+layer's dense output on general calibration text: lower perplexity in every measured case, at
+about the cost of one more estimate); --no-compensate leaves the selected weights as they were.
 
 Units: with GQA a kv-group unit is a whole KV group (a KV head and its n_rep query heads);
 query-heads removes the same number of query heads from every KV group instead and keeps all KV
@@ -327,12 +330,12 @@ def job_from_args(args):
         unstructured = UnstructuredSettings(nm, args.keep_low_ratio, args.one_pass_activations, args.allocation)
     data = DataSettings(args.calib, args.calib_file, args.eval_file, args.num_examples, args.seq_len, args.seed,
                         tuple(lens), args.eval_tokens, args.generate or None)
-    comp, comp_batch = compensation.check_args(args)
+    comp, comp_batch, comp_text = compensation.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     return PruneJob(args.model, args.dtype, args.device, args.half_gemm, args.backend, args.method, prune, moreau,
                     options, policy, args.allocation, args.rounds, unstructured, data, args.out, args.overwrite,
                     args.json, args.distributed, not args.quiet, settings, compensate=comp,
-                    compensate_batch=comp_batch)
+                    compensate_batch=comp_batch, compensate_calib=comp_text)
 
 
 def run(args, argv: Sequence[str] | None = None) -> dict | None:

@@ -10,7 +10,7 @@ reproduce the dense output solve min ‖W X − W'_K X_K‖². With damping λ:
 the minimiser of ‖W X − W'_K X_K‖² + λ‖W'_K − W_K‖²: the damping pulls towards the unchanged
 weights, so with nothing removed W' = W exactly, whatever λ. At λ = 0 it equals SPEC §11's
 W G[:, K] G[K, K]⁻¹; the undamped-form variant W G[:, K] (G[K, K] + λI)⁻¹ would shrink the kept
-weights towards zero instead. λ = ``damping`` · mean(diag G[K, K]) (10 % by default; SparseGPT uses 1 %).
+weights towards zero instead. λ = ``damping`` · mean(diag G[K, K]) (30 % by default; SparseGPT uses 1 %).
 The solve is a Cholesky factorisation in float64; when it fails (a singular G[K, K] with
 ``damping=0``: zero or duplicated input columns) or gives a non-finite or worse-than-nothing
 answer, the damping is raised tenfold (from at least 1e-8) until it works, and the damping used
@@ -70,8 +70,9 @@ class CompensateConfig:
 
     ``mode``: ``weights`` (the least-squares update of the kept columns), ``bias`` (FLAP's
     mean-activation bias) or ``weights+bias`` (both, fitted together). ``damping``: λ as a fraction
-    of mean(diag G[K, K]), >= 0 (0.1: the best of 0.001-1 on a held-out split of the calibration text
-    for SmolLM2, ``benchmarks/compensation.py``; SparseGPT uses 0.01). ``micro_batch_size``:
+    of mean(diag G[K, K]), >= 0 (0.3: chosen on a held-out split of the mixed calibration text for
+    SmolLM2 among 0.01-1, ``benchmarks/compensation.py tune``; 0.1 was the best on pydoc's alone;
+    SparseGPT uses 0.01). ``micro_batch_size``:
     calibration rows per layer forward. ``batch``: the calibration token ids [rows, tokens] whose
     activations are fitted (None: the batch the units were scored on). Give it thousands of tokens:
     fitted on the 640 tokens of a usual scoring batch the update overfits them and held-out perplexity
@@ -79,7 +80,7 @@ class CompensateConfig:
     over to held-out text."""
 
     mode: str = "weights"
-    damping: float = 0.1
+    damping: float = 0.3
     micro_batch_size: int | None = None
     batch: torch.Tensor | None = field(default=None, repr=False)
 
