@@ -87,6 +87,34 @@ def test_recipe_keeps_prune_models_units_and_reloads(tmp_path, saved, kind):
     assert (out / "modeling_pruned.py").is_file()
 
 
+def test_recipe_compensates_like_prune_model_and_reloads(tmp_path, saved):
+    """compensate: true in a recipe: prune_model's units and compensated weights on the same calibration
+    tokens (the layers' fit on llm-compressor's batch), a checkpoint that reloads with those logits; a bad
+    compensation field fails when the recipe is parsed, and compensation without data is refused."""
+    from moreau_pruner.prune.compensate import CompensateConfig
+
+    model = tiny_model(saved("llama"))
+    want = copy.deepcopy(model)
+    ref = prune_model(want, BATCH, "moreau", prune_config(), moreau=MoreauConfig(mode="reference", iters=2),
+                      progress=False, compensate=CompensateConfig(damping=0.2))
+    out = tmp_path / "out"
+    run_oneshot(model, recipe_file(tmp_path, **OPTIONS, compensate=True, compensate_damping=0.2), out)
+    got = our_modifier().report
+    assert [[row[k] for k in KEPT] for row in got["layers"]] == [[row[k] for k in KEPT] for row in ref.report.layers]
+    assert got["compensation"]["damping"] == 0.2 and got["compensation"]["tokens"] == BATCH.numel()
+    back, _ = load_pruned(out)
+    plain = tiny_model(saved("llama"))
+    prune_model(plain, BATCH, "moreau", prune_config(), moreau=MoreauConfig(mode="reference", iters=2), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(back(BATCH).logits, want(BATCH).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(back(BATCH).logits, plain(BATCH).logits)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        MoreauPruningModifier(compensate=True, compensate_damping=-1)
+    with pytest.raises(ValueError, match="with compensate needs calibration data"):
+        run_oneshot(tiny_model(saved("llama")), recipe_file(tmp_path, **{**OPTIONS, "method": "magnitude"},
+                                                             compensate=True), dataset=None)
+
+
 #: weight-only int8 per output channel after ours, the head left in full precision
 INT8 = ("  quantization_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
         "        group_0:\n          targets: [Linear]\n"
