@@ -107,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="the learning rate after the warm-up: constant (default) or cosine, a half cosine from --lr "
                         "down to --min-lr at the last step (a cosine run resumes only to the same --max-steps)")
-    g.add_argument("--min-lr", type=float, default=d.min_lr,
-                   help="where the cosine schedule ends (default 0; only with --lr-schedule cosine)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="where the cosine ends (default 0)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help=f"gradient clipping norm, 0 = none (default {d.max_grad_norm})")
