@@ -146,6 +146,7 @@ def test_generated_data_holds_out_the_last_fifth_and_fingerprints_its_settings(t
     monkeypatch.setattr(mgen, "sample_sequences", _no_sampling)
     again = load_recovery_data("generated", tok, 16, teacher=teacher, generation=gen, reuse_dir=tmp_path / "store")
     assert again.examples == d.examples and again.heldout == d.heldout
+    assert d.generation_time_s > 0 and again.generation_time_s is None  # stored: no time spent sampling
     with pytest.raises(AssertionError, match="sampled again"):
         load_recovery_data("generated", tok, 16, teacher=teacher, generation=replace(gen, seed=1),
                            reuse_dir=tmp_path / "store")
@@ -164,6 +165,7 @@ def test_resume_on_generated_text_equals_an_uninterrupted_run_and_trains_on_the_
     straight = recover(student, tok, "generated", cfg, out=tmp_path / "straight", progress=False, teacher=teacher)
     assert straight.report["data"]["kind"] == "generated" and straight.report["data"]["examples"] == 10
     assert straight.report["data"]["generation"]["samples"] == 12
+    assert straight.report["data"]["generation_time_s"] > 0
     assert straight.report["config"]["lr_schedule"] == "cosine"
 
     class Killed(Exception):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,8 @@ class RecoveryData:
     ``ood``: held-out text of another source (``ood_source``), scored too so that adaptation to the
     recovery text and recovered general quality can be told apart (None: not scored). ``more_ood``:
     further ``(source, held-out text)`` pairs scored the same way. ``generated``: the teacher's samples
-    (``[samples, length]`` ids, the held-out ones included) and ``generation`` their settings (dict).
+    (``[samples, length]`` ids, the held-out ones included), ``generation`` their settings (dict) and
+    ``generation_time_s`` the seconds sampling them took (None: stored samples were taken).
     """
 
     examples: list[tuple[list[int], list[int]]]
@@ -71,6 +73,7 @@ class RecoveryData:
     more_ood: tuple = ()
     generated: torch.Tensor | None = None
     generation: dict | None = None
+    generation_time_s: float | None = None
 
     def fingerprint(self) -> dict:
         import hashlib
@@ -202,9 +205,9 @@ def load_recovery_data(
     path = Path(name).expanduser()
     heldout = None
     skipped = 0
-    generated = generation_dict = None
+    generated = generation_dict = seconds = None
     if name == GENERATED:
-        generated, gen = _generate(tokenizer, cutoff_len, teacher, generation, reuse_dir, progress)
+        generated, gen, seconds = _generate(tokenizer, cutoff_len, teacher, generation, reuse_dir, progress)
         examples, heldout = _split_samples(generated, heldout_fraction)
         kind, n_rows, generation_dict = "generated", generated.shape[0], gen.as_dict()
     elif teacher is not None or generation is not None:
@@ -280,7 +283,7 @@ def load_recovery_data(
         scored.append((other, mdata.heldout_text(other, heldout_fraction)))
     ood, ood_source = scored[0][1] if scored else None, scored[0][0] if scored else None
     return RecoveryData(examples, kind, name, heldout, heldout_source, skipped, n_rows, ood, ood_source,
-                        tuple(scored[1:]), generated, generation_dict)
+                        tuple(scored[1:]), generated, generation_dict, seconds)
 
 
 def _sources(spec) -> list[str]:
@@ -293,7 +296,8 @@ def _sources(spec) -> list[str]:
 
 
 def _generate(tokenizer, cutoff_len: int, teacher, generation, reuse_dir, progress: bool):
-    """The teacher's samples ``[samples, cutoff_len]`` and their settings (stored ones when they agree)."""
+    """The teacher's samples ``[samples, cutoff_len]``, their settings and the seconds sampling took (stored
+    samples, taken when their settings agree: None)."""
     from dataclasses import replace
 
     from .generate import GenerationSettings, read_generated, sample_sequences, start_token
@@ -309,10 +313,12 @@ def _generate(tokenizer, cutoff_len: int, teacher, generation, reuse_dir, progre
     if not isinstance(gen, GenerationSettings):
         raise TypeError(f"generation must be a GenerationSettings, got {type(gen).__name__}")
     gen = replace(gen, length=cutoff_len, teacher=gen.teacher or source).validate()
-    ids = read_generated(reuse_dir, gen)
+    ids, seconds = read_generated(reuse_dir, gen), None
     if ids is None:
+        t0 = time.perf_counter()
         ids = sample_sequences(teacher, start_token(tokenizer, teacher), gen, progress=progress)
-    return ids, gen
+        seconds = round(time.perf_counter() - t0, 3)
+    return ids, gen, seconds
 
 
 def _split_samples(ids: torch.Tensor, heldout_fraction: float):
