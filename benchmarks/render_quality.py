@@ -937,9 +937,26 @@ def distill_markdown(directory: Path, heading: str = "##") -> list[str]:
                 f"each recovery above is the one with the lowest held-out perplexity here on its own recovery text "
                 f"or {ind}, never {ood}):", "",
                 table(header, _distill_rows(pilot, _dense_of(pilot))), ""]
+    out += _sampling_cost(records)
     out += ["Records and exact commands: `benchmarks/results/recovery/distill/` "
             f"(e.g. `{r0['command']}`).", ""]
     return out
+
+
+def _sampling_cost(records: list[dict]) -> list[str]:
+    """What sampling the teacher's recovery text cost: the wall time before training of the runs that sampled
+    it (the run's wall time less its report's total time, which starts after loading and sampling)."""
+    sampled = [r for r in records if r["data"] == GENERATED and not r.get("generated_from") and r.get("wall_s")]
+    if not sampled:
+        return []
+    parts = []
+    for r in sampled:
+        gen = (r["report"].get("data") or {}).get("generation") or {}
+        parts.append(f"{r['name']}: {r['wall_s'] - r['report']['total_time_s']:.0f} s for {gen.get('samples', '?')} x "
+                     f"{gen.get('length', '?')} tokens (load {r['loadavg']['mean']:.1f})")
+    return [f"Sampling the teacher's text (one thread; the wall time before training, loading the models included; "
+            f"runs with the same seed and settings reuse those samples, `generated_from` in their records): "
+            f"{'; '.join(parts)}.", ""]
 
 
 def _dense_of(records: list[dict]) -> dict:

@@ -266,9 +266,11 @@ def test_benchmark_tables_show_the_text_the_schedule_and_the_own_held_out_side(t
     gen = _fake_record("full-kd", 0, 80.0)  # closes (100 - 80) / 40 = 0.5 of the fortunes gap
     gen.update(name="gen", data="generated", ood_data="fortunes,pydoc", lr_schedule="cosine")
     gen["report"].update(ppl_before=ppl(12.0), ppl_after=ppl(11.0), teacher={"ppl": ppl(10.0), "ppl_ood": ppl(60.0)},
-                         data={"heldout_source": "generated", "ood_source": "fortunes"},
+                         data={"heldout_source": "generated", "ood_source": "fortunes",
+                               "generation": {"samples": 8, "length": 128}}, total_time_s=400.0,
                          more_ood={"pydoc": {"ppl_before": ppl(30.0), "ppl_after": ppl(28.0),
                                              "teacher_ppl": ppl(25.0)}})
+    gen["wall_s"] = 1000.0
     (tmp_path / "gen.json").write_text(json.dumps(gen))
     text = "\n".join(rq.distill_markdown(tmp_path))
     assert "| recovery | text | schedule | lr | steps | seeds | pydoc PPL pruned → recovered | fortunes PPL " \
@@ -280,3 +282,8 @@ def test_benchmark_tables_show_the_text_the_schedule_and_the_own_held_out_side(t
            "100.00 → 80.00 (n=1) | 0.500 (n=1) | 0.400 (n=1) | 12.00 → 11.00 (n=1) (dense 10.00) |" in text
     assert "(teacher-generated, cosine, lr 0.001, 300 steps), closing 50.0% of the fortunes" in text
     assert "— met." in text and "each row's recovery text (pydoc: its calibration side; teacher-generated:" in text
+    assert "wall time before training, loading the models included" in text
+    assert "gen: 600 s for 8 x 128 tokens (load 5.0)" in text
+    gen["generated_from"] = "/w/other/generated.safetensors"  # reused samples: nothing sampled, no cost line
+    (tmp_path / "gen.json").write_text(json.dumps(gen))
+    assert "Sampling the teacher's text" not in "\n".join(rq.distill_markdown(tmp_path))
