@@ -448,7 +448,7 @@ def _report_extras(report: dict, before: dict, trained, tokenizer, data: Recover
             report["more_ood"][source] = {"ppl_before": b["ppl_before"], "ppl_after": after,
                                           "teacher_ppl": b["teacher_ppl"],
                                           "gap_closed": _gap_closed(b["ppl_before"], after, b["teacher_ppl"])}
-    if data.generation is not None:  # (the sampling time: not in total_time_s, which starts after it)
+    if data.generation is not None:  # (moreau-recover samples before recover() starts total_time_s's clock)
         report["data"]["generation"] = data.generation
         report["data"]["generation_time_s"] = data.generation_time_s
     if teacher is None:
