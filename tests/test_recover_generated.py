@@ -287,3 +287,19 @@ def test_benchmark_tables_show_the_text_the_schedule_and_the_own_held_out_side(t
     gen["generated_from"] = "/w/other/generated.safetensors"  # reused samples: nothing sampled, no cost line
     (tmp_path / "gen.json").write_text(json.dumps(gen))
     assert "Sampling the teacher's text" not in "\n".join(rq.distill_markdown(tmp_path))
+
+
+def test_benchmark_hands_a_run_the_samples_of_an_earlier_run_with_the_same_seed_and_length(tmp_path):
+    rd = _bench_module("recovery_distill")
+    work = tmp_path / "work"
+    ids = torch.arange(2 * 16).reshape(2, 16)
+    mgen.save_generated(work / "pilot-a", ids, GenerationSettings(samples=2, length=16, seed=0))
+    args = rd.parse(["--pruned", "/p", "--run", "full-kd:1e-4", "--data", "generated", "--cutoff-len", "16",
+                     "--work", str(work)])
+    out = work / "pilot-b"
+    got = rd._seed_generated(args, out, 0)
+    assert got["file"] == str(work / "pilot-a" / GENERATED_FILE) and got["settings"]["seed"] == 0
+    assert torch.equal(read_generated(out / "checkpoints", GenerationSettings(samples=2, length=16, seed=0)), ids)
+    assert rd._seed_generated(args, work / "pilot-c", 1) is None  # another seed: the run samples its own
+    assert rd._seed_generated(rd.parse([*["--pruned", "/p", "--run", "full-kd:1e-4", "--data", "generated"],
+                                        "--work", str(work)]), work / "pilot-d", 0) is None  # another length
