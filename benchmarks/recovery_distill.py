@@ -15,7 +15,15 @@ that exists is not run again; a killed run continues from its checkpoint when th
     python benchmarks/recovery_distill.py --pruned /tmp/pruned --prune-command "moreau-prune --out /tmp/pruned" \\
         --run lora-lm:3e-4 --run lora-kd:1e-3 --run full-kd:5e-5 --steps 300 --seeds 0 1 2
     python benchmarks/recovery_distill.py --pilot --pruned /tmp/pruned --run lora-kd:3e-4 --run lora-kd:1e-3 --steps 50
+    python benchmarks/recovery_distill.py --pilot --pruned /tmp/pruned --data generated --ood-data fortunes,pydoc \
+        --run full-kd:2e-4 --steps 50 --lr-schedule cosine
     python benchmarks/recovery_distill.py --render
+
+``--data generated`` trains on text the teacher samples itself (``moreau-recover --data generated``, which
+needs a distillation configuration); its in-domain text is then the held-out part of those samples, and a
+second ``--ood-data`` text (``fortunes,pydoc``) scores the corpus the other rows call in domain.
+``--lr-schedule`` and ``--generate-samples`` are passed through; a run's record name carries its recovery
+text and schedule when they are not pydoc and constant, so such rows never collide with the pydoc rows.
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ CONFIGS = {
 #: the GPU of the estimate: H100 SXM dense bf16 peak, and the fraction of it a training step reaches
 GPU_PEAK_FLOPS = 989e12
 GPU_UTILISATION = 0.4
+#: moreau-recover's name of teacher-generated recovery text
+GENERATED = "generated"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -56,7 +66,12 @@ def parse(argv=None) -> argparse.Namespace:
                    help=f"a configuration ({', '.join(CONFIGS)}) and its learning rate; repeat")
     p.add_argument("--pilot", action="store_true", help="records are tagged pilot (learning-rate choice)")
     p.add_argument("--data", default="pydoc", help="recovery text (its calibration side is trained on)")
-    p.add_argument("--ood-data", default="fortunes", help="out-of-domain text (its held-out side is scored)")
+    p.add_argument("--ood-data", default="fortunes",
+                   help="out-of-domain text (its held-out side is scored); several separated by commas")
+    p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                   help="moreau-recover --lr-schedule (the record's name says cosine)")
+    p.add_argument("--generate-samples", type=int,
+                   help="moreau-recover --generate-samples (with --data generated; default: moreau-recover's)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--cutoff-len", type=int, default=128)
@@ -74,6 +89,11 @@ def parse(argv=None) -> argparse.Namespace:
         if name not in CONFIGS or not lr:
             p.error(f"--run {spec!r}: expected CONFIG:LR with CONFIG one of {', '.join(CONFIGS)}")
         float(lr)
+        if args.data == GENERATED and "--distill" not in CONFIGS[name]:
+            p.error(f"--run {spec!r}: --data {GENERATED} is sampled from the teacher, so it needs a distillation "
+                    f"configuration ({', '.join(c for c, f in CONFIGS.items() if '--distill' in f)})")
+    if args.generate_samples is not None and args.data != GENERATED:
+        p.error(f"--generate-samples applies to --data {GENERATED} only")
     return args
 
 
@@ -128,7 +148,11 @@ BUDGET_KEYS = ("steps", "batch_size", "cutoff_len", "data", "ood_data", "pruned"
 
 
 def run_name(args, config: str, lr: str, seed: int) -> str:
-    return f"{'pilot' if args.pilot else 'final'}-{config}-lr{lr}-s{seed}"
+    """``TAG-CONFIG[-TEXT][-SCHEDULE]-lrLR-sSEED``: the text and the schedule only when not pydoc and constant
+    (the names of the records made before either could change)."""
+    text = "" if args.data == "pydoc" else "-" + "".join(c if c.isalnum() else "_" for c in Path(args.data).stem)
+    schedule = "" if args.lr_schedule == "constant" else f"-{args.lr_schedule}"
+    return f"{'pilot' if args.pilot else 'final'}-{config}{text}{schedule}-lr{lr}-s{seed}"
 
 
 def check_recorded(args, results: Path) -> None:
@@ -161,10 +185,16 @@ def run_one(args, config: str, lr: str, seed: int, results: Path, commit: str) -
            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--cutoff-len", str(args.cutoff_len),
            "--lr", lr, "--seed", str(seed), "--eval-windows", str(args.eval_windows), "--ood-data", args.ood_data,
            "--save-every", str(args.save_every), "--quiet", *CONFIGS[config]]
+    if args.lr_schedule != "constant":
+        cmd += ["--lr-schedule", args.lr_schedule]
+    if args.generate_samples is not None:
+        cmd += ["--generate-samples", str(args.generate_samples)]
+    reused = None
     if (out / "recovery.json").exists():
         print(f"{name}: finished output found in {out}, recording it", flush=True)
         wall, load = None, None
     else:
+        reused = _seed_generated(args, out, seed)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         print(f"{name}: {shlex.join(cmd)}", flush=True)
         t0 = time.perf_counter()
@@ -183,12 +213,14 @@ def run_one(args, config: str, lr: str, seed: int, results: Path, commit: str) -
     record = {
         "name": name, "tag": tag, "config": config, "lr": float(lr), "seed": seed,
         "steps": args.steps, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
-        "tokens_per_step": tokens, "data": args.data, "ood_data": args.ood_data,
+        "tokens_per_step": tokens, "data": args.data, "ood_data": args.ood_data, "lr_schedule": args.lr_schedule,
         "pruned": args.pruned, "prune_command": args.prune_command,
         "command": "OMP_NUM_THREADS=1 " + shlex.join(["python", *cmd[1:]]).replace(str(out), f"OUT/{name}"),
         "device": "cpu", "device_name": C.device_label("cpu"), "threads": 1, "torch": __import__("torch").__version__,
         "commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg": load, "wall_s": wall,
+        # the samples were another run's (the same settings: moreau-recover took them instead of sampling)
+        "generated_from": reused["file"] if reused and reused["settings"] == report["data"].get("generation") else None,
         "seconds_per_step": round(report["train_time_s"] / max(report["steps"], 1), 3),
         "student_parameters": student_params, "teacher_parameters": teacher_params,
         "flops_per_step": flops,
@@ -203,6 +235,33 @@ def run_one(args, config: str, lr: str, seed: int, results: Path, commit: str) -
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, record_path)
     return record_path
+
+
+def _generation_settings(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("settings", "null"))
+
+
+def _seed_generated(args, out: Path, seed: int) -> dict | None:
+    """With --data generated: puts the samples another run of this work folder kept
+    (``OUT/generated.safetensors``) with this seed and length into ``out/checkpoints``, where moreau-recover
+    takes them instead of sampling again when all their settings (samples, length, temperature, seed, batch
+    size, teacher) are the ones asked for, and samples anew otherwise. Returns the file copied and its
+    settings, or None."""
+    import shutil
+
+    if args.data != GENERATED or (out / "checkpoints" / "generated.safetensors").exists():
+        return None
+    for other in sorted(Path(args.work).glob("*/generated.safetensors")):
+        settings = _generation_settings(other)
+        if settings and settings.get("seed") == seed and settings.get("length") == args.cutoff_len and (
+                args.generate_samples is None or settings.get("samples") == args.generate_samples):
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(other, out / "checkpoints" / "generated.safetensors")
+            return {"file": str(other), "settings": settings}
+    return None
 
 
 def render(results: Path = RESULTS, readme: Path = README, quality: bool = True) -> None:

@@ -769,47 +769,104 @@ def _gap(before, after, dense):
     return (before - after) / (before - dense)
 
 
+#: the name of teacher-generated recovery text (``moreau-recover --data generated``)
+GENERATED = "generated"
+
+
+def _schedule(r: dict) -> str:
+    return r.get("lr_schedule") or "constant"
+
+
+def _scored(r: dict) -> dict:
+    """text -> (pruned, recovered, teacher) perplexities of a record, for every text it scored: its recovery
+    text's held-out side, its out-of-domain text and any further one (teacher None: not measured)."""
+    rep = r["report"]
+    data = rep.get("data") or {}
+    teacher = rep.get("teacher") or {}
+    oods = r["ood_data"].split(",")
+    out = {data.get("heldout_source", r["data"]): (_ppl_of(rep.get("ppl_before")), _ppl_of(rep.get("ppl_after")),
+                                                   _ppl_of(teacher.get("ppl")))}
+    if rep.get("ppl_ood_after"):
+        out[data.get("ood_source", oods[0])] = (_ppl_of(rep.get("ppl_ood_before")), _ppl_of(rep.get("ppl_ood_after")),
+                                                _ppl_of(teacher.get("ppl_ood")))
+    for source, m in (rep.get("more_ood") or {}).items():
+        out[source] = (_ppl_of(m.get("ppl_before")), _ppl_of(m.get("ppl_after")), _ppl_of(m.get("teacher_ppl")))
+    return out
+
+
+def _corpora(records: list[dict]) -> tuple[str, str]:
+    """(the corpus the rows trained on it call in domain, the out-of-domain corpus of every row)."""
+    ood = records[0]["ood_data"].split(",")[0]
+    ind = next((r["data"] for r in records if r["data"] != GENERATED), None)
+    if ind is None:
+        ind = next((s for r in records for s in r["ood_data"].split(",")[1:]), records[0]["data"])
+    return ind, ood
+
+
 def _distill_groups(records: list[dict]) -> dict:
-    """(configuration index, learning rate, steps) -> the records of those settings (one per seed)."""
+    """(configuration index, not the in-domain corpus, recovery text, schedule, learning rate, steps) -> the
+    records of those settings (one per seed)."""
+    ind = _corpora(records)[0] if records else None
     groups: dict = {}
     for r in records:
-        groups.setdefault((list(DISTILL_CONFIGS).index(r["config"]), r["lr"], r["steps"]), []).append(r)
+        key = (list(DISTILL_CONFIGS).index(r["config"]), r["data"] != ind, r["data"], _schedule(r), r["lr"], r["steps"])
+        groups.setdefault(key, []).append(r)
     return dict(sorted(groups.items()))
 
 
+def _gaps(rs: list[dict], text: str, dense: dict) -> list:
+    """The gap closed on ``text`` by each record (against its own teacher's perplexity, else ``dense``'s)."""
+    out = []
+    for r in rs:
+        b, a, t = _scored(r).get(text, (None, None, None))
+        out.append(_gap(b, a, t if t is not None else dense.get(text)))
+    return out
+
+
+def _text_label(data: str) -> str:
+    return "teacher-generated" if data == GENERATED else data
+
+
 def _distill_rows(records: list[dict], dense: dict) -> list[list[str]]:
-    """One row per (configuration, learning rate, steps): means over the seeds."""
+    """One row per (configuration, recovery text, schedule, learning rate, steps): means over the seeds."""
+    ind, ood = _corpora(records)
+    own = any(r["data"] == GENERATED for r in records)
     rows = []
-    for (_, lr, steps), rs in _distill_groups(records).items():
-        reps = [r["report"] for r in rs]
-
-        def col(key, when):
-            return [_ppl_of(rep.get(f"{key}_{when}")) for rep in reps]
-
-        def cell(key):
-            b, a = mean_std(col(key, "before")), mean_std(col(key, "after"))
+    for (_, _, data, schedule, lr, steps), rs in _distill_groups(records).items():
+        def cell(text):
+            vals = [_scored(r).get(text, (None, None, None)) for r in rs]
+            b, a = mean_std([v[0] for v in vals]), mean_std([v[1] for v in vals])
             return f"{b[0]:.2f} → {fmt(*a)}" if a[2] else "–"
 
-        def gap(key, ref):
-            return fmt(*mean_std([_gap(x, y, dense.get(ref)) for x, y in zip(col(key, "before"), col(key, "after"))]),
-                       digits=3)
+        def gap(text):
+            return fmt(*mean_std(_gaps(rs, text, dense)), digits=3)
 
         sps = mean_std([r["seconds_per_step"] for r in rs])
         loads = [r["loadavg"]["mean"] for r in rs if r.get("loadavg")]
         gpu = mean_std([r["gpu_estimate"]["seconds_per_step"] * 1e3 for r in rs])
-        rows.append([DISTILL_CONFIGS[rs[0]["config"]], f"{lr:g}", str(steps), ", ".join(str(r["seed"]) for r in rs),
-                     cell("ppl"), cell("ppl_ood"), gap("ppl_ood", "ood"), gap("ppl", "heldout"),
-                     f"{sps[0]:.1f}" + (f" ({min(loads):.1f}-{max(loads):.1f})" if loads else ""),
-                     f"{rs[0]['flops_per_step'] / 1e9:.0f}", f"{gpu[0]:.2f}"])
+        row = [DISTILL_CONFIGS[rs[0]["config"]], _text_label(data), schedule, f"{lr:g}", str(steps),
+               ", ".join(str(r["seed"]) for r in rs), cell(ind), cell(ood), gap(ood), gap(ind)]
+        if own:
+            teacher = mean_std([_scored(r)[GENERATED][2] for r in rs]) if data == GENERATED else None
+            row.append(f"{cell(GENERATED)} (dense {teacher[0]:.2f})" if teacher and teacher[2] else "–")
+        rows.append(row + [f"{sps[0]:.1f}" + (f" ({min(loads):.1f}-{max(loads):.1f})" if loads else ""),
+                           f"{rs[0]['flops_per_step'] / 1e9:.0f}", f"{gpu[0]:.2f}"])
     return rows
 
 
 def _budget(records: list[dict]) -> str:
-    """The training budget of ``records``: one number of steps, or those of the steps column."""
+    """The training budget of ``records``: one number of steps, or those of the steps column, and the text."""
     steps = sorted({r["steps"] for r in records})
     r0 = records[0]
     n = f"{steps[0]} steps" if len(steps) == 1 else f"the steps of each row ({', '.join(map(str, steps))})"
-    return f"{n} of {r0['batch_size']} x {r0['cutoff_len']} tokens of {r0['data']}'s calibration side"
+    texts = sorted({r["data"] for r in records}, key=lambda d: (d == GENERATED, d))
+    sampled = ("text the dense teacher sampled itself (`moreau-recover --data generated`: sequences from its start "
+               "token at temperature 1, seeded by the run's seed; the last fifth held out)")
+    tokens = f"{n} of {r0['batch_size']} x {r0['cutoff_len']} tokens of"
+    if len(texts) == 1:
+        return f"{tokens} {sampled if texts[0] == GENERATED else texts[0] + chr(39) + 's calibration side'}"
+    what = [f"{_text_label(d)}: {sampled if d == GENERATED else 'its calibration side'}" for d in texts]
+    return f"{tokens} each row's recovery text ({'; '.join(what)})"
 
 
 def _best_line(final: list[dict], dense: dict) -> list[str]:
@@ -818,13 +875,15 @@ def _best_line(final: list[dict], dense: dict) -> list[str]:
     gaps = _ood_gaps(final, dense)
     if not gaps:
         return []
-    mean, (ci, lr, steps) = max((statistics.fmean(g), key) for key, g in gaps.items())
-    config, ood = list(DISTILL_CONFIGS)[ci], final[0]["ood_data"]
-    n = len(gaps[(ci, lr, steps)])
-    line = (f"Best out of domain: {DISTILL_CONFIGS[config]} (lr {lr:g}, {steps} steps), closing {mean:.1%} of the "
+    mean, key = max((statistics.fmean(g), key) for key, g in gaps.items())
+    ci, _, data, schedule, lr, steps = key
+    config, ood = list(DISTILL_CONFIGS)[ci], _corpora(final)[1]
+    n = len(gaps[key])
+    how = ", ".join([_text_label(data), *([schedule] if schedule != "constant" else []), f"lr {lr:g}", f"{steps} steps"])
+    line = (f"Best out of domain: {DISTILL_CONFIGS[config]} ({how}), closing {mean:.1%} of the "
             f"{ood} perplexity gap to the dense model (mean of {n} seed{'s' if n > 1 else ''}). Target: at least "
             f"{DISTILL_TARGET:.0%} — {'met' if mean >= DISTILL_TARGET else 'not met'}.")
-    run = [DISTILL_CONFIGS[c] for i, c in enumerate(DISTILL_CONFIGS) if any(k[0] == i and k[2] == steps for k in gaps)]
+    run = [DISTILL_CONFIGS[c] for i, c in enumerate(DISTILL_CONFIGS) if any(k[0] == i and k[5] == steps for k in gaps)]
     if len(run) < len(DISTILL_CONFIGS):
         line += (f" At {steps} steps only {', '.join(run)} ran; the three recoveries at one budget are compared "
                  f"in the pilot below.")
@@ -833,63 +892,91 @@ def _best_line(final: list[dict], dense: dict) -> list[str]:
 
 def distill_markdown(directory: Path, heading: str = "##") -> list[str]:
     """The comparison of recoveries at one budget (LoRA with the LM loss, LoRA with distillation, full
-    fine-tuning with distillation), from the records of ``benchmarks/recovery_distill.py``."""
+    fine-tuning with distillation; on a corpus or on teacher-generated text), from the records of
+    ``benchmarks/recovery_distill.py``."""
     records = _distill_records(directory)
     final = [r for r in records if r["tag"] == "final"]
     pilot = [r for r in records if r["tag"] == "pilot"]
     if not records:
         return []
     r0 = (final or pilot)[0]
+    ind, ood = _corpora(records)
     dense = _dense_of(final)
     ev = r0["report"]["ppl_before"]
+    own = any(r["data"] == GENERATED for r in records)
     out = [f"{heading} Recovery at one budget: LoRA vs distillation, in domain and out of domain", "",
-           f"The same pruned model (`{r0['prune_command']}`) and recovery text for every row, trained for "
-           f"{_budget(final or pilot)}. In domain: {r0['data']}'s held-out side; out of domain: {r0['ood_data']}'s "
-           f"held-out side ({ev['n_windows'] if ev else '?'} windows of {ev['seq_len'] if ev else '?'} tokens each). "
+           f"The same pruned model (`{r0['prune_command']}`) for every row, trained for {_budget(final or pilot)}. "
+           f"Scored on {ind}'s held-out side (in domain for the rows trained on {ind}) and on {ood}'s held-out side "
+           f"(out of domain for every row), {ev['n_windows'] if ev else '?'} windows of "
+           f"{ev['seq_len'] if ev else '?'} tokens each"
+           + ("; rows trained on teacher-generated text are also scored on the held-out fifth of those samples "
+              "(own held-out)" if own else "") + ". "
            "Distillation: forward KL(teacher || student) from the dense model at T = 1, no LM loss mixed in. Gap "
            "closed: (pruned - recovered) / (pruned - dense) perplexity; 1 = the dense model's perplexity, above 1 = "
-           "below it (adaptation). Learning rates from the pilot below (chosen by the in-domain held-out perplexity, "
-           "never by the out-of-domain text). Cost: training seconds per step on one thread of "
+           "below it (adaptation). Learning rates from the pilot below (chosen by the recovery text's own held-out "
+           f"perplexity or {ind}'s, never by {ood}). Schedule: the learning rate after the warm-up, constant or a "
+           "cosine decay to 0 at the last step. Cost: training seconds per step on one thread of "
            f"{r0['device_name']} with the 1-minute load average during the runs in brackets (a shared machine); "
            "GFLOP per step counted from the parameters (forward 2N per token, backward 2N, plus 2N for weight "
            f"gradients when every weight trains, plus the teacher's forward); GPU ms per step = those FLOPs at "
            f"{r0['gpu_estimate']['utilisation']:.0%} of an H100's {r0['gpu_estimate']['peak_flops'] / 1e12:.0f} "
            "bf16 TFLOP/s (a lower bound: steps this small are launch-bound on a GPU).", ""]
-    header = ["recovery", "lr", "steps", "seeds", f"{r0['data']} PPL pruned → recovered",
-              f"{r0['ood_data']} PPL pruned → recovered", f"{r0['ood_data']} gap closed", f"{r0['data']} gap closed",
+    header = ["recovery", "text", "schedule", "lr", "steps", "seeds", f"{ind} PPL pruned → recovered",
+              f"{ood} PPL pruned → recovered", f"{ood} gap closed", f"{ind} gap closed",
+              *(["own held-out PPL pruned → recovered"] if own else []),
               "CPU s/step (load)", "GFLOP/step", "GPU ms/step (est.)"]
     if final:
         rows = _distill_rows(final, dense)
-        rows.insert(0, ["dense (the teacher)", "–", "–", "–", f"{dense.get('heldout', math.nan):.2f}",
-                        f"{dense.get('ood') or math.nan:.2f}", "–", "–", "–", "–", "–"])
+        rows.insert(0, ["dense (the teacher)", "–", "–", "–", "–", "–", f"{dense.get(ind, math.nan):.2f}",
+                        f"{dense.get(ood) or math.nan:.2f}", "–", "–", *(["–"] if own else []), "–", "–", "–"])
         out += [table(header, rows), ""]
         out += _best_line(final, dense)
     if pilot:
         ev = pilot[0]["report"]["ppl_before"]
         out += [f"Pilot ({_budget(pilot)}, {ev['n_windows'] if ev else '?'} evaluation windows; the learning rate of "
-                "each recovery above is the one with the lowest in-domain held-out perplexity here):", "",
+                f"each recovery above is the one with the lowest held-out perplexity here on its own recovery text "
+                f"or {ind}, never {ood}):", "",
                 table(header, _distill_rows(pilot, _dense_of(pilot))), ""]
+    out += _sampling_cost(records)
     out += ["Records and exact commands: `benchmarks/results/recovery/distill/` "
             f"(e.g. `{r0['command']}`).", ""]
     return out
 
 
+def _sampling_cost(records: list[dict]) -> list[str]:
+    """What sampling the teacher's recovery text cost: the wall time before training of the runs that sampled
+    it (the run's wall time less its report's total time, which starts after loading and sampling)."""
+    sampled = [r for r in records if r["data"] == GENERATED and not r.get("generated_from") and r.get("wall_s")]
+    if not sampled:
+        return []
+    parts = []
+    for r in sampled:
+        gen = (r["report"].get("data") or {}).get("generation") or {}
+        parts.append(f"{r['name']}: {r['wall_s'] - r['report']['total_time_s']:.0f} s for {gen.get('samples', '?')} x "
+                     f"{gen.get('length', '?')} tokens (load {r['loadavg']['mean']:.1f})")
+    return [f"Sampling the teacher's text (one thread; the wall time before training, loading the models included; "
+            f"runs with the same seed and settings reuse those samples, `generated_from` in their records): "
+            f"{'; '.join(parts)}.", ""]
+
+
 def _dense_of(records: list[dict]) -> dict:
-    """The dense model's perplexities, in domain and out of domain, from the teacher of a distillation record
-    (measured on the same windows as every record of the same run set)."""
+    """The dense model's perplexity on every corpus scored (not on generated text, whose samples differ between
+    settings), from the teachers of the distillation records (measured on the same windows as every record of
+    the same run set)."""
+    out: dict = {}
     for r in records:
-        t = r["report"].get("teacher")
-        if t and t.get("ppl"):
-            return {"heldout": t["ppl"]["ppl"], "ood": t["ppl_ood"]["ppl"] if t.get("ppl_ood") else None}
-    return {}
+        for text, (_, _, teacher) in _scored(r).items():
+            if teacher is not None and text != GENERATED:
+                out.setdefault(text, teacher)
+    return out
 
 
 def _ood_gaps(records: list[dict], dense: dict) -> dict:
-    """(configuration index, learning rate, steps) -> the out-of-domain gap closed of each of its records."""
+    """Group key (see :func:`_distill_groups`) -> the out-of-domain gap closed of each of its records."""
+    ood = _corpora(records)[1] if records else None
     out: dict = {}
     for key, rs in _distill_groups(records).items():
-        gaps = [_gap(_ppl_of(r["report"].get("ppl_ood_before")), _ppl_of(r["report"].get("ppl_ood_after")),
-                     dense.get("ood")) for r in rs]
+        gaps = _gaps(rs, ood, dense)
         if any(g is not None for g in gaps):
             out[key] = [g for g in gaps if g is not None]
     return out

@@ -426,14 +426,14 @@ def test_benchmark_tables_say_whether_the_target_is_met(tmp_path):
     (tmp_path / "pilot.json").write_text(json.dumps(_fake_record("lora-kd", 0, 95.0, tag="pilot")))
     text = "\n".join(rq.distill_markdown(tmp_path))
     # full-kd: gaps (100 - 85) / 40 and (100 - 87) / 40: 0.35 on average, above a third
-    assert "| full fine-tuning, distillation | 0.001 | 300 | 0, 1 | 30.00 → 20.00 ± 0.00 (n=2) | 100.00 → 86.00 ± 1.41 " \
+    assert "| full fine-tuning, distillation | pydoc | constant | 0.001 | 300 | 0, 1 | 30.00 → 20.00 ± 0.00 (n=2) | 100.00 → 86.00 ± 1.41 " \
            "(n=2) | 0.350 ± 0.035 (n=2) | 2.000 ± 0.000 (n=2) |" in text
-    assert "| dense (the teacher) | – | – | – | 25.00 | 60.00 |" in text
-    assert "(lr 0.001, 300 steps), closing 35.0% of the fortunes perplexity gap" in text and "— met." in text
+    assert "| dense (the teacher) | – | – | – | – | – | 25.00 | 60.00 |" in text
+    assert "(pydoc, lr 0.001, 300 steps), closing 35.0% of the fortunes perplexity gap" in text and "— met." in text
     assert "Pilot (300 steps" in text and "only" not in text
     (tmp_path / "full-kd-0.json").unlink()
     (tmp_path / "full-kd-1.json").unlink()
-    assert "LoRA, distillation (lr 0.001, 300 steps), closing 27.5%" in "\n".join(rq.distill_markdown(tmp_path))
+    assert "LoRA, distillation (pydoc, lr 0.001, 300 steps), closing 27.5%" in "\n".join(rq.distill_markdown(tmp_path))
     assert "not met" in "\n".join(rq.distill_markdown(tmp_path))
 
 
@@ -444,10 +444,10 @@ def test_benchmark_tables_keep_budgets_apart(tmp_path):
         (tmp_path / f"long-{seed}.json").write_text(json.dumps(_fake_record("full-kd", seed, ood, steps=600)))
     (tmp_path / "short.json").write_text(json.dumps(_fake_record("full-kd", 0, 98.0, steps=300)))
     text = "\n".join(rq.distill_markdown(tmp_path))
-    assert "| full fine-tuning, distillation | 0.001 | 300 | 0 |" in text
-    assert "| full fine-tuning, distillation | 0.001 | 600 | 0, 1 |" in text
+    assert "| full fine-tuning, distillation | pydoc | constant | 0.001 | 300 | 0 |" in text
+    assert "| full fine-tuning, distillation | pydoc | constant | 0.001 | 600 | 0, 1 |" in text
     assert "for every row, trained for the steps of each row (300, 600) of 2 x 128 tokens" in text
-    assert "(lr 0.001, 600 steps), closing 37.5%" in text and "— met." in text
+    assert "(pydoc, lr 0.001, 600 steps), closing 37.5%" in text and "— met." in text
     assert "At 600 steps only full fine-tuning, distillation ran" in text
 
 

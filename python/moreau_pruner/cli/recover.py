@@ -10,9 +10,10 @@ from typing import Sequence
 
 from ..io.atomic import write_json
 from ..io.target import check_space, model_bytes
-from ..recover.checkpoints import prepare_out
-from ..recover.config import TUNINGS, RecoverConfig
+from ..recover.checkpoints import CHECKPOINTS_DIR, prepare_out
+from ..recover.config import GENERATE_FIELDS, LR_SCHEDULES, TUNINGS, RecoverConfig
 from ..recover.dataset import load_recovery_data
+from ..recover.generate import GENERATED
 from ..recover.lora import peft_module, read_adapter_dir
 from ..recover.loop import ADAPTER_DIR, REPORT_FILE, recover
 from ..recover.teacher import check_teacher, load_teacher, resolve_teacher
@@ -42,6 +43,13 @@ to the recovery text are told apart.
 trained on), a .txt file, a .jsonl/.json file of {"text": ...} rows, or Alpaca-style
 {"instruction", "input", "output"} rows (LLM-Pruner's prompt; loss on the response only).
 
+--data generated (with --distill) trains on text the teacher writes itself (data-free distillation,
+as LLM-QAT does): text from one corpus only moves the student toward the teacher on that kind of
+text, while the teacher's own samples cover its general distribution. The teacher samples
+--generate-samples sequences of --cutoff-len tokens from its start token at --generate-temperature,
+seeded by --seed; the last fifth of them is held out and scored as the in-domain text. The samples
+are kept in OUT/checkpoints, so a resumed run trains on exactly the same tokens.
+
 OUT receives the trained model (moreau_pruner.load_pruned(OUT), which runs no code from the
 directory), OUT/adapter (the LoRA adapter
 alone, peft format; not with --tuning full) and OUT/recovery.json (losses, perplexity before/after, steps, time). While the
@@ -57,6 +65,8 @@ examples:
   moreau-recover --model pruned --data pydoc --out rec --distill --max-steps 300    # teacher from pruning_info.json
   moreau-recover --model pruned --data pydoc --out rec --distill --tuning full --lr 2e-5 --teacher dense-dir
   moreau-recover --model pruned --data alpaca.json --out rec --distill --lm-weight 0.5 --device cuda
+  moreau-recover --model pruned --data generated --distill --tuning full --lr 2e-4 --out rec \
+      --generate-samples 512 --lr-schedule cosine --ood-data fortunes,pydoc   # the teacher writes the text
 """
 
 
@@ -66,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input and output")
     opt.add_model(g, required=True, what="the model to recover")
-    g.add_argument("--data", required=True, help="pydoc, fortunes, or a .txt / .jsonl / .json file")
+    g.add_argument("--data", required=True, help="pydoc, fortunes, a .txt / .jsonl / .json file, or generated (text "
+                                                 "sampled from the teacher; needs --distill)")
     opt.add_output(g, "output directory (merged model, adapter/, recovery.json)", required=True,
                    overwrite="replace an existing OUT, ignoring its checkpoints")
     opt.add_report(g, " (a copy of OUT/recovery.json)")
@@ -93,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutoff-len", type=int, default=d.cutoff_len,
                    help=f"tokens per example; text is cut into blocks of this length (default {d.cutoff_len})")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default 0)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="the learning rate after the warm-up: constant (default) or cosine, a half cosine from --lr "
+                        "down to --min-lr at the last step (a cosine run resumes only to the same --max-steps)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="where the cosine ends (default 0)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help=f"gradient clipping norm, 0 = none (default {d.max_grad_norm})")
@@ -116,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the teacher's K most likely tokens plus one bin for the rest (default: every token)")
     g.add_argument("--lm-weight", type=float, default=d.lm_weight, metavar="W",
                    help=f"loss = (1 - W) * T² * KL + W * LM loss, W in [0, 1) (default {d.lm_weight:g})")
+    g = p.add_argument_group("teacher-generated recovery text (--data generated)")
+    g.add_argument("--generate-samples", type=int, default=d.generate_samples, metavar="N",
+                   help=f"sequences of --cutoff-len tokens the teacher samples; a fifth is held out for the "
+                        f"in-domain perplexity (default {d.generate_samples}; training uses --max-steps x "
+                        f"--batch-size of them, repeating them in new orders beyond that)")
+    g.add_argument("--generate-temperature", type=float, default=d.generate_temperature, metavar="T",
+                   help=f"sampling temperature: 1 samples the teacher's own distribution, lower is more "
+                        f"repetitive text (default {d.generate_temperature:g})")
+    g.add_argument("--generate-batch-size", type=int, default=d.generate_batch_size, metavar="B",
+                   help=f"sequences sampled at a time (default {d.generate_batch_size}; part of what fixes the "
+                        "samples, with --seed)")
     g = p.add_argument_group("held-out perplexity")
     g.add_argument("--eval-data", help="text source whose held-out side is scored (default: the --data source's "
                                        "own held-out side; pydoc for instruction data)")
@@ -126,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"windows scored, 0 = no evaluation, -1 = all of the held-out text (default {d.eval_windows})")
     g.add_argument("--ood-data", metavar="SOURCE",
                    help="other text whose held-out side is scored as the out-of-domain perplexity: a corpus name or "
-                        "a text file, or none (default: none; with --distill fortunes, or pydoc when --data is "
-                        "fortunes)")
+                        "a text file, several separated by commas (the first is the report's out-of-domain text, "
+                        "the others go to its more_ood entry), or none (default: none; with --distill fortunes, or "
+                        "pydoc when --data is fortunes)")
     opt.add_quiet(p)
     return p
 
@@ -139,10 +166,16 @@ def _one_length(text: str) -> int:
     return lens[0]
 
 
-def _ood_source(args) -> str | None:
-    """--ood-data, or its default: none, except fortunes (pydoc when training on fortunes) with --distill."""
+def _ood_source(args) -> str | list[str] | None:
+    """--ood-data (several: a list), or its default: none, except fortunes (pydoc when training on fortunes)
+    with --distill."""
     if args.ood_data is not None:
-        return None if args.ood_data == "none" else args.ood_data
+        if args.ood_data == "none":
+            return None
+        sources = [s.strip() for s in args.ood_data.split(",") if s.strip()]
+        if not sources:
+            raise ValueError(f"--ood-data {args.ood_data!r} names no text")
+        return sources[0] if len(sources) == 1 else sources
     if not args.distill:
         return None
     return "pydoc" if args.data == "fortunes" else "fortunes"
@@ -174,8 +207,19 @@ def run(args):
         eval_windows=None if args.eval_windows == -1 else args.eval_windows, device=args.device, dtype=args.dtype,
         tuning=args.tuning, distill=args.distill, distill_temperature=args.distill_temperature,
         distill_top_k=args.distill_top_k, lm_weight=args.lm_weight, teacher_dtype=args.teacher_dtype,
+        lr_schedule=args.lr_schedule, min_lr=args.min_lr, generate_samples=args.generate_samples,
+        generate_temperature=args.generate_temperature, generate_batch_size=args.generate_batch_size,
     )
+    generated = args.data == GENERATED
+    if generated and not args.distill:
+        raise ValueError(f"--data {GENERATED} is text the dense teacher samples: add --distill (and --teacher PATH "
+                         "unless MODEL/pruning_info.json names the dense model)")
+    if not generated:
+        changed = [f"--{k.replace('_', '-')}" for k in GENERATE_FIELDS if getattr(cfg, k) != getattr(RecoverConfig(), k)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} only apply to --data {GENERATED}")
     cfg.validate()
+    ood = _ood_source(args)
     opt.check_device(cfg.device)
     opt.check_report(args.json)
     if args.teacher is not None and not args.distill:
@@ -197,14 +241,21 @@ def run(args):
     check_space(out, model_bytes(model))  # the merged model fits, before the training
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; recovery needs one to read the data")
-    data = load_recovery_data(args.data, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,
-                              ood_source=_ood_source(args))
+    if not generated:
+        data = load_recovery_data(args.data, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,
+                                  ood_source=ood)
     teacher = None
     if teacher_spec is not None:
         if not args.quiet:
             print(f"teacher: {teacher_spec}", file=sys.stderr)
         teacher = load_teacher(teacher_spec, cfg.resolved_teacher_dtype(), cfg.device)
         check_teacher(teacher, model, tokenizer)
+    if generated:  # (samples stored by a killed run with the same settings are taken again)
+        data = load_recovery_data(GENERATED, tokenizer, cfg.cutoff_len, eval_source=args.eval_data,
+                                  ood_source=ood, teacher=teacher,
+                                  generation=cfg.generation(teacher.source),
+                                  reuse_dir=None if args.overwrite else out / CHECKPOINTS_DIR,
+                                  progress=not args.quiet)
     if not args.quiet:
         print(f"recovery data: {data.source} ({data.kind}, {len(data.examples)} examples, "
               f"{data.skipped} rows skipped); held-out text: {data.heldout_source}"
@@ -233,6 +284,8 @@ def _print_summary(result) -> None:
           f"{fmt(r['ppl_after'])}  ({r['total_time_s']:.1f} s)")
     if "ppl_ood_after" in r:
         print(f"out-of-domain ({r['data']['ood_source']}) ppl {fmt(r['ppl_ood_before'])} -> {fmt(r['ppl_ood_after'])}")
+    for source, m in r.get("more_ood", {}).items():
+        print(f"out-of-domain ({source}) ppl {fmt(m['ppl_before'])} -> {fmt(m['ppl_after'])}")
     if "teacher" in r:
         t = r["teacher"]
         print(f"teacher {t['source']}: held-out ppl {fmt(t['ppl'])}, out-of-domain ppl {fmt(t['ppl_ood'])}")

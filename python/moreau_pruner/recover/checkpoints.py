@@ -137,7 +137,8 @@ def prepare_out(out: Path, overwrite: bool, resume: str) -> list[tuple[int, Path
         raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINTS_DIR} holds no checkpoint")
     if resume == "never" and checkpoints:
         raise FileExistsError(f"{out} holds checkpoints of an earlier run; resume it or pass overwrite=True")
-    if out.is_dir() and any(out.iterdir()) and not checkpoints:
+    # (a checkpoints folder without a step, e.g. holding only the generated recovery text, is resumable)
+    if out.is_dir() and any(p.name != CHECKPOINTS_DIR for p in out.iterdir()) and not checkpoints:
         raise FileExistsError(f"output {out} exists and is not empty (and holds no checkpoint to resume); "
                               "pass overwrite=True (--overwrite) to replace it")
     return checkpoints

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["DEFAULT_TARGET_MODULES", "DISTILL_FIELDS", "RecoverConfig", "TUNINGS"]
+__all__ = ["DEFAULT_TARGET_MODULES", "DISTILL_FIELDS", "GENERATE_FIELDS", "LR_SCHEDULES", "RecoverConfig", "TUNINGS"]
 
 #: every attention and MLP projection of a LLaMA-family decoder layer
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -17,6 +17,11 @@ DISTILL_FIELDS = ("distill_temperature", "distill_top_k", "lm_weight", "teacher_
 #: the settings a plain LoRA run with the LM loss leaves out of its report and checkpoint fingerprint,
 #: so that it records exactly what it recorded before distillation and full fine-tuning existed
 _NOT_PLAIN_LORA = ("tuning", "distill", *DISTILL_FIELDS)
+#: the learning rate after the warm-up: constant, or a cosine decay to ``min_lr`` at the end of the run
+LR_SCHEDULES = ("constant", "cosine")
+#: the settings of teacher-generated recovery text (``data="generated"``); the report and the checkpoint
+#: fingerprint carry them with the data (:attr:`RecoveryData.generation`), not among the training settings
+GENERATE_FIELDS = ("generate_samples", "generate_temperature", "generate_batch_size")
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,9 @@ class RecoverConfig:
     ``batch_size`` examples make one optimizer step, run ``micro_batch_size`` at a time (the loss is
     the mean over every labelled token of the whole batch, so micro-batching does not change it).
     ``max_steps`` (if set) replaces ``epochs`` as the length of the run. The learning rate rises
-    linearly over ``warmup_steps`` and then stays at ``lr``. ``dtype`` None: bfloat16 on a GPU,
+    linearly over ``warmup_steps`` and then stays at ``lr`` (``lr_schedule="constant"``) or follows a
+    half cosine from ``lr`` down to ``min_lr``, reached at the end of the run (``"cosine"``; the decay
+    then depends on the length of the run, so a cosine run resumes only to the same length). ``dtype`` None: bfloat16 on a GPU,
     float32 on a CPU. ``eval_windows`` windows of ``eval_seq_len`` tokens of held-out text are
     scored before and after (None: all of the held-out text; 0: no evaluation).
 
@@ -45,6 +52,10 @@ class RecoverConfig:
     bin holding the rest of the mass (an exact KL of the coarsened distributions, equal to the full
     KL when ``k`` covers the vocabulary); None compares all tokens. ``teacher_dtype``: the teacher's
     weights (None: the student's ``dtype``; never wider than it).
+
+    ``generate_samples``, ``generate_temperature``, ``generate_batch_size``: with teacher-generated
+    recovery text (``data="generated"``, :mod:`.generate`), how many sequences of ``cutoff_len`` tokens the
+    teacher samples, at which temperature, how many at a time; seeded by ``seed``.
     """
 
     rank: int = 8
@@ -73,6 +84,11 @@ class RecoverConfig:
     distill_top_k: int | None = None
     lm_weight: float = 0.0
     teacher_dtype: str | None = None
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    generate_samples: int = 256
+    generate_temperature: float = 1.0
+    generate_batch_size: int = 16
 
     def validate(self) -> "RecoverConfig":
         def positive_int(name, minimum=1, allow_none=False):
@@ -109,7 +125,31 @@ class RecoverConfig:
         if self.tuning not in TUNINGS:
             raise ValueError(f"tuning must be one of {', '.join(TUNINGS)}, got {self.tuning!r}")
         self._validate_distill()
+        self._validate_schedule()
+        positive_int("generate_samples", minimum=2)
+        positive_int("generate_batch_size")
+        t = self.generate_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"generate_temperature must be a positive finite number, got {t!r}")
         return self
+
+    def _validate_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        m = self.min_lr
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and 0 <= m < self.lr):
+            raise ValueError(f"min_lr must be a number in [0, lr={self.lr:g}), got {m!r}")
+        if self.lr_schedule == "constant" and m != 0:
+            raise ValueError("min_lr is where the cosine schedule ends: set lr_schedule='cosine' (--lr-schedule "
+                             "cosine) or leave min_lr at 0")
+
+    def generation(self, teacher: str = ""):
+        """The :class:`.generate.GenerationSettings` of teacher-generated recovery text under these settings."""
+        from .generate import GenerationSettings
+
+        return GenerationSettings(samples=self.generate_samples, length=self.cutoff_len,
+                                  temperature=self.generate_temperature, seed=self.seed,
+                                  batch_size=self.generate_batch_size, teacher=teacher)
 
     def _validate_distill(self) -> None:
         if not isinstance(self.distill, bool):
@@ -157,13 +197,19 @@ class RecoverConfig:
         """The settings as the run's report records them (a plain LoRA run: without the distillation
         and tuning fields, as before they existed)."""
         d = {**asdict(self), "target_modules": list(self.target_modules)}
-        return {k: v for k, v in d.items() if not (self.plain_lora and k in _NOT_PLAIN_LORA)}
+        leave = set(GENERATE_FIELDS) | (set(_NOT_PLAIN_LORA) if self.plain_lora else set())
+        if self.lr_schedule == "constant":  # (as before schedules existed)
+            leave |= {"lr_schedule", "min_lr"}
+        return {k: v for k, v in d.items() if k not in leave}
 
     def training_fingerprint(self) -> dict:
         """The settings a checkpoint must agree with to be resumed. The length of the run
         (``epochs``, ``max_steps``) is not among them: the data order and the learning rate of a step
-        do not depend on it, so a run can be resumed to stop earlier or go on longer."""
-        skip = {"save_every", "keep_checkpoints", "eval_seq_len", "eval_windows", "device", "epochs", "max_steps"}
+        do not depend on it, so a run can be resumed to stop earlier or go on longer; with the cosine
+        schedule they are, since the learning rate of a step depends on where the run ends."""
+        skip = {"save_every", "keep_checkpoints", "eval_seq_len", "eval_windows", "device"}
+        if self.lr_schedule == "constant":
+            skip |= {"epochs", "max_steps"}
         d = {k: v for k, v in self.as_report().items() if k not in skip}
         d["dtype"] = str(self.resolved_dtype()).removeprefix("torch.")
         if self.distill:

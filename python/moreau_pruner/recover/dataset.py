@@ -5,6 +5,8 @@
   ``cutoff_len`` tokens; the held-out side is never trained on and serves for the perplexity;
 * a ``.jsonl`` / ``.json`` file of ``{"text": ...}`` rows: the rows are documents, split into
   training and held-out documents the same way (:func:`moreau_pruner.data.split_documents`);
+* ``generated``: sequences the dense teacher samples from its own distribution (:mod:`.generate`;
+  needs the teacher); the last ``heldout_fraction`` of the samples is held out and scored;
 * a ``.jsonl`` / ``.json`` file of Alpaca rows (``instruction``, optional ``input``, ``output``):
   each row becomes LLM-Pruner's (alpaca-lora's) prompt followed by the response and EOS, and the
   loss is taken on the response only (prompt tokens are labelled -100). The held-out perplexity is
@@ -18,10 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from .generate import GENERATED
 
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX", "RecoveryData", "alpaca_prompt",
            "batch_indices", "collate", "load_recovery_data", "n_labelled"]
@@ -45,10 +51,14 @@ class RecoveryData:
     """Tokenised training examples plus the held-out text for perplexity.
 
     ``examples``: list of ``(input_ids, labels)`` pairs of equal-length int lists (labels -100
-    where no loss is taken). ``kind``: ``"text"`` or ``"alpaca"``. ``heldout``: text never trained
-    on (None: no held-out text for this source). ``skipped``: rows that could not be used.
+    where no loss is taken). ``kind``: ``"text"``, ``"alpaca"`` or ``"generated"``. ``heldout``: text
+    never trained on, or its token ids (generated samples; None: no held-out text for this source).
+    ``skipped``: rows that could not be used.
     ``ood``: held-out text of another source (``ood_source``), scored too so that adaptation to the
-    recovery text and recovered general quality can be told apart (None: not scored).
+    recovery text and recovered general quality can be told apart (None: not scored). ``more_ood``:
+    further ``(source, held-out text)`` pairs scored the same way. ``generated``: the teacher's samples
+    (``[samples, length]`` ids, the held-out ones included), ``generation`` their settings (dict) and
+    ``generation_time_s`` the seconds sampling them took (None: stored samples were taken).
     """
 
     examples: list[tuple[list[int], list[int]]]
@@ -60,6 +70,10 @@ class RecoveryData:
     n_rows: int = 0
     ood: str | None = None
     ood_source: str | None = None
+    more_ood: tuple = ()
+    generated: torch.Tensor | None = None
+    generation: dict | None = None
+    generation_time_s: float | None = None
 
     def fingerprint(self) -> dict:
         import hashlib
@@ -69,7 +83,10 @@ class RecoveryData:
         for ids, labels in self.examples:
             h.update(array("q", ids).tobytes())
             h.update(array("q", labels).tobytes())
-        return {"kind": self.kind, "n_examples": len(self.examples), "sha256": h.hexdigest()}
+        out = {"kind": self.kind, "n_examples": len(self.examples), "sha256": h.hexdigest()}
+        if self.generation is not None:
+            out["generation"] = dict(self.generation)
+        return out
 
 
 def alpaca_prompt(instruction: str, input: str | None = None) -> str:
@@ -159,14 +176,24 @@ def load_recovery_data(
     cutoff_len: int = 256,
     heldout_fraction: float = 0.2,
     eval_source: str | os.PathLike | None = None,
-    ood_source: str | os.PathLike | None = None,
+    ood_source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    *,
+    teacher=None,
+    generation=None,
+    reuse_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> RecoveryData:
     """Tokenised recovery data from ``source`` (see the module doc for the accepted forms).
 
     ``eval_source``: where the held-out perplexity text comes from instead (a corpus name or text
     file, its held-out side). ``ood_source``: a corpus name or text file of other text whose held-out
-    side is scored as the out-of-domain perplexity (it must differ from ``source``). Raises
+    side is scored as the out-of-domain perplexity (it must differ from ``source``), or a list of them
+    (the first is the out-of-domain text of the report, the others go to ``more_ood``). Raises
     ValueError naming the file when it holds no usable row.
+
+    ``source="generated"``: the ``teacher`` (a model, or a :class:`.teacher.Teacher`) samples the text
+    with ``generation`` (a :class:`.generate.GenerationSettings`; its ``length`` becomes ``cutoff_len``);
+    samples stored by an earlier run with the same settings in ``reuse_dir`` are taken instead.
     """
     from .. import data as mdata
 
@@ -178,7 +205,14 @@ def load_recovery_data(
     path = Path(name).expanduser()
     heldout = None
     skipped = 0
-    if name in mdata.CORPORA or path.suffix not in (".json", ".jsonl"):
+    generated = generation_dict = seconds = None
+    if name == GENERATED:
+        generated, gen, seconds = _generate(tokenizer, cutoff_len, teacher, generation, reuse_dir, progress)
+        examples, heldout = _split_samples(generated, heldout_fraction)
+        kind, n_rows, generation_dict = "generated", generated.shape[0], gen.as_dict()
+    elif teacher is not None or generation is not None:
+        raise ValueError(f"a teacher and generation settings only apply to {GENERATED!r} recovery data, not {name!r}")
+    elif name in mdata.CORPORA or path.suffix not in (".json", ".jsonl"):
         if name not in mdata.CORPORA:
             if not path.exists():
                 raise FileNotFoundError(
@@ -239,14 +273,66 @@ def load_recovery_data(
         heldout, heldout_source = mdata.heldout_text(eval_source, heldout_fraction), os.fspath(eval_source)
     elif heldout is None:  # instruction data: measure the language-model quality on pydoc
         heldout, heldout_source = mdata.heldout_text("pydoc", heldout_fraction), "pydoc"
-    ood = None
-    if ood_source is not None:
-        ood_source = os.fspath(ood_source)
-        if _same_source(ood_source, name):
-            raise ValueError(f"the out-of-domain text {ood_source!r} is the recovery data itself; choose another "
+    scored = []
+    for other in _sources(ood_source):
+        if _same_source(other, name):
+            raise ValueError(f"the out-of-domain text {other!r} is the recovery data itself; choose another "
                              f"source ({' or '.join(c for c in mdata.CORPORA if c != name)}, or a text file)")
-        ood = mdata.heldout_text(ood_source, heldout_fraction)
-    return RecoveryData(examples, kind, name, heldout, heldout_source, skipped, n_rows, ood, ood_source)
+        if other in (s for s, _ in scored):
+            raise ValueError(f"the out-of-domain text {other!r} is given twice")
+        scored.append((other, mdata.heldout_text(other, heldout_fraction)))
+    ood, ood_source = scored[0][1] if scored else None, scored[0][0] if scored else None
+    return RecoveryData(examples, kind, name, heldout, heldout_source, skipped, n_rows, ood, ood_source,
+                        tuple(scored[1:]), generated, generation_dict, seconds)
+
+
+def _sources(spec) -> list[str]:
+    """``ood_source`` as a list of source names (None: none)."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        return [os.fspath(spec)]
+    return [os.fspath(s) for s in spec]
+
+
+def _generate(tokenizer, cutoff_len: int, teacher, generation, reuse_dir, progress: bool):
+    """The teacher's samples ``[samples, cutoff_len]``, their settings and the seconds sampling took (stored
+    samples, taken when their settings agree: None)."""
+    from dataclasses import replace
+
+    from .generate import GenerationSettings, read_generated, sample_sequences, start_token
+    from .teacher import Teacher
+
+    if teacher is None:
+        raise ValueError(f"{GENERATED!r} recovery data is sampled from the dense teacher: pass teacher= (with "
+                         "moreau-recover: --distill)")
+    source = "model object"
+    if isinstance(teacher, Teacher):
+        teacher, source = teacher.model, teacher.source
+    gen = generation if generation is not None else GenerationSettings()
+    if not isinstance(gen, GenerationSettings):
+        raise TypeError(f"generation must be a GenerationSettings, got {type(gen).__name__}")
+    gen = replace(gen, length=cutoff_len, teacher=gen.teacher or source).validate()
+    ids, seconds = read_generated(reuse_dir, gen), None
+    if ids is None:
+        t0 = time.perf_counter()
+        ids = sample_sequences(teacher, start_token(tokenizer, teacher), gen, progress=progress)
+        seconds = round(time.perf_counter() - t0, 3)
+    return ids, gen, seconds
+
+
+def _split_samples(ids: torch.Tensor, heldout_fraction: float):
+    """Training examples (every token labelled) and held-out token ids: the last ``heldout_fraction`` of
+    the samples (at least one, never all) are held out."""
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+    n = ids.shape[0]
+    held = min(max(1, round(n * heldout_fraction)), n - 1)
+    rows = ids.tolist()
+    examples = [(r, list(r)) for r in rows[: n - held]]
+    heldout = [t for r in rows[n - held :] for t in r]
+    return examples, heldout
 
 
 def _same_source(a: str, b: str) -> bool:

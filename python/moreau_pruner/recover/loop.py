@@ -8,7 +8,8 @@ killed run continue to the same final weights as an uninterrupted one. At the en
 with :func:`moreau_pruner.io.pruned.save_pruned` to ``OUT`` (reloadable with ``load_pruned``, which runs no
 code from the directory), a LoRA adapter alone goes to ``OUT/adapter`` (peft
 ``save_pretrained``) and the run's record (losses, perplexity before/after, steps, time) to
-``OUT/recovery.json``.
+``OUT/recovery.json``; teacher-generated recovery text (:mod:`.generate`) stays in
+``OUT/generated.safetensors``.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from ..io.staging import staging_path
 from ..io.target import OutputError, keep_report, model_bytes
 from .checkpoints import (CHECKPOINTS_DIR, mismatch, prepare_out, read_checkpoint, read_checkpoint_state,
                           set_rng_state, write_checkpoint)
-from .config import RecoverConfig
+from .config import GENERATE_FIELDS, RecoverConfig
 from .dataset import RecoveryData, batch_indices, collate, load_recovery_data, n_labelled
+from .generate import GENERATED, GenerationSettings, save_generated
 from .losses import distillation_kl_sum, lm_loss_sum, mix, teacher_targets
 from .teacher import Teacher, check_teacher, freeze, load_teacher, resolve_teacher
 from .tuning import make_tuning
@@ -53,10 +55,16 @@ def _param_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _lr_at(cfg: RecoverConfig, step: int) -> float:
+def _lr_at(cfg: RecoverConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a run of ``total_steps``: a linear warm-up
+    to ``lr`` over ``warmup_steps``, then ``lr`` (constant) or a half cosine from ``lr`` at the first step
+    after the warm-up to ``min_lr`` at the end of the run (cosine)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _ppl(model, tokenizer, text, cfg: RecoverConfig, progress: bool):
@@ -143,6 +151,7 @@ class _Run:
     objective: _Objective
     device: torch.device
     pad_id: int
+    total_steps: int
 
 
 def _restore(resume_from, tuning, optimizer, total_steps: int) -> _History:
@@ -166,7 +175,7 @@ def _step(run: _Run, step: int) -> tuple[float, float, float]:
     batch = [data.examples[i] for i in batch_indices(len(data.examples), cfg.batch_size, cfg.seed, step)]
     n_tokens = n_labelled(batch)
     for g in run.optimizer.param_groups:
-        g["lr"] = _lr_at(cfg, step)
+        g["lr"] = _lr_at(cfg, step, run.total_steps)
     run.optimizer.zero_grad(set_to_none=True)
     total, kl_total, lm_total = 0.0, 0.0, 0.0
     micro = cfg.micro_batch_size or cfg.batch_size
@@ -263,15 +272,24 @@ def recover(
     cfg = (config or RecoverConfig()).validate()
     if resume not in ("auto", "always", "never"):
         raise ValueError(f"resume must be 'auto', 'always' or 'never', got {resume!r}")
-    if not isinstance(data, RecoveryData):
+    generated = isinstance(data, str) and data == GENERATED
+    if generated and not cfg.distill:
+        raise ValueError(f"{GENERATED!r} recovery data is sampled from the dense teacher: set distill=True "
+                         "(--distill) and give the teacher")
+    if not generated and not isinstance(data, RecoveryData):
         data = load_recovery_data(data, tokenizer, cfg.cutoff_len)
-    if not data.examples:
+    if not generated and not data.examples:
         raise ValueError(f"recovery data {data.source!r} has no examples")
+    _check_generation_settings(cfg, GENERATED if generated else data)
     out_path = Path(out).expanduser().absolute() if out is not None else None
     checkpoints = prepare_out(out_path, overwrite, resume) if out_path is not None else []
     if out_path is None and resume == "always":
         raise ValueError("resume='always' needs an output directory holding checkpoints")
     teacher = _teacher_for(cfg, teacher, model, tokenizer)
+    if generated:
+        reuse = out_path / CHECKPOINTS_DIR if out_path is not None and not overwrite else None
+        data = load_recovery_data(GENERATED, tokenizer, cfg.cutoff_len, teacher=teacher,
+                                  generation=cfg.generation(teacher.source), reuse_dir=reuse, progress=progress)
     tuning = make_tuning(cfg, adapter)
     cfg = tuning.settle(cfg)
 
@@ -306,6 +324,8 @@ def recover(
         torch.manual_seed(cfg.seed + 1)  # LoRA dropout stream
     if overwrite and out_path is not None:  # checkpoints of the replaced run must not mix with this run's
         shutil.rmtree(out_path / CHECKPOINTS_DIR, ignore_errors=True)
+    if out_path is not None and data.generated is not None:  # a resumed run trains on these very samples
+        save_generated(out_path / CHECKPOINTS_DIR, data.generated, GenerationSettings(**data.generation))
 
     def save(done: int) -> None:
         state = {"step": done, "losses": history.losses, "ppl_before": before["ppl_before"],
@@ -316,7 +336,8 @@ def recover(
         write_checkpoint(out_path, done, tuning.tensors(), tuning.weights_file, optimizer, state, cfg.keep_checkpoints)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    run = _Run(cfg, data, module, trainable, optimizer, _Objective(cfg, teacher, tuning.autocast), device, pad_id)
+    run = _Run(cfg, data, module, trainable, optimizer, _Objective(cfg, teacher, tuning.autocast), device, pad_id,
+               total_steps)
     _train(run, total_steps, history, save if out_path is not None else None, callback, progress)
 
     final_adapter = tuning.tensors() if tuning.kind == "lora" else {}
@@ -355,13 +376,24 @@ def recover(
         _report_extras(report, before, trained, tokenizer, data, teacher, history.parts, cfg, progress)
         if out_path is not None:
             with keep_report(report, out_path, report_path, model_bytes(trained)):
-                _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start)
+                _finish_output(out_path, trained, tokenizer, side_tmp, report, extra_info, t_start, data)
         else:  # (with an output, the time up to the report written, as saved)
             report["total_time_s"] = round(time.perf_counter() - t_start, 3)
     finally:
         if side_tmp is not None:
             shutil.rmtree(side_tmp, ignore_errors=True)
     return RecoverResult(trained, report, out_path, final_adapter)
+
+
+def _check_generation_settings(cfg: RecoverConfig, data) -> None:
+    """Raises ValueError when generation settings were changed for recovery data that is not generated."""
+    if data == GENERATED or (isinstance(data, RecoveryData) and data.generation is not None):
+        return
+    default = RecoverConfig()
+    changed = [k for k in GENERATE_FIELDS if getattr(cfg, k) != getattr(default, k)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} only apply to teacher-generated recovery data "
+                         f"(data={GENERATED!r}, --data {GENERATED}); {data.source!r} is not generated")
 
 
 def _resume_point(checkpoints: list[tuple[int, Path]], fingerprint: dict):
@@ -393,6 +425,11 @@ def _evaluate_before(model, tokenizer, data: RecoveryData, teacher: Teacher | No
         before["teacher_ppl"] = _ppl(teacher.model, tokenizer, data.heldout, cfg, progress)
         if data.ood is not None:
             before["teacher_ppl_ood"] = _ppl(teacher.model, tokenizer, data.ood, cfg, progress)
+    if data.more_ood:
+        before["more_ood"] = {
+            source: {"ppl_before": _ppl(model, tokenizer, text, cfg, progress),
+                     "teacher_ppl": None if teacher is None else _ppl(teacher.model, tokenizer, text, cfg, progress)}
+            for source, text in data.more_ood}
     return before
 
 
@@ -403,6 +440,17 @@ def _report_extras(report: dict, before: dict, trained, tokenizer, data: Recover
         report["data"]["ood_source"] = data.ood_source
         report["ppl_ood_before"] = before.get("ppl_ood_before")
         report["ppl_ood_after"] = _ppl(trained, tokenizer, data.ood, cfg, progress)
+    if data.more_ood:  # further out-of-domain texts: source -> before, after, teacher and gap closed
+        report["more_ood"] = {}
+        for source, text in data.more_ood:
+            b = before["more_ood"][source]
+            after = _ppl(trained, tokenizer, text, cfg, progress)
+            report["more_ood"][source] = {"ppl_before": b["ppl_before"], "ppl_after": after,
+                                          "teacher_ppl": b["teacher_ppl"],
+                                          "gap_closed": _gap_closed(b["ppl_before"], after, b["teacher_ppl"])}
+    if data.generation is not None:  # (moreau-recover samples before recover() starts total_time_s's clock)
+        report["data"]["generation"] = data.generation
+        report["data"]["generation_time_s"] = data.generation_time_s
     if teacher is None:
         return
     report["teacher"] = {"source": teacher.source, "dtype": str(teacher.dtype).removeprefix("torch."),
@@ -416,8 +464,9 @@ def _report_extras(report: dict, before: dict, trained, tokenizer, data: Recover
 
 
 def _finish_output(out: Path, trained, tokenizer, adapter_tmp: Path | None, report: dict, extra_info,
-                   t_start) -> None:
-    """Writes the trained model, the adapter (LoRA) and the report to a sibling directory, then swaps it in."""
+                   t_start, data: RecoveryData) -> None:
+    """Writes the trained model, the adapter (LoRA), the teacher's samples (generated recovery text) and the
+    report to a sibling directory, then swaps it in."""
     from ..io.atomic import staged_directory, write_json
     from ..io.pruned import save_pruned
 
@@ -434,5 +483,7 @@ def _finish_output(out: Path, trained, tokenizer, adapter_tmp: Path | None, repo
         save_pruned(trained, staged, tokenizer=tokenizer, extra=info)
         if adapter_tmp is not None:
             os.replace(adapter_tmp, staged / ADAPTER_DIR)
+        if data.generated is not None:  # what the model was trained on (and held out), with its settings
+            save_generated(staged, data.generated, GenerationSettings(**data.generation))
         report["total_time_s"] = round(time.perf_counter() - t_start, 3)
         write_json(staged / REPORT_FILE, report)

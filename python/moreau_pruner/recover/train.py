@@ -13,6 +13,7 @@ This module is the stage's public address; the pieces live by concern:
   and the deterministic order of the batches;
 * :mod:`.lora`: the peft adapters (wrapping, reading and writing adapter weights);
 * :mod:`.tuning`: what is trained (LoRA adapters or every weight), behind one interface;
+* :mod:`.generate`: recovery text the teacher samples itself (``data="generated"``);
 * :mod:`.teacher`: the dense teacher (which model, loaded frozen, checked against the student);
 * :mod:`.losses`: the LM loss and the distillation loss;
 * :mod:`.checkpoints`: checkpoints under ``OUT/checkpoints`` and the output directory checks;
@@ -24,6 +25,7 @@ from __future__ import annotations
 from .config import DEFAULT_TARGET_MODULES, RecoverConfig
 from .dataset import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, RecoveryData, alpaca_prompt,
                       load_recovery_data)
+from .generate import GENERATED, GenerationSettings
 from .lora import MissingExtraError
 from .loop import ADAPTER_DIR, REPORT_FILE, RecoverResult, recover
 from .teacher import Teacher, load_teacher, resolve_teacher
@@ -33,6 +35,8 @@ __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "DEFAULT_TARGET_MODULES",
+    "GENERATED",
+    "GenerationSettings",
     "IGNORE_INDEX",
     "MissingExtraError",
     "REPORT_FILE",
